@@ -1,0 +1,1 @@
+"""longroll.cache."""
