@@ -1,1 +1,25 @@
-"""longroll.cache."""
+"""Typed per-layer KV caches with stage/commit semantics and commit policies (full, sink-window, budget,
+TempCache)."""
+
+from longroll.cache.buffers import CacheBuffers
+from longroll.cache.config import (
+    BudgetPolicy,
+    CacheConfig,
+    CachePolicy,
+    FullPolicy,
+    SinkWindowPolicy,
+    TempCachePolicy,
+)
+from longroll.cache.kv_cache import CacheView, LayerKVCache
+
+__all__ = [
+    "BudgetPolicy",
+    "CacheBuffers",
+    "CacheConfig",
+    "CachePolicy",
+    "CacheView",
+    "FullPolicy",
+    "LayerKVCache",
+    "SinkWindowPolicy",
+    "TempCachePolicy",
+]

@@ -1,0 +1,160 @@
+"""Typed configs of the KV-cache policies applied at commit time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from longroll.ann.config import AnnConfig, Int8Config
+
+
+@dataclass(frozen=True)
+class FullPolicy:
+    """Keep every committed token: the dense, unbounded baseline (buffers grow geometrically)."""
+
+    initial_frames: int = 16
+
+    def __post_init__(self) -> None:
+        if self.initial_frames < 1:
+            raise ValueError(f"initial_frames must be >= 1, got {self.initial_frames}")
+
+
+@dataclass(frozen=True)
+class SinkWindowPolicy:
+    """The first ``sink_frames`` latent frames forever plus a rolling window of the last ``window_frames``.
+
+    This is the LongLive / StreamingLLM baseline (LongLive: sink 3, window 12).
+    """
+
+    sink_frames: int = 3
+    window_frames: int = 12
+
+    def __post_init__(self) -> None:
+        if self.sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {self.sink_frames}")
+        if self.window_frames < 1:
+            raise ValueError(f"window_frames must be >= 1, got {self.window_frames}")
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """A fixed token budget per head filled by importance (the FlowCache / SnapKV-style peer baseline).
+
+    At each commit the sink frames and the newest chunk are kept; the rest of the budget goes to the older
+    entries that receive the most attention from a strided sample of the committing chunk's queries.
+
+    Args:
+        budget_tokens: entries per head, sinks and the newest chunk included.
+        sink_frames: latent frames kept forever.
+        query_sample: queries sampled from the committing chunk to score importance.
+    """
+
+    budget_tokens: int = 32_768
+    sink_frames: int = 1
+    query_sample: int = 256
+
+    def __post_init__(self) -> None:
+        if self.budget_tokens < 1:
+            raise ValueError(f"budget_tokens must be >= 1, got {self.budget_tokens}")
+        if self.sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {self.sink_frames}")
+        if self.query_sample < 1:
+            raise ValueError(f"query_sample must be >= 1, got {self.query_sample}")
+
+
+@dataclass(frozen=True)
+class TempCachePolicy:
+    """Temporal-correspondence compression with a hard cap.
+
+    For each committed frame, every token looks up its top-1 neighbour among the previous frame's entries with
+    an ANN (never a dense product over the cache). A pair whose key cosine similarity is at least
+    ``threshold`` merges: the newest key becomes the group's representative, values are averaged with the
+    counts and the count grows, so attention adds ``log(count)`` to the key's logit (exact for identical keys).
+    Matching is one-to-one: a previous entry absorbs at most one token per frame (the most similar), which
+    keeps each group a single temporal track. Sink frames never merge and are never evicted.
+
+    Hard cap: a head never holds more than ``max_entries`` committed entries. When a frame's unmatched tokens
+    do not fit, (1) tokens whose top-1 similarity is at least ``overflow_threshold`` merge into their match
+    anyway (values and count only), then (2) the oldest groups go first, the smallest count first among equally
+    old ones. Memory is therefore fixed by construction.
+
+    Args:
+        threshold: cosine similarity needed to merge, in (0, 1].
+        max_entries: hard cap on committed entries per head; must hold the sinks plus one chunk.
+        sink_frames: latent frames kept verbatim.
+        overflow_threshold: looser similarity used only when the cap would be exceeded, in (0, threshold].
+        ann: the ANN family used for the top-1 lookup.
+        match_keys: ``"pre_rope"`` compares keys before RoPE (identical content at different times matches;
+            the representative is still stored post-RoPE at its newest position), ``"post_rope"`` compares the
+            stored keys themselves (the alternative, measured in the benchmarks).
+    """
+
+    threshold: float = 0.9
+    max_entries: int = 65_536
+    sink_frames: int = 1
+    overflow_threshold: float = 0.75
+    ann: AnnConfig = field(default_factory=Int8Config)
+    match_keys: Literal["pre_rope", "post_rope"] = "pre_rope"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 < self.overflow_threshold <= self.threshold:
+            raise ValueError(
+                f"overflow_threshold must be in (0, threshold={self.threshold}], got {self.overflow_threshold}"
+            )
+        if self.max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {self.max_entries}")
+        if self.sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {self.sink_frames}")
+        if self.match_keys not in ("pre_rope", "post_rope"):
+            raise ValueError(f"match_keys must be 'pre_rope' or 'post_rope', got {self.match_keys!r}")
+
+
+CachePolicy = FullPolicy | SinkWindowPolicy | BudgetPolicy | TempCachePolicy
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Geometry and policy of a per-layer KV cache.
+
+    Args:
+        tokens_per_frame: tokens of one latent frame (1,560 for Wan2.1 at 480x832).
+        frames_per_chunk: latent frames staged and committed together.
+        policy: what a commit keeps.
+        check_finite: reject NaN/Inf keys and values at stage time (costs one host sync per stage; turn it off
+            in timed runs).
+    """
+
+    tokens_per_frame: int
+    frames_per_chunk: int
+    policy: CachePolicy = field(default_factory=FullPolicy)
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_frame < 1:
+            raise ValueError(f"tokens_per_frame must be >= 1, got {self.tokens_per_frame}")
+        if self.frames_per_chunk < 1:
+            raise ValueError(f"frames_per_chunk must be >= 1, got {self.frames_per_chunk}")
+        if not isinstance(self.policy, FullPolicy | SinkWindowPolicy | BudgetPolicy | TempCachePolicy):
+            raise ValueError(f"policy must be a cache policy config, got {type(self.policy).__name__}")
+        chunk = self.chunk_tokens
+        p = self.policy
+        if isinstance(p, TempCachePolicy) and p.max_entries < (p.sink_frames + self.frames_per_chunk) * self.tokens_per_frame:
+            raise ValueError(
+                f"max_entries={p.max_entries} cannot hold the {p.sink_frames} sink frame(s) plus one chunk "
+                f"({chunk} tokens) of {self.tokens_per_frame} tokens per frame"
+            )
+        if isinstance(p, BudgetPolicy) and p.budget_tokens < (p.sink_frames + self.frames_per_chunk) * self.tokens_per_frame:
+            raise ValueError(
+                f"budget_tokens={p.budget_tokens} cannot hold the {p.sink_frames} sink frame(s) plus one chunk "
+                f"({chunk} tokens)"
+            )
+        if isinstance(p, SinkWindowPolicy) and p.window_frames < self.frames_per_chunk:
+            raise ValueError(
+                f"window_frames={p.window_frames} must hold at least one chunk ({self.frames_per_chunk} frames)"
+            )
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.tokens_per_frame * self.frames_per_chunk

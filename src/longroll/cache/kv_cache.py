@@ -1,0 +1,386 @@
+"""A typed per-layer KV cache for chunked autoregressive inference (Self-Forcing style).
+
+Life cycle of one chunk of ``frames_per_chunk`` latent frames::
+
+    for step in denoising_steps:          # the chunk's K/V change at every step
+        cache.stage(k, v, frame_start=f0, k_match=k_pre_rope)
+        view = cache.view()              # committed history + the staged chunk, one contiguous range
+        out = attention(q, view.k, view.v, view.bias)
+    cache.stage(k_clean, v_clean, ...)   # the clean pass
+    cache.commit(queries=q_clean)        # the policy decides what of the chunk (and history) stays
+
+Committed entries are read-only between commits. Lengths live on the host as plain ints (exact for full,
+sink-window and budget; for TempCache, whose per-head lengths depend on the data, an upper bound refreshed from
+a non-blocking copy of the previous commit), so nothing in stage/view/commit calls ``.item()``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from longroll.ann import make_searcher
+from longroll.cache.budget import compact_to_budget
+from longroll.cache.buffers import CacheBuffers
+from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWindowPolicy, TempCachePolicy
+from longroll.cache.tempcache import Track, append_verbatim, merge_frame
+from longroll.ops._checks import check_float, check_rank
+
+
+class CacheView(NamedTuple):
+    """What attention reads.
+
+    k: (batch, heads, n, head_dim); v: (batch, heads, n, head_dim_v); bias: (batch, heads, n) float32 log-count
+    per key (-inf on empty slots), or None when every entry counts once and every slot is valid.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class LayerKVCache:
+    """KV cache of one attention layer with stage/commit semantics and a commit policy.
+
+    Args:
+        config: geometry and policy.
+        batch, heads, head_dim, v_dim: shapes of the K/V this layer produces (heads = this process's kv heads).
+        dtype, device: storage.
+        layer: layer index (seeds the ANN projections).
+        head_ids: global ids of the heads held here (default: ``range(heads)``); a GPU holding a shard of heads
+            passes its ids and behaves exactly like the matching slice of an unsharded cache.
+    """
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        *,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        v_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        layer: int = 0,
+        head_ids: tuple[int, ...] | None = None,
+    ) -> None:
+        for name, val in (("batch", batch), ("heads", heads), ("head_dim", head_dim)):
+            if val < 1:
+                raise ValueError(f"{name} must be >= 1, got {val}")
+        self.config = config
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.v_dim = head_dim if v_dim is None else v_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.layer = layer
+        self.head_ids = tuple(range(heads)) if head_ids is None else tuple(head_ids)
+        if len(self.head_ids) != heads:
+            raise ValueError(f"head_ids must name {heads} heads, got {len(self.head_ids)}")
+        self.buffers = CacheBuffers.allocate(
+            batch, heads, self._initial_slots(), head_dim, self.v_dim, dtype, self.device
+        )
+        self.committed_frames = 0
+        self.bound = 0
+        self.staged_tokens = 0
+        self.track: Track | None = None
+        self._bias: torch.Tensor | None = None
+        self._pending_len: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        p = config.policy
+        self._searcher = (
+            make_searcher(p.ann, head_dim, layer=layer, head_ids=self.head_ids, device=self.device)
+            if isinstance(p, TempCachePolicy)
+            else None
+        )
+
+    # ----------------------------------------------------------------- geometry
+    @property
+    def policy(self) -> FullPolicy | SinkWindowPolicy | BudgetPolicy | TempCachePolicy:
+        return self.config.policy
+
+    def _initial_slots(self) -> int:
+        c, p = self.config, self.config.policy
+        chunk = c.chunk_tokens
+        if isinstance(p, FullPolicy):
+            return max(p.initial_frames * c.tokens_per_frame, chunk) + chunk
+        if isinstance(p, SinkWindowPolicy):
+            return (p.sink_frames + p.window_frames) * c.tokens_per_frame + chunk
+        if isinstance(p, BudgetPolicy):
+            return p.budget_tokens + chunk
+        return p.max_entries + chunk
+
+    @property
+    def capacity(self) -> int:
+        """Most committed entries a head can hold (grows only for the ``full`` policy)."""
+        c, p = self.config, self.config.policy
+        if isinstance(p, SinkWindowPolicy):
+            return (p.sink_frames + p.window_frames) * c.tokens_per_frame
+        if isinstance(p, BudgetPolicy):
+            return p.budget_tokens
+        if isinstance(p, TempCachePolicy):
+            return p.max_entries
+        return self.buffers.slots - c.chunk_tokens
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's buffers (constant for every policy but ``full``)."""
+        return self.buffers.nbytes()
+
+    # ----------------------------------------------------------------- stage / view
+    def stage(self, k: torch.Tensor, v: torch.Tensor, *, frame_start: int, k_match: torch.Tensor | None = None) -> None:
+        """Write (or overwrite) the chunk being denoised.
+
+        Args:
+            k: (batch, heads, n, head_dim) post-RoPE keys, n a multiple of tokens_per_frame, at most one chunk.
+            v: (batch, heads, n, head_dim_v).
+            frame_start: absolute latent frame of the first staged token; must equal ``committed_frames``.
+            k_match: (batch, heads, n, head_dim) keys used to match frames (pre-RoPE keys); default ``k``.
+        """
+        self._check_stage(k, v, frame_start, k_match)
+        n = k.shape[2]
+        if self.staged_tokens == 0:
+            self._refresh_bound()
+            self._ensure_slots(self.bound + n)
+            self._bias = None
+        elif n != self.staged_tokens:
+            raise ValueError(f"k stages {n} tokens but this chunk already staged {self.staged_tokens}; restage the same size")
+        lo, hi = self.bound, self.bound + n
+        buf = self.buffers
+        buf.k[:, :, lo:hi] = k
+        buf.v[:, :, lo:hi] = v
+        if self.staged_tokens == 0:
+            buf.count[:, :, lo:hi] = 1.0
+            p = self.config.tokens_per_frame
+            frames = frame_start + torch.arange(n, device=self.device, dtype=torch.int32) // p
+            buf.frame[:, :, lo:hi] = frames
+        self._k_match = k if k_match is None else k_match
+        self.staged_tokens = n
+
+    def view(self) -> CacheView:
+        """Committed entries followed by the staged chunk (or just the committed ones when nothing is staged)."""
+        n = self.bound + self.staged_tokens
+        buf = self.buffers
+        bias = None
+        if isinstance(self.policy, TempCachePolicy):
+            if self._bias is None or self._bias.shape[-1] != n:
+                self._bias = torch.log(buf.count[:, :, :n])
+            bias = self._bias
+        return CacheView(buf.k[:, :, :n], buf.v[:, :, :n], bias)
+
+    # ----------------------------------------------------------------- commit
+    def commit(self, queries: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Apply the policy to the staged chunk and make it part of the history.
+
+        Args:
+            queries: (batch, heads_q, n, head_dim) queries of the committing pass; the ``budget`` policy scores
+                importance with them (default: the staged keys stand in).
+
+        Returns:
+            For TempCache, the slot each staged token went to, (batch, heads, n) int64; otherwise None.
+        """
+        if self.staged_tokens == 0:
+            raise RuntimeError("commit() called with nothing staged; call stage() first")
+        if queries is not None:
+            check_rank("queries", queries, 4)
+            if queries.shape[0] != self.batch or queries.shape[-1] != self.head_dim or queries.shape[1] % self.heads:
+                raise ValueError(
+                    f"queries must have shape ({self.batch}, k*{self.heads}, n, {self.head_dim}), got {tuple(queries.shape)}"
+                )
+        n = self.staged_tokens
+        frames = n // self.config.tokens_per_frame
+        p = self.policy
+        result = None
+        if isinstance(p, TempCachePolicy):
+            result = self._commit_tempcache(p, n)
+        elif isinstance(p, SinkWindowPolicy):
+            self._commit_sink_window(p, n)
+        elif isinstance(p, BudgetPolicy):
+            q = self.buffers.k[:, :, self.bound : self.bound + n] if queries is None else queries
+            self.bound = compact_to_budget(self.buffers, self.bound + n, n, p, self.config.tokens_per_frame, q)
+            self.buffers.lengths.fill_(self.bound)
+        else:
+            self.bound += n
+            self.buffers.lengths.fill_(self.bound)
+        self.committed_frames += frames
+        self.staged_tokens = 0
+        self._bias = None
+        return result
+
+    def _commit_sink_window(self, p: SinkWindowPolicy, n: int) -> None:
+        tpf = self.config.tokens_per_frame
+        sink, window = p.sink_frames * tpf, p.window_frames * tpf
+        buf = self.buffers
+        if self.bound + n <= sink + window:
+            self.bound += n
+        else:
+            # Ring buffer over the window: attention ignores slot order, so frame f reuses the slots of the
+            # frame that left the window instead of shifting the whole cache.
+            src = slice(self.bound, self.bound + n)
+            for i in range(n // tpf):
+                f = self.committed_frames + i
+                if f < p.sink_frames:
+                    dst = f * tpf
+                else:
+                    dst = sink + ((f - p.sink_frames) % p.window_frames) * tpf
+                s0 = src.start + i * tpf
+                if dst != s0:
+                    buf.k[:, :, dst : dst + tpf] = buf.k[:, :, s0 : s0 + tpf]
+                    buf.v[:, :, dst : dst + tpf] = buf.v[:, :, s0 : s0 + tpf]
+                    buf.frame[:, :, dst : dst + tpf] = buf.frame[:, :, s0 : s0 + tpf]
+            self.bound = sink + window
+            buf.count[:, :, self.bound :] = 0.0
+            buf.frame[:, :, self.bound :] = -1
+            buf.count[:, :, : self.bound] = 1.0
+        buf.lengths.fill_(self.bound)
+
+    def _commit_tempcache(self, p: TempCachePolicy, n: int) -> torch.Tensor:
+        buf = self.buffers
+        tpf = self.config.tokens_per_frame
+        lo = self.bound
+        # The staged range can be overwritten by the new slots: read it out first.
+        k_all = buf.k[:, :, lo : lo + n].clone()
+        v_all = buf.v[:, :, lo : lo + n].clone()
+        km_all = k_all if p.match_keys == "post_rope" else self._k_match
+        buf.count[:, :, lo : lo + n] = 0.0
+        buf.frame[:, :, lo : lo + n] = -1
+        upper = self.bound
+        slots = []
+        if self._searcher is None:
+            raise RuntimeError("TempCache commit without an ANN searcher")
+        for i in range(n // tpf):
+            f = self.committed_frames + i
+            sl = slice(i * tpf, (i + 1) * tpf)
+            if f < p.sink_frames:
+                slots.append(append_verbatim(buf, k_all[:, :, sl], v_all[:, :, sl], f))
+                self.track = None
+            else:
+                may_overflow = upper + tpf > p.max_entries
+                self.track, s = merge_frame(
+                    buf, self.track, k_all[:, :, sl], v_all[:, :, sl], km_all[:, :, sl], f, p, self._searcher, may_overflow
+                )
+                slots.append(s)
+            upper = min(upper + tpf, p.max_entries)
+        self.bound = upper
+        self._start_length_readback()
+        return torch.cat(slots, dim=2)
+
+    def _start_length_readback(self) -> None:
+        m = self.buffers.lengths.max()
+        if self.device.type == "cuda":
+            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host.copy_(m, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._pending_len = (host, ev)
+        else:
+            self._pending_len = (m, None)
+
+    def _refresh_bound(self) -> None:
+        """Tighten the host bound with the exact max length of the previous commit when it is already known
+        (never waits: on CUDA the copy is used only once its event has completed)."""
+        if self._pending_len is None:
+            return
+        host, ev = self._pending_len
+        if ev is not None and not ev.query():
+            return
+        self.bound = int(host)
+        self._pending_len = None
+
+    def _ensure_slots(self, needed: int) -> None:
+        if needed <= self.buffers.slots:
+            return
+        if not isinstance(self.policy, FullPolicy):
+            raise RuntimeError(f"cache of policy {type(self.policy).__name__} needs {needed} slots, holds {self.buffers.slots}")
+        self.buffers = self.buffers.grown(max(needed, int(self.buffers.slots * 1.5)))
+
+    # ----------------------------------------------------------------- validation
+    def _check_stage(self, k: torch.Tensor, v: torch.Tensor, frame_start: int, k_match: torch.Tensor | None) -> None:
+        check_rank("k", k, 4)
+        check_rank("v", v, 4)
+        check_float("k", k)
+        b, h, n, d = k.shape
+        if (b, h, d) != (self.batch, self.heads, self.head_dim):
+            raise ValueError(f"k must have shape ({self.batch}, {self.heads}, n, {self.head_dim}), got {tuple(k.shape)}")
+        if v.shape != (b, h, n, self.v_dim):
+            raise ValueError(f"v must have shape {(b, h, n, self.v_dim)}, got {tuple(v.shape)}")
+        for name, x in (("k", k), ("v", v)) + ((("k_match", k_match),) if k_match is not None else ()):
+            if x.dtype != self.dtype or x.device != self.device:
+                raise ValueError(f"{name} must be {self.dtype} on {self.device}, got {x.dtype} on {x.device}")
+        if k_match is not None and k_match.shape != k.shape:
+            raise ValueError(f"k_match must have the shape of k {tuple(k.shape)}, got {tuple(k_match.shape)}")
+        tpf = self.config.tokens_per_frame
+        if n == 0 or n % tpf or n > self.config.chunk_tokens:
+            raise ValueError(
+                f"k must stage a positive multiple of tokens_per_frame={tpf} up to one chunk "
+                f"({self.config.chunk_tokens}), got {n} tokens"
+            )
+        if frame_start != self.committed_frames:
+            raise ValueError(f"frame_start must be {self.committed_frames} (the next uncommitted frame), got {frame_start}")
+        if self.config.check_finite:
+            for name, x in (("k", k), ("v", v)) + ((("k_match", k_match),) if k_match is not None else ()):
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"{name} holds NaN or Inf values")
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Explicit, serialisable state (tensors only; safetensors-ready). Staged data is not part of it."""
+        if self.staged_tokens:
+            raise RuntimeError("state_dict() with a chunk staged: commit it first")
+        self._refresh_bound_blocking()
+        n = self.bound
+        buf = self.buffers
+        state = {
+            "k": buf.k[:, :, :n].contiguous(),
+            "v": buf.v[:, :, :n].contiguous(),
+            "count": buf.count[:, :, :n].contiguous(),
+            "frame": buf.frame[:, :, :n].contiguous(),
+            "lengths": buf.lengths.clone(),
+            "meta": torch.tensor([self.committed_frames, self.bound, self.layer], dtype=torch.int64),
+        }
+        if self.track is not None:
+            state |= {"track_slots": self.track.slots, "track_keys": self.track.keys, "track_active": self.track.active}
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` output into a cache built with the same config and shapes."""
+        required = ("k", "v", "count", "frame", "lengths", "meta")
+        missing = [r for r in required if r not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing}")
+        committed, bound, _ = (int(x) for x in state["meta"].tolist())
+        if state["k"].shape[:2] != (self.batch, self.heads) or state["k"].shape[-1] != self.head_dim:
+            raise ValueError(f"state k has shape {tuple(state['k'].shape)}, incompatible with this cache")
+        if bound > self.capacity and not isinstance(self.policy, FullPolicy):
+            raise ValueError(f"state holds {bound} entries, more than this cache's capacity {self.capacity}")
+        self._ensure_slots(bound + self.config.chunk_tokens)
+        buf = self.buffers
+        for name in ("k", "v", "count", "frame"):
+            getattr(buf, name)[:, :, :bound] = state[name].to(self.device)
+        buf.lengths.copy_(state["lengths"])
+        self.committed_frames, self.bound, self.staged_tokens = committed, bound, 0
+        self.track = None
+        if "track_slots" in state:
+            self.track = Track(
+                state["track_slots"].to(self.device), state["track_keys"].to(self.device), state["track_active"].to(self.device)
+            )
+        self._pending_len, self._bias = None, None
+
+    def _refresh_bound_blocking(self) -> None:
+        if self._pending_len is not None:
+            host, ev = self._pending_len
+            if ev is not None:
+                ev.synchronize()
+            self.bound = int(host)
+            self._pending_len = None
+
+    def mean_entries(self) -> float:
+        """Average committed entries per head (host sync: for reports, not the hot path)."""
+        return float(self.buffers.lengths.float().mean())
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerKVCache(policy={type(self.policy).__name__}, frames={self.committed_frames}, bound={self.bound}, "
+            f"staged={self.staged_tokens}, shape=({self.batch}, {self.heads}, *, {self.head_dim}), "
+            f"MiB={self.nbytes() / 2**20:.1f})"
+        )
+
+
+__all__ = ["CacheView", "LayerKVCache"]
