@@ -291,6 +291,42 @@ class LayerKVCache:
             raise RuntimeError(f"cache of policy {type(self.policy).__name__} needs {needed} slots, holds {self.buffers.slots}")
         self.buffers = self.buffers.grown(max(needed, int(self.buffers.slots * 1.5)))
 
+    def reorder_(self, order: torch.Tensor, start: int = 0) -> None:
+        """Permute committed slots ``[start, start + n)`` of every head (e.g. to make ANN buckets contiguous).
+
+        Attention ignores slot order, so outputs are unchanged; TempCache's track is remapped to follow its
+        entries. Only between commits (nothing staged).
+
+        Args:
+            order: (batch, heads, n) int64; new slot ``start + i`` receives old slot ``start + order[..., i]``.
+                Each row must be a permutation of ``range(n)`` (not checked: that would need a host sync).
+            start: first permuted slot (e.g. past the sink frames).
+        """
+        if self.staged_tokens:
+            raise RuntimeError("reorder_() with a chunk staged: commit it first")
+        check_rank("order", order, 3)
+        n = order.shape[-1]
+        if order.shape[:2] != (self.batch, self.heads) or start < 0 or start + n > self.buffers.slots:
+            raise ValueError(
+                f"order must have shape ({self.batch}, {self.heads}, n) with start + n <= {self.buffers.slots}, "
+                f"got {tuple(order.shape)} and start={start}"
+            )
+        buf = self.buffers
+        src = order + start
+        for name in ("k", "v"):
+            t = getattr(buf, name)
+            t[:, :, start : start + n] = t.gather(2, src[..., None].expand(*src.shape, t.shape[-1]))
+        buf.count[:, :, start : start + n] = buf.count.gather(2, src)
+        buf.frame[:, :, start : start + n] = buf.frame.gather(2, src)
+        if self.track is not None:
+            # new position of old slot s is start + inverse[s - start]
+            inverse = torch.empty_like(order).scatter_(2, order, torch.arange(n, device=order.device).expand_as(order))
+            s = self.track.slots
+            inside = (s >= start) & (s < start + n)
+            moved = inverse.gather(2, (s - start).clamp(0, n - 1)) + start
+            self.track = Track(torch.where(inside, moved, s), self.track.keys, self.track.active)
+        self._bias = None
+
     # ----------------------------------------------------------------- validation
     def _check_stage(self, k: torch.Tensor, v: torch.Tensor, frame_start: int, k_match: torch.Tensor | None) -> None:
         check_rank("k", k, 4)
