@@ -299,7 +299,9 @@ class LayerKVCache:
 
         Args:
             order: (batch, heads, n) int64; new slot ``start + i`` receives old slot ``start + order[..., i]``.
-                Each row must be a permutation of ``range(n)`` (not checked: that would need a host sync).
+                Each row must be a permutation of ``range(n)`` that keeps a head's empty slots after its valid
+                ones (sort empty slots last with a stable sort); neither is checked, as that would need a host
+                sync.
             start: first permuted slot (e.g. past the sink frames).
         """
         if self.staged_tokens:
