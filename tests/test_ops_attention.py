@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longroll.ops.attention import MASKED_BIAS, attention, augment_qk
+from longroll.ops.merge import merge_attention, merge_attentions
+from longroll.ops.reference import attention_ref
+from tests.tolerance import assert_within_rule
+
+
+def _inputs(lq, lk, dtype, h=4, hk=2, d=64, dv=64, seed=0, masked=5):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, h, lq, d, generator=g).to(dtype)
+    k = torch.randn(1, hk, lk, d, generator=g).to(dtype)
+    v = torch.randn(1, hk, lk, dv, generator=g).to(dtype)
+    bias = torch.log(torch.randint(1, 9, (1, hk, lk), generator=g).float())
+    bias[:, :, :masked] = float("-inf")
+    return q, k, v, bias
+
+
+@pytest.mark.parametrize("lq,lk", [(97, 1025), (1, 97), (200, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["chunked", "sdpa", "sdpa_augmented"])
+def test_backends_match_reference(lq, lk, dtype, backend):
+    q, k, v, bias = _inputs(lq, lk, dtype)
+    ref, lse_ref = attention_ref(q, k, v, bias)
+    pt, _ = attention_ref(q, k, v, bias, upcast=False)
+    res = attention(q, k, v, bias, backend=backend, return_lse=backend == "chunked", max_elements=4096)
+    assert res.out.dtype == dtype
+    assert_within_rule(backend, res.out, ref, pt)
+    if res.lse is not None:
+        assert torch.allclose(res.lse, lse_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_memory_bound_is_respected_and_exact():
+    q, k, v, bias = _inputs(33, 3000, torch.float32)
+    ref, _ = attention_ref(q, k, v, bias)
+    out = attention(q, k, v, bias, backend="chunked", max_elements=512).out
+    assert (out - ref.float()).abs().max() < 1e-5
+
+
+def test_empty_keys_and_fully_masked_rows():
+    q, k, v, _ = _inputs(5, 0, torch.float32)
+    res = attention(q, k, v, return_lse=True)
+    assert torch.all(res.out == 0) and torch.all(torch.isneginf(res.lse))
+    q, k, v, bias = _inputs(5, 7, torch.float32, masked=7)
+    res = attention(q, k, v, bias, backend="chunked", return_lse=True)
+    assert torch.all(res.out == 0) and torch.all(torch.isneginf(res.lse))
+
+
+def test_augmented_qk_carries_bias_to_plain_dot_product():
+    q, k, v, bias = _inputs(9, 11, torch.float32, masked=0)
+    scale = 1 / math.sqrt(64)
+    qa, ka = augment_qk(q, k, bias, scale)
+    assert qa.shape[-1] == 128 and ka.shape[-1] == 128
+    logits = torch.matmul(qa, ka.repeat_interleave(2, 1).transpose(-1, -2)) * scale
+    expect = torch.matmul(q, k.repeat_interleave(2, 1).transpose(-1, -2)) * scale + bias.repeat_interleave(2, 1)[:, :, None]
+    assert (logits - expect).abs().max() < 1e-4
+
+
+def test_augmented_bf16_bias_keeps_fp32_precision():
+    q, k, v, _ = _inputs(4, 6, torch.bfloat16, masked=0)
+    bias = torch.full((1, 2, 6), math.log(3.0)) + torch.linspace(0, 1e-3, 6)
+    qa, ka = augment_qk(q, k, bias, 1.0)
+    recon = ka[..., 64].float() + ka[..., 65].float()
+    assert (recon - bias).abs().max() < 1e-5
+
+
+@settings(max_examples=15, deadline=None)
+@given(lk=st.integers(1, 300), split=st.floats(0, 1), lq=st.integers(1, 40))
+def test_merge_of_parts_equals_whole(lk, split, lq):
+    q, k, v, bias = _inputs(lq, lk, torch.float32, masked=0, seed=lk)
+    cut = int(split * lk)
+    whole = attention(q, k, v, bias, backend="chunked", return_lse=True)
+    parts = [
+        attention(q, k[:, :, s], v[:, :, s], bias[:, :, s], backend="chunked", return_lse=True)
+        for s in (slice(0, cut), slice(cut, lk))
+    ]
+    out, lse = merge_attentions([(p.out, p.lse) for p in parts])
+    assert (out - whole.out).abs().max() < 1e-5
+    assert (lse - whole.lse).abs().max() < 1e-4
+
+
+def test_merge_with_empty_part_is_identity():
+    o = torch.randn(1, 2, 3, 4)
+    lse = torch.randn(1, 2, 3)
+    out, l2 = merge_attention(o, lse, torch.zeros_like(o), torch.full_like(lse, float("-inf")))
+    assert torch.allclose(out, o) and torch.allclose(l2, lse)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": torch.randn(1, 3, 8, 16), "v": torch.randn(1, 3, 8, 16), "bias": torch.zeros(1, 3, 8)}, "divide"),
+        ({"k": torch.randn(1, 2, 8, 8)}, "k must have shape"),
+        ({"v": torch.randn(1, 2, 7, 16)}, "v must share"),
+        ({"bias": torch.randn(1, 2, 9)}, "bias must have shape"),
+        ({"q": torch.randn(1, 4, 8, 16, dtype=torch.float64)}, "dtype"),
+        ({"q": torch.randn(4, 8, 16)}, "4 dimensions"),
+        ({"backend": "flash9"}, "backend must be one of"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, match):
+    args = {
+        "q": torch.randn(1, 4, 8, 16),
+        "k": torch.randn(1, 2, 8, 16),
+        "v": torch.randn(1, 2, 8, 16),
+        "bias": torch.zeros(1, 2, 8),
+    } | kwargs
+    backend = args.pop("backend", "auto")
+    with pytest.raises((ValueError, TypeError), match=match):
+        attention(args["q"], args["k"], args["v"], args["bias"], backend=backend)
+
+
+def test_lse_needs_chunked():
+    q, k, v, _ = _inputs(3, 5, torch.float32)
+    with pytest.raises(ValueError, match="log-sum-exp"):
+        attention(q, k, v, backend="sdpa", return_lse=True)
+
+
+def test_masked_bias_threshold_is_zero_weight():
+    q, k, v, _ = _inputs(3, 5, torch.float32)
+    bias = torch.zeros(1, 2, 5)
+    bias[:, :, 0] = MASKED_BIAS
+    a = attention(q, k, v, bias, backend="sdpa_augmented").out
+    b, _ = attention_ref(q, k[:, :, 1:], v[:, :, 1:])
+    assert (a - b).abs().max() < 1e-5
