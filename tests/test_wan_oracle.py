@@ -147,7 +147,9 @@ def test_rope_matches_diffusers(reference: torch.nn.Module, model: CausalWanMode
 
 
 @pytest.mark.parametrize(("offset", "frames"), [(0, 3), (3, 3), (9, 3), (5, 1), (20, 1)])
-def test_rope_frame_offset_equals_full_sequence_slice(model: CausalWanModel, offset: int, frames: int) -> None:
+def test_rope_frame_offset_equals_full_sequence_slice(
+    model: CausalWanModel, offset: int, frames: int
+) -> None:
     height, width = 3, 4
     tokens = height * width
     cpu = torch.device("cpu")
@@ -229,10 +231,14 @@ def test_conversion_round_trip_and_original_names(reference: torch.nn.Module) ->
     assert "blocks.1.self_attn.q.weight" in original
     assert "blocks.0.cross_attn.norm_k.weight" in original
     assert "blocks.0.norm3.weight" in original  # the cross-attention norm
-    assert {"head.head.weight", "head.modulation", "time_projection.1.bias", "text_embedding.2.weight"} <= set(
-        original
-    )
-    assert "blocks.0.modulation" in original and "blocks.0.ffn.0.weight" in original
+    assert {
+        "head.head.weight",
+        "head.modulation",
+        "time_projection.1.bias",
+        "text_embedding.2.weight",
+    } <= set(original)
+    assert "blocks.0.modulation" in original
+    assert "blocks.0.ffn.0.weight" in original
     back = convert_original_to_diffusers(original)
     assert list(back) == list(sd)
     assert all(back[k] is sd[k] for k in sd)
@@ -294,7 +300,9 @@ def _refusal(model: CausalWanModel, state_dict: dict[str, torch.Tensor]) -> str:
     return str(info.value)
 
 
-def test_missing_mis_shaped_and_unexpected_keys_are_refused(tmp_path: Path, reference: torch.nn.Module) -> None:
+def test_missing_mis_shaped_and_unexpected_keys_are_refused(
+    tmp_path: Path, reference: torch.nn.Module
+) -> None:
     model = CausalWanModel(TINY)
     original = convert_diffusers_to_original(reference.state_dict())
 
@@ -313,7 +321,8 @@ def test_missing_mis_shaped_and_unexpected_keys_are_refused(tmp_path: Path, refe
 
     unexpected = dict(original) | {f"blocks.0.cross_attn.k_img.{i}": torch.zeros(1) for i in range(12)}
     message = _refusal(model, convert_original_to_diffusers(unexpected))
-    assert "12 unexpected key(s)" in message and "(2 more)" in message
+    assert "12 unexpected key(s)" in message
+    assert "(2 more)" in message
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,7 +351,10 @@ def test_presets_and_config_validation() -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"x": torch.zeros(2, 16, 3, 8)}, r"x must be \(batch, 16, frames, height, width\), got \(2, 16, 3, 8\)"),
+        (
+            {"x": torch.zeros(2, 16, 3, 8)},
+            r"x must be \(batch, 16, frames, height, width\), got \(2, 16, 3, 8\)",
+        ),
         ({"x": torch.zeros(2, 4, 3, 8, 8)}, r"x must be .* got \(2, 4, 3, 8, 8\)"),
         ({"x": torch.zeros(2, 16, 3, 7, 8)}, "multiples of"),
         ({"timestep": torch.zeros(2, 2)}, r"timestep must be \(2,\) or \(2, 3\), got \(2, 2\)"),
@@ -393,9 +405,12 @@ def test_bf16_inference_stays_close_to_fp32(model: CausalWanModel) -> None:
 def test_block_causal_mask() -> None:
     mask = block_causal_mask(num_frames=5, tokens_per_frame=2, frames_per_chunk=2)
     chunk = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
-    assert mask.dtype == torch.bool and mask.shape == (10, 10)
+    assert mask.dtype == torch.bool
+    assert mask.shape == (10, 10)
     assert torch.equal(mask, chunk[:, None] >= chunk[None, :])
-    assert mask[3, :4].all() and not mask[3, 4:].any() and mask[9].all()
+    assert mask[3, :4].all()
+    assert not mask[3, 4:].any()
+    assert mask[9].all()
     assert block_causal_mask(3, 4, 3).all()
     with pytest.raises(ValueError, match="frames_per_chunk must be a positive int, got 0"):
         block_causal_mask(3, 4, 0)
