@@ -1,0 +1,114 @@
+"""An :class:`~longroll.policies.processor.AttentionProcessor` that runs self-attention over per-layer KV
+caches, for chunked autoregressive rollouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from longroll.cache.config import CacheConfig
+from longroll.cache.kv_cache import LayerKVCache
+from longroll.ops.attention import attention
+from longroll.policies.config import PolicyConfig
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """The forward pass being run: which frames, which denoising step, and whether it commits.
+
+    Args:
+        frame_start: absolute latent frame of the chunk's first frame.
+        step: denoising step index, 0-based (the commit pass uses ``num_steps``).
+        num_steps: denoising steps per chunk.
+        commit: this pass writes the chunk into the caches (the clean pass).
+    """
+
+    frame_start: int
+    step: int
+    num_steps: int
+    commit: bool
+
+
+class CachedProcessor:
+    """Self-attention over [cached history ; current chunk] with a commit policy per layer.
+
+    Args:
+        policy: the rollout's :class:`PolicyConfig`.
+        num_layers: transformer blocks (one cache each).
+        batch, heads, head_dim: K/V geometry of one layer (heads = the heads held by this process).
+        tokens_per_frame, frames_per_chunk: rollout geometry.
+        dtype, device: cache storage.
+        head_ids: global ids of the held heads (for head-sharded multi-GPU runs).
+        check_finite: validate staged K/V (one host sync per stage; off for timed runs).
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        *,
+        num_layers: int,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        frames_per_chunk: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        head_ids: tuple[int, ...] | None = None,
+        check_finite: bool = False,
+    ) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.policy = policy
+        cfg = CacheConfig(tokens_per_frame, frames_per_chunk, policy.cache, check_finite=check_finite)
+        self.caches = [
+            LayerKVCache(
+                cfg, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, layer=i, head_ids=head_ids
+            )
+            for i in range(num_layers)
+        ]
+        self.pass_info: PassInfo | None = None
+
+    def begin_pass(self, info: PassInfo) -> None:
+        """Declare the next forward pass (called by the rollout engine before each model call)."""
+        if info.frame_start != self.caches[0].committed_frames:
+            raise ValueError(f"frame_start must be {self.caches[0].committed_frames}, got {info.frame_start}")
+        self.pass_info = info
+
+    def self_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre_rope: torch.Tensor
+    ) -> torch.Tensor:
+        info = self._info()
+        cache = self.caches[layer]
+        cache.stage(k, v, frame_start=info.frame_start, k_match=k_pre_rope)
+        out = attention(q, *cache.view(), backend=self.policy.attention_backend).out
+        if info.commit:
+            cache.commit(queries=q)
+        return out
+
+    def cross_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def _info(self) -> PassInfo:
+        if self.pass_info is None:
+            raise RuntimeError("begin_pass() must be called before the model's forward")
+        return self.pass_info
+
+    # ------------------------------------------------------------------ reports and state
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches)
+
+    def mean_entries(self) -> float:
+        """Committed entries per head, averaged over layers (host sync)."""
+        return sum(c.mean_entries() for c in self.caches) / len(self.caches)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every layer's cache state, flat (``layer{i}.{name}``), ready for safetensors."""
+        return {f"layer{i}.{k}": v for i, c in enumerate(self.caches) for k, v in c.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, c in enumerate(self.caches):
+            prefix = f"layer{i}."
+            c.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
