@@ -50,7 +50,7 @@ def test_tempcache_compresses_video_like_scene_accurately(ann):
     k, v = next(scene_chunks(SceneConfig(**{**scene.__dict__, "seed": 1}), F))
     for cache in (tc, full):
         cache.stage(k, v, frame_start=40)
-    q = k[:, :, : P] + 0.1 * torch.randn_like(k[:, :, :P])
+    q = k[:, :, :P] + 0.1 * torch.randn_like(k[:, :, :P])
     rel = relative_l2(attention(q, *tc.view()).out, attention(q, *full.view()).out)
     for cache in (tc, full):
         cache.commit()
@@ -221,8 +221,14 @@ def test_wrong_frame_start_and_empty_commit():
         (lambda: TempCachePolicy(threshold=0.0), "threshold must be in"),
         (lambda: TempCachePolicy(threshold=1.5), "threshold must be in"),
         (lambda: TempCachePolicy(overflow_threshold=0.95), "overflow_threshold"),
-        (lambda: CacheConfig(tokens_per_frame=P, frames_per_chunk=F, policy=TempCachePolicy(max_entries=P)), "max_entries"),
-        (lambda: CacheConfig(tokens_per_frame=P, frames_per_chunk=F, policy=BudgetPolicy(budget_tokens=P)), "budget_tokens"),
+        (
+            lambda: CacheConfig(tokens_per_frame=P, frames_per_chunk=F, policy=TempCachePolicy(max_entries=P)),
+            "max_entries",
+        ),
+        (
+            lambda: CacheConfig(tokens_per_frame=P, frames_per_chunk=F, policy=BudgetPolicy(budget_tokens=P)),
+            "budget_tokens",
+        ),
         (lambda: CacheConfig(tokens_per_frame=P, frames_per_chunk=4, policy=SinkWindowPolicy(1, 2)), "window_frames"),
         (lambda: CacheConfig(tokens_per_frame=0, frames_per_chunk=F), "tokens_per_frame"),
         (lambda: LSHConfig(bits=0), "bits"),

@@ -40,7 +40,9 @@ def test_tempcache_on_identical_frames_is_exact():
     p, f, d = 24, 2, 16
     base = torch.randn(1, 2, p, d, generator=g)
     cfg = dict(tokens_per_frame=p, frames_per_chunk=f)
-    tc = LayerKVCache(CacheConfig(**cfg, policy=TempCachePolicy(max_entries=8 * p, sink_frames=1)), batch=1, heads=2, head_dim=d)
+    tc = LayerKVCache(
+        CacheConfig(**cfg, policy=TempCachePolicy(max_entries=8 * p, sink_frames=1)), batch=1, heads=2, head_dim=d
+    )
     full = LayerKVCache(CacheConfig(**cfg, policy=FullPolicy()), batch=1, heads=2, head_dim=d)
     for c in range(12):
         k = base.repeat(1, 1, f, 1)

@@ -21,7 +21,7 @@ def _inputs(lq, lk, dtype, h=4, hk=2, d=64, dv=64, seed=0, masked=5):
     return q, k, v, bias
 
 
-@pytest.mark.parametrize("lq,lk", [(97, 1025), (1, 97), (200, 128)])
+@pytest.mark.parametrize(("lq", "lk"), [(97, 1025), (1, 97), (200, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["chunked", "sdpa", "sdpa_augmented"])
 def test_backends_match_reference(lq, lk, dtype, backend):
@@ -52,19 +52,21 @@ def test_empty_keys_and_fully_masked_rows():
 
 
 def test_augmented_qk_carries_bias_to_plain_dot_product():
-    q, k, v, bias = _inputs(9, 11, torch.float32, masked=0)
+    q, k, _v, bias = _inputs(9, 11, torch.float32, masked=0)
     scale = 1 / math.sqrt(64)
     qa, ka = augment_qk(q, k, bias, scale)
     assert qa.shape[-1] == 128 and ka.shape[-1] == 128
     logits = torch.matmul(qa, ka.repeat_interleave(2, 1).transpose(-1, -2)) * scale
-    expect = torch.matmul(q, k.repeat_interleave(2, 1).transpose(-1, -2)) * scale + bias.repeat_interleave(2, 1)[:, :, None]
+    expect = (
+        torch.matmul(q, k.repeat_interleave(2, 1).transpose(-1, -2)) * scale + bias.repeat_interleave(2, 1)[:, :, None]
+    )
     assert (logits - expect).abs().max() < 1e-4
 
 
 def test_augmented_bf16_bias_keeps_fp32_precision():
-    q, k, v, _ = _inputs(4, 6, torch.bfloat16, masked=0)
+    q, k, _v, _ = _inputs(4, 6, torch.bfloat16, masked=0)
     bias = torch.full((1, 2, 6), math.log(3.0)) + torch.linspace(0, 1e-3, 6)
-    qa, ka = augment_qk(q, k, bias, 1.0)
+    _qa, ka = augment_qk(q, k, bias, 1.0)
     recon = ka[..., 64].float() + ka[..., 65].float()
     assert (recon - bias).abs().max() < 1e-5
 

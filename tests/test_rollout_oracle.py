@@ -24,8 +24,16 @@ def _model(seed=0):
 def _processor(policy="dense", memory_frames=4):
     pol = preset(policy, tokens_per_frame=P, frames_per_chunk=FPC, memory_frames=memory_frames)
     return CachedProcessor(
-        pol, num_layers=CFG.num_layers, batch=1, heads=CFG.num_heads, head_dim=CFG.head_dim,
-        tokens_per_frame=P, frames_per_chunk=FPC, dtype=torch.float32, device="cpu", check_finite=True,
+        pol,
+        num_layers=CFG.num_layers,
+        batch=1,
+        heads=CFG.num_heads,
+        head_dim=CFG.head_dim,
+        tokens_per_frame=P,
+        frames_per_chunk=FPC,
+        dtype=torch.float32,
+        device="cpu",
+        check_finite=True,
     )
 
 
@@ -57,11 +65,16 @@ def test_chunked_forward_with_cache_equals_block_causal_forward():
 def test_engine_rolls_out_every_policy(policy):
     model = _model()
     proc = _processor(policy, memory_frames=4)
-    cfg = RolloutConfig(num_frames=4 * FPC, frames_per_chunk=FPC, latent_shape=(CFG.in_channels, LH, LW),
-                        sampler=SamplerConfig(timesteps=(1000, 500)))
+    cfg = RolloutConfig(
+        num_frames=4 * FPC,
+        frames_per_chunk=FPC,
+        latent_shape=(CFG.in_channels, LH, LW),
+        sampler=SamplerConfig(timesteps=(1000, 500)),
+    )
     seen = []
     res = RolloutEngine(model, proc, cfg).run(
-        torch.randn(1, 5, CFG.text_dim), initial_latents=torch.randn(1, CFG.in_channels, 1, LH, LW),
+        torch.randn(1, 5, CFG.text_dim),
+        initial_latents=torch.randn(1, CFG.in_channels, 1, LH, LW),
         on_chunk=lambda i, lat, st: seen.append((i, lat.shape[2])),
     )
     assert res.latents.shape == (1, CFG.in_channels, 1 + 4 * FPC, LH, LW)
@@ -72,8 +85,12 @@ def test_engine_rolls_out_every_policy(policy):
 
 def test_dense_and_bounded_policies_agree_while_history_fits():
     model = _model()
-    cfg = RolloutConfig(num_frames=2 * FPC, frames_per_chunk=FPC, latent_shape=(CFG.in_channels, LH, LW),
-                        sampler=SamplerConfig(timesteps=(1000, 500)))
+    cfg = RolloutConfig(
+        num_frames=2 * FPC,
+        frames_per_chunk=FPC,
+        latent_shape=(CFG.in_channels, LH, LW),
+        sampler=SamplerConfig(timesteps=(1000, 500)),
+    )
     ctx = torch.randn(1, 5, CFG.text_dim)
     ref = RolloutEngine(model, _processor("dense"), cfg).run(ctx).latents
     for name in ("sink_window", "budget"):

@@ -19,7 +19,7 @@ def importance(keys: torch.Tensor, queries: torch.Tensor, sample: int) -> torch.
     Returns:
         (B, Hk, N) float32.
     """
-    b, h, lq, d = queries.shape
+    b, _h, lq, d = queries.shape
     hk = keys.shape[1]
     step = max(1, lq // sample)
     qs = queries[:, :, ::step][:, :, :sample].float()

@@ -87,8 +87,12 @@ class CacheBuffers:
         if v is not None:
             self.v.scatter_(2, slots[..., None].expand(*slots.shape, self.v.shape[-1]), v.to(self.v.dtype))
         if count is not None:
-            src = count if isinstance(count, torch.Tensor) else torch.full(slots.shape, float(count), device=slots.device)
+            src = (
+                count if isinstance(count, torch.Tensor) else torch.full(slots.shape, float(count), device=slots.device)
+            )
             self.count.scatter_(2, slots, src.float())
         if frame is not None:
-            fsrc = frame if isinstance(frame, torch.Tensor) else torch.full(slots.shape, int(frame), device=slots.device)
+            fsrc = (
+                frame if isinstance(frame, torch.Tensor) else torch.full(slots.shape, int(frame), device=slots.device)
+            )
             self.frame.scatter_(2, slots, fsrc.to(torch.int32))

@@ -140,12 +140,18 @@ class CacheConfig:
             raise ValueError(f"policy must be a cache policy config, got {type(self.policy).__name__}")
         chunk = self.chunk_tokens
         p = self.policy
-        if isinstance(p, TempCachePolicy) and p.max_entries < (p.sink_frames + self.frames_per_chunk) * self.tokens_per_frame:
+        if (
+            isinstance(p, TempCachePolicy)
+            and p.max_entries < (p.sink_frames + self.frames_per_chunk) * self.tokens_per_frame
+        ):
             raise ValueError(
                 f"max_entries={p.max_entries} cannot hold the {p.sink_frames} sink frame(s) plus one chunk "
                 f"({chunk} tokens) of {self.tokens_per_frame} tokens per frame"
             )
-        if isinstance(p, BudgetPolicy) and p.budget_tokens < (p.sink_frames + self.frames_per_chunk) * self.tokens_per_frame:
+        if (
+            isinstance(p, BudgetPolicy)
+            and p.budget_tokens < (p.sink_frames + self.frames_per_chunk) * self.tokens_per_frame
+        ):
             raise ValueError(
                 f"budget_tokens={p.budget_tokens} cannot hold the {p.sink_frames} sink frame(s) plus one chunk "
                 f"({chunk} tokens)"

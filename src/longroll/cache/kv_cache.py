@@ -141,7 +141,9 @@ class LayerKVCache:
             self._ensure_slots(self.bound + n)
             self._bias = None
         elif n != self.staged_tokens:
-            raise ValueError(f"k stages {n} tokens but this chunk already staged {self.staged_tokens}; restage the same size")
+            raise ValueError(
+                f"k stages {n} tokens but this chunk already staged {self.staged_tokens}; restage the same size"
+            )
         lo, hi = self.bound, self.bound + n
         buf = self.buffers
         buf.k[:, :, lo:hi] = k
@@ -182,7 +184,8 @@ class LayerKVCache:
             check_rank("queries", queries, 4)
             if queries.shape[0] != self.batch or queries.shape[-1] != self.head_dim or queries.shape[1] % self.heads:
                 raise ValueError(
-                    f"queries must have shape ({self.batch}, k*{self.heads}, n, {self.head_dim}), got {tuple(queries.shape)}"
+                    f"queries must have shape ({self.batch}, k*{self.heads}, n, {self.head_dim}), "
+                    f"got {tuple(queries.shape)}"
                 )
         n = self.staged_tokens
         frames = n // self.config.tokens_per_frame
@@ -254,7 +257,15 @@ class LayerKVCache:
             else:
                 may_overflow = upper + tpf > p.max_entries
                 self.track, s = merge_frame(
-                    buf, self.track, k_all[:, :, sl], v_all[:, :, sl], km_all[:, :, sl], f, p, self._searcher, may_overflow
+                    buf,
+                    self.track,
+                    k_all[:, :, sl],
+                    v_all[:, :, sl],
+                    km_all[:, :, sl],
+                    f,
+                    p,
+                    self._searcher,
+                    may_overflow,
                 )
                 slots.append(s)
             upper = min(upper + tpf, p.max_entries)
@@ -288,7 +299,9 @@ class LayerKVCache:
         if needed <= self.buffers.slots:
             return
         if not isinstance(self.policy, FullPolicy):
-            raise RuntimeError(f"cache of policy {type(self.policy).__name__} needs {needed} slots, holds {self.buffers.slots}")
+            raise RuntimeError(
+                f"cache of policy {type(self.policy).__name__} needs {needed} slots, holds {self.buffers.slots}"
+            )
         self.buffers = self.buffers.grown(max(needed, int(self.buffers.slots * 1.5)))
 
     def reorder_(self, order: torch.Tensor, start: int = 0) -> None:
@@ -336,7 +349,9 @@ class LayerKVCache:
         check_float("k", k)
         b, h, n, d = k.shape
         if (b, h, d) != (self.batch, self.heads, self.head_dim):
-            raise ValueError(f"k must have shape ({self.batch}, {self.heads}, n, {self.head_dim}), got {tuple(k.shape)}")
+            raise ValueError(
+                f"k must have shape ({self.batch}, {self.heads}, n, {self.head_dim}), got {tuple(k.shape)}"
+            )
         if v.shape != (b, h, n, self.v_dim):
             raise ValueError(f"v must have shape {(b, h, n, self.v_dim)}, got {tuple(v.shape)}")
         for name, x in (("k", k), ("v", v)) + ((("k_match", k_match),) if k_match is not None else ()):
@@ -351,7 +366,9 @@ class LayerKVCache:
                 f"({self.config.chunk_tokens}), got {n} tokens"
             )
         if frame_start != self.committed_frames:
-            raise ValueError(f"frame_start must be {self.committed_frames} (the next uncommitted frame), got {frame_start}")
+            raise ValueError(
+                f"frame_start must be {self.committed_frames} (the next uncommitted frame), got {frame_start}"
+            )
         if self.config.check_finite:
             for name, x in (("k", k), ("v", v)) + ((("k_match", k_match),) if k_match is not None else ()):
                 if not bool(torch.isfinite(x).all()):
@@ -397,7 +414,9 @@ class LayerKVCache:
         self.track = None
         if "track_slots" in state:
             self.track = Track(
-                state["track_slots"].to(self.device), state["track_keys"].to(self.device), state["track_active"].to(self.device)
+                state["track_slots"].to(self.device),
+                state["track_keys"].to(self.device),
+                state["track_active"].to(self.device),
             )
         self._pending_len, self._bias = None, None
 

@@ -57,7 +57,9 @@ def _one_to_one_winners(idx: torch.Tensor, cos: torch.Tensor, threshold: float) 
     return win & (tok == first.gather(2, idx))
 
 
-def _merge_values(buf: CacheBuffers, track: Track, idx: torch.Tensor, merged: torch.Tensor, v: torch.Tensor, frame: int) -> None:
+def _merge_values(
+    buf: CacheBuffers, track: Track, idx: torch.Tensor, merged: torch.Tensor, v: torch.Tensor, frame: int
+) -> None:
     """Fold merged tokens' values into their groups' running means and counts (keyed by previous position,
     whose active slots are unique, so the scatters never collide)."""
     dv = v.shape[-1]

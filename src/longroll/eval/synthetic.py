@@ -49,9 +49,9 @@ class SceneConfig:
             raise ValueError(f"object_tokens={self.object_tokens} does not fit the grid")
 
 
-def scene_frames(cfg: SceneConfig, *, batch: int = 1, dtype: torch.dtype = torch.float32) -> Iterator[
-    tuple[torch.Tensor, torch.Tensor]
-]:
+def scene_frames(
+    cfg: SceneConfig, *, batch: int = 1, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless stream of frames.
 
     Yields:
@@ -99,8 +99,15 @@ def scene_chunks(
 
 
 def clustered_qk(
-    n_q: int, n_k: int, *, heads: int = 2, head_dim: int = 64, clusters: int = 16, spread: float = 0.3,
-    scale: float = 4.0, seed: int = 0,
+    n_q: int,
+    n_k: int,
+    *,
+    heads: int = 2,
+    head_dim: int = 64,
+    clusters: int = 16,
+    spread: float = 0.3,
+    scale: float = 4.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys drawn around shared cluster centres (semantic structure, as in video DiTs).
 

@@ -44,7 +44,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
     b, h, lq, d = q.shape
     bk, hk, lk, dk = k.shape
     if bk != b or dk != d:
-        raise ValueError(f"k must have shape ({b}, heads_kv, seqlen_k, {d}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+        raise ValueError(
+            f"k must have shape ({b}, heads_kv, seqlen_k, {d}) to match q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must share (batch, heads, seqlen) with k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
     if hk == 0 or h % hk != 0:
@@ -58,7 +60,9 @@ def check_bias(bias: torch.Tensor | None, k: torch.Tensor) -> None:
         return
     check_rank("bias", bias, 3)
     if bias.shape != k.shape[:3]:
-        raise ValueError(f"bias must have shape {tuple(k.shape[:3])} (batch, heads_kv, seqlen_k), got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must have shape {tuple(k.shape[:3])} (batch, heads_kv, seqlen_k), got {tuple(bias.shape)}"
+        )
     check_float("bias", bias)
     if bias.device != k.device:
         raise ValueError(f"bias is on {bias.device} but k is on {k.device}")

@@ -187,5 +187,7 @@ def _chunked(
             m = m_new
         nonempty = den > 0
         out_g[:, :, r0 : r0 + q_step] = torch.where(nonempty[..., None], acc / den.clamp_min(1e-38)[..., None], 0.0)
-        lse_g[:, :, r0 : r0 + q_step] = torch.where(nonempty, torch.where(torch.isfinite(m), m, 0.0) + torch.log(den.clamp_min(1e-38)), float("-inf"))
+        lse_g[:, :, r0 : r0 + q_step] = torch.where(
+            nonempty, torch.where(torch.isfinite(m), m, 0.0) + torch.log(den.clamp_min(1e-38)), float("-inf")
+        )
     return out.to(q.dtype), lse

@@ -56,7 +56,8 @@ class RolloutConfig:
             raise ValueError(f"frames_per_chunk must be >= 1, got {self.frames_per_chunk}")
         if self.num_frames < 1 or self.num_frames % self.frames_per_chunk:
             raise ValueError(
-                f"num_frames must be a positive multiple of frames_per_chunk={self.frames_per_chunk}, got {self.num_frames}"
+                f"num_frames must be a positive multiple of frames_per_chunk={self.frames_per_chunk}, "
+                f"got {self.num_frames}"
             )
         if len(self.latent_shape) != 3 or min(self.latent_shape) < 1:
             raise ValueError(f"latent_shape must be (channels, height, width), got {self.latent_shape}")
@@ -115,7 +116,7 @@ class RolloutEngine:
         sig = s.sigmas
         x = noise
         x0 = noise
-        for i, t in enumerate(s.timesteps):
+        for i, _t in enumerate(s.timesteps):
             info = PassInfo(frame, i, s.num_steps, commit=False)
             v = self._forward(x, 1000.0 * sig[i], context, frame, info, actions).to(x.dtype)
             x0 = x - sig[i] * v
@@ -126,7 +127,9 @@ class RolloutEngine:
                 x = (1 - sig[i + 1]) * x0 + sig[i + 1] * fresh
         return x if s.mode == "euler" else x0
 
-    def commit(self, clean: torch.Tensor, context: torch.Tensor, frame: int, actions: torch.Tensor | None = None) -> None:
+    def commit(
+        self, clean: torch.Tensor, context: torch.Tensor, frame: int, actions: torch.Tensor | None = None
+    ) -> None:
         """Run the clean pass of frames ``[frame, frame + clean.shape[2])`` and commit them to the caches
         (also how initial frames of a world model or an image-to-video prompt enter the context)."""
         s = self.config.sampler
@@ -164,8 +167,14 @@ class RolloutEngine:
         frames: list[torch.Tensor] = []
         f0 = 0
         if initial_latents is not None:
-            if initial_latents.dim() != 5 or initial_latents.shape[0] != b or tuple(initial_latents.shape[3:]) != (h, w):
-                raise ValueError(f"initial_latents must have shape ({b}, {c}, f0, {h}, {w}), got {tuple(initial_latents.shape)}")
+            if (
+                initial_latents.dim() != 5
+                or initial_latents.shape[0] != b
+                or tuple(initial_latents.shape[3:]) != (h, w)
+            ):
+                raise ValueError(
+                    f"initial_latents must have shape ({b}, {c}, f0, {h}, {w}), got {tuple(initial_latents.shape)}"
+                )
             f0 = initial_latents.shape[2]
             self.commit(initial_latents.to(dtype), context, 0, None if actions is None else actions[:, :f0])
             frames.append(initial_latents.to(dtype))

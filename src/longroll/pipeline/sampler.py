@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +33,7 @@ class SamplerConfig:
         object.__setattr__(self, "timesteps", ts)
         if not ts:
             raise ValueError("timesteps must hold at least one step")
-        if any(not 0.0 < t <= 1000.0 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
+        if any(not 0.0 < t <= 1000.0 for t in ts) or any(a <= b for a, b in itertools.pairwise(ts)):
             raise ValueError(f"timesteps must be strictly descending in (0, 1000], got {ts}")
         if self.shift <= 0:
             raise ValueError(f"shift must be positive, got {self.shift}")

@@ -37,7 +37,9 @@ WINDOW_FRAMES = 12
 EQUAL_MEMORY_FRAMES = SINK_FRAMES + WINDOW_FRAMES
 
 
-def preset(name: str, *, tokens_per_frame: int, frames_per_chunk: int, memory_frames: int = EQUAL_MEMORY_FRAMES) -> PolicyConfig:
+def preset(
+    name: str, *, tokens_per_frame: int, frames_per_chunk: int, memory_frames: int = EQUAL_MEMORY_FRAMES
+) -> PolicyConfig:
     """A named policy at a model's geometry.
 
     Names: ``dense`` (unbounded cache), ``sink_window`` (LongLive), ``budget`` (importance budget),
