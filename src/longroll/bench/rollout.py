@@ -1,0 +1,364 @@
+"""Rollout benchmark: per-chunk DiT latency, FPS and memory against frames generated, one curve per policy.
+
+Random weights at a preset's shapes (no checkpoint, text encoder or VAE: the context is random embeddings of
+the right width), so the numbers measure the attention policies and the DiT, not a particular model. Every
+policy runs in the same process as the dense baseline, on the same model, context and noise.
+
+Timing: ``RolloutEngine`` syncs the GPU and times each chunk's DiT work (all denoising steps + the commit
+pass); those are the *DiT-only* figures. ``rollout_seconds`` is the wall time of the whole rollout call
+(DiT + noise sampling + host overhead between chunks), the end-to-end figure of a decoder-less run. Before
+the measured run each policy does an unrecorded warm-up rollout of two chunks (kernel selection, allocator
+growth), and summaries use medians over warm chunks (chunk >= 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longroll.models.wan import PRESETS, CausalWanModel, WanConfig
+from longroll.pipeline.generate import current_command, environment_info
+from longroll.pipeline.loader import default_device, resolve_dtype
+from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
+from longroll.pipeline.sampler import SamplerConfig
+from longroll.policies.cached import CachedProcessor
+from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, preset
+
+log = logging.getLogger(__name__)
+
+#: Video pixels per latent pixel (Wan VAE) and video frames per latent frame after the first.
+SPATIAL_FACTOR = 8
+TEMPORAL_FACTOR = 4
+#: Default video size per preset: Wan's 480p, and a small one that keeps CPU runs of the tiny model short.
+DEFAULT_SIZE = {"tiny": (64, 64)}
+WAN_SIZE = (480, 832)
+JSON_NAME, PNG_NAME = "bench_rollout.json", "bench_rollout.png"
+
+
+@dataclass(frozen=True)
+class RolloutBenchConfig:
+    """What to measure.
+
+    Args:
+        preset: a :data:`longroll.models.wan.PRESETS` name (``wan2.1-1.3b``, ``tiny``, ...).
+        policies: names from :data:`longroll.policies.config.PRESET_NAMES`; ``dense`` is added first when
+            missing and ``include_dense`` is set.
+        num_frames: latent frames to generate (a multiple of ``frames_per_chunk``).
+        frames_per_chunk: latent frames per chunk.
+        height, width: video pixels (latent = px / 8, tokens = latent / 2 per axis); None: the preset's default.
+        memory_frames: cache budget of bounded policies, latent frames.
+        max_dense_frames: stop ``dense`` after this many latent frames (before it runs out of memory); later
+            points are recorded as not measured.
+        dtype: ``bf16``/``fp16``/``fp32``; None: bf16 on CUDA, fp32 on CPU.
+        device: None: CUDA if available.
+        text_len: tokens of the random prompt context (512 for Wan).
+        seed: weights, context and noise seed.
+        sampler: per-chunk schedule (default: 4 few-step denoising passes).
+        warmup: run an unrecorded two-chunk rollout per policy first.
+        include_dense: always measure the dense baseline.
+    """
+
+    preset: str = "tiny"
+    policies: tuple[str, ...] = ("dense", "sink_window", "tempcache")
+    num_frames: int = 6
+    frames_per_chunk: int = 3
+    height: int | None = None
+    width: int | None = None
+    memory_frames: int = EQUAL_MEMORY_FRAMES
+    max_dense_frames: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    text_len: int = 512
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    warmup: bool = True
+    include_dense: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        pols = tuple(self.policies)
+        unknown = [p for p in pols if p not in PRESET_NAMES]
+        if not pols or unknown or len(set(pols)) != len(pols):
+            raise ValueError(f"policies must be distinct names from {list(PRESET_NAMES)}, got {list(pols)}")
+        if self.include_dense and "dense" not in pols:
+            pols = ("dense", *pols)
+        object.__setattr__(self, "policies", pols)
+        if self.frames_per_chunk < 1 or self.num_frames < 1 or self.num_frames % self.frames_per_chunk:
+            raise ValueError(
+                f"num_frames ({self.num_frames}) must be a positive multiple of frames_per_chunk "
+                f"({self.frames_per_chunk})"
+            )
+        for name in ("height", "width"):
+            px = getattr(self, name)
+            if px is not None and (px < 16 or px % 16):
+                raise ValueError(f"{name} must be a multiple of 16 pixels (VAE 8 x patch 2), got {px}")
+        if self.memory_frames <= self.frames_per_chunk:
+            raise ValueError(f"memory_frames must exceed frames_per_chunk, got {self.memory_frames}")
+        if self.max_dense_frames is not None and self.max_dense_frames < 1:
+            raise ValueError(f"max_dense_frames must be >= 1, got {self.max_dense_frames}")
+        if self.text_len < 1:
+            raise ValueError(f"text_len must be >= 1, got {self.text_len}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) in video pixels."""
+        default = DEFAULT_SIZE.get(self.preset, WAN_SIZE)
+        return (self.height or default[0], self.width or default[1])
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        h, w = self.size
+        return h // SPATIAL_FACTOR, w // SPATIAL_FACTOR
+
+
+@dataclass
+class RolloutBenchReport:
+    """The measurements (``data``, as written to JSON) and the files written (None when no ``out_dir``)."""
+
+    data: dict[str, Any]
+    json_path: Path | None = None
+    png_path: Path | None = None
+
+
+def _record(policy: str, st: ChunkStats | None, fpc: int, chunk: int, reason: str | None = None) -> dict[str, Any]:
+    """One point of a curve; ``st`` None marks a chunk that was not measured."""
+    rec: dict[str, Any] = {
+        "policy": policy,
+        "chunk": chunk,
+        "frames_generated": (chunk + 1) * fpc,
+        "measured": st is not None,
+        "seconds": None,
+        "fps_latent": None,
+        "fps_video": None,
+        "peak_bytes": None,
+        "cache_bytes": None,
+    }
+    if st is not None:
+        rec.update(
+            seconds=st.seconds,
+            fps_latent=fpc / st.seconds,
+            fps_video=TEMPORAL_FACTOR * fpc / st.seconds,
+            peak_bytes=st.peak_bytes,
+            cache_bytes=st.cache_bytes,
+        )
+    else:
+        rec["reason"] = reason
+    return rec
+
+
+class _Bench:
+    """Shared state of one benchmark: the random model and context, built once for every policy."""
+
+    def __init__(self, cfg: RolloutBenchConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device) if cfg.device else default_device()
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.wan = WanConfig.from_preset(cfg.preset)
+        lh, lw = cfg.latent_hw
+        self.tokens_per_frame = self.wan.tokens_per_frame(lh, lw)
+        torch.manual_seed(cfg.seed)
+        with torch.device(self.device):
+            self.model = CausalWanModel(self.wan).to_inference_dtype(self.dtype).eval()
+        g = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        shape = (1, cfg.text_len, self.wan.text_dim)
+        self.context = torch.randn(shape, generator=g, device=self.device).to(self.dtype)
+
+    def _processor(self, policy: str) -> CachedProcessor:
+        c, w = self.cfg, self.wan
+        pol = preset(
+            policy,
+            tokens_per_frame=self.tokens_per_frame,
+            frames_per_chunk=c.frames_per_chunk,
+            memory_frames=c.memory_frames,
+        )
+        return CachedProcessor(
+            pol,
+            num_layers=w.num_layers,
+            batch=1,
+            heads=w.num_heads,
+            head_dim=w.head_dim,
+            tokens_per_frame=self.tokens_per_frame,
+            frames_per_chunk=c.frames_per_chunk,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def _rollout(self, policy: str, num_frames: int, on_chunk: Any = None) -> None:
+        c = self.cfg
+        lh, lw = c.latent_hw
+        rc = RolloutConfig(num_frames, c.frames_per_chunk, (self.wan.in_channels, lh, lw), c.sampler, c.seed)
+        RolloutEngine(self.model, self._processor(policy), rc).run(self.context, on_chunk=on_chunk, dtype=self.dtype)
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def run_policy(self, policy: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per-chunk records (all chunks, unmeasured ones marked) and the policy's summary."""
+        c = self.cfg
+        fpc, chunks = c.frames_per_chunk, c.num_frames // c.frames_per_chunk
+        limit = c.num_frames
+        if policy == "dense" and c.max_dense_frames is not None:
+            limit = min(limit, c.max_dense_frames // fpc * fpc)
+        stats: list[ChunkStats] = []
+        status, wall = "ok", 0.0
+        try:
+            if c.warmup and limit:
+                self._rollout(policy, min(limit, 2 * fpc))
+                self._free()
+            t0 = time.perf_counter()
+            if limit:
+                self._rollout(policy, limit, on_chunk=lambda i, lat, st: stats.append(st))
+            wall = time.perf_counter() - t0
+            if limit < c.num_frames:
+                status = f"stopped after {limit} frames (--max-dense-frames)"
+        except torch.OutOfMemoryError:
+            status = f"out of memory after {len(stats) * fpc} frames"
+            log.warning("%s: %s", policy, status)
+        self._free()
+        reason = status if status != "ok" else None
+        records = [_record(policy, stats[i] if i < len(stats) else None, fpc, i, reason) for i in range(chunks)]
+        return records, _summary(stats, fpc, wall, status)
+
+
+def _summary(stats: list[ChunkStats], fpc: int, wall: float, status: str) -> dict[str, Any]:
+    """Totals and warm medians of one policy (None where nothing was measured)."""
+    secs = [s.seconds for s in stats]
+    warm = secs[1:] or secs
+    last = warm[-3:]
+    med_warm = statistics.median(warm) if warm else None
+    med_last = statistics.median(last) if last else None
+    return {
+        "status": status,
+        "measured_frames": len(stats) * fpc,
+        "dit_seconds": sum(secs),
+        "rollout_seconds": wall if stats else None,
+        "median_chunk_seconds_warm": med_warm,
+        "median_chunk_seconds_last3": med_last,
+        "fps_latent_warm": fpc / med_warm if med_warm else None,
+        "fps_latent_last3": fpc / med_last if med_last else None,
+        "fps_video_last3": TEMPORAL_FACTOR * fpc / med_last if med_last else None,
+        "peak_bytes_max": max((s.peak_bytes for s in stats), default=None),
+        "cache_bytes_last": stats[-1].cache_bytes if stats else None,
+    }
+
+
+def run_rollout_bench(config: RolloutBenchConfig, *, command: str | None = None) -> dict[str, Any]:
+    """Measure every policy of ``config``; returns the JSON-ready report (see :func:`bench_rollout`)."""
+    bench = _Bench(config)
+    records: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for policy in config.policies:
+        log.info("benchmarking %s", policy)
+        recs, summary[policy] = bench.run_policy(policy)
+        records.extend(recs)
+    h, w = config.size
+    return {
+        "benchmark": "rollout",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command if command is not None else current_command(),
+        "environment": environment_info(bench.device),
+        "config": {
+            **{k: v for k, v in dataclasses.asdict(config).items() if k != "sampler"},
+            "sampler": dataclasses.asdict(config.sampler),
+            "height": h,
+            "width": w,
+            "latent_hw": list(config.latent_hw),
+            "tokens_per_frame": bench.tokens_per_frame,
+            "dtype": str(bench.dtype).removeprefix("torch."),
+            "device": str(bench.device),
+            "wan_config": dataclasses.asdict(bench.wan),
+        },
+        "notes": {
+            "seconds": "DiT only per chunk: all denoising steps + the commit pass, GPU-synchronised",
+            "rollout_seconds": "wall time of the measured rollout (DiT + noise + host overhead); no text encoder/VAE",
+            "peak_bytes": "torch.cuda.max_memory_allocated during the chunk; 0 on CPU",
+            "fps_video": f"{TEMPORAL_FACTOR} video frames per latent frame (Wan VAE)",
+            "weights": "random, at the preset's shapes",
+        },
+        "summary": summary,
+        "chunks": records,
+    }
+
+
+def plot_report(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Latency and memory against frames generated, one line per policy, to a PNG (Agg backend, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax_t, ax_m = fig.subplots(1, 2)
+    chunks = data["chunks"]
+    cuda_peaks = any((r["peak_bytes"] or 0) > 0 for r in chunks)
+    biggest = max((r["peak_bytes"] or 0) if cuda_peaks else (r["cache_bytes"] or 0) for r in chunks)
+    unit, scale = ("GiB", 2**30) if biggest >= 2**30 else ("MiB", 2**20)
+    for policy, summ in data["summary"].items():
+        pts = [r for r in chunks if r["policy"] == policy and r["measured"]]
+        x = [r["frames_generated"] for r in pts]
+        label = policy if summ["status"] == "ok" else f"{policy} ({summ['status']})"
+        line = ax_t.plot(x, [1e3 * r["seconds"] for r in pts], marker="o", ms=3, label=label)[0]
+        if cuda_peaks:
+            peak = [r["peak_bytes"] / scale for r in pts]
+            ax_m.plot(x, peak, marker="o", ms=3, color=line.get_color(), label=f"{policy} peak")
+        cache = [r["cache_bytes"] / scale for r in pts]
+        ax_m.plot(x, cache, ls="--", color=line.get_color(), label=f"{policy} KV cache")
+    cfg = data["config"]
+    ax_t.set(xlabel="latent frames generated", ylabel="DiT ms per chunk", title="chunk latency (DiT only)")
+    ax_m.set(xlabel="latent frames generated", ylabel=unit, title="memory (solid: CUDA peak, dashed: KV cache)")
+    for ax in (ax_t, ax_m):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    env = data["environment"]
+    fig.suptitle(f"{cfg['preset']} {cfg['height']}x{cfg['width']} {cfg['dtype']} on {env['device_name']}", fontsize=9)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def bench_rollout(
+    preset: str,
+    policies: tuple[str, ...] | list[str],
+    num_frames: int,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    command: str | None = None,
+    **options: Any,
+) -> RolloutBenchReport:
+    """Benchmark cache policies on a random-weight model at ``preset``'s shapes.
+
+    Args:
+        preset, policies, num_frames: see :class:`RolloutBenchConfig`; ``options`` are its other fields.
+        out_dir: when given, write ``bench_rollout.json`` and ``bench_rollout.png`` there.
+        command: recorded in the JSON (default: this process's command line).
+
+    Returns:
+        The report; ``data["chunks"]`` holds one record per (policy, chunk) with ``frames_generated``,
+        ``seconds`` (DiT only), ``fps_latent``, ``fps_video``, ``peak_bytes``, ``cache_bytes`` and ``measured``.
+    """
+    config = RolloutBenchConfig(preset=preset, policies=tuple(policies), num_frames=num_frames, **options)
+    data = run_rollout_bench(config, command=command)
+    report = RolloutBenchReport(data)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report.json_path = out / JSON_NAME
+        report.json_path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+        report.png_path = plot_report(data, out / PNG_NAME)
+        log.info("wrote %s and %s", report.json_path, report.png_path)
+    return report

@@ -1,0 +1,430 @@
+"""The ``longroll`` command line: ``generate``, ``bench rollout``, ``info`` and ``demo``.
+
+Errors a user can cause (bad arguments, missing files, checkpoints that do not fit) end with one line on
+stderr and exit code 2, without a traceback; ``--debug`` re-raises them instead. Heavy imports (diffusers,
+transformers, matplotlib) happen inside the sub-command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import pkgutil
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NoReturn
+
+from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES
+
+EXIT_USAGE = 2
+_DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+_HANDLED = (ValueError, OSError, RuntimeError, ImportError)
+
+
+class UsageError(Exception):
+    """A bad command line; printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise instead of printing the usage block and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+# ------------------------------------------------------------------------------------------- argument types
+def _policy_list(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in names if p not in PRESET_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown policy {unknown or text!r}; choose from {', '.join(PRESET_NAMES)}")
+    return names
+
+
+def _timesteps(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"timesteps must be comma-separated numbers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------- parser
+def _common() -> _Parser:
+    """Flags accepted before or after the sub-command (SUPPRESS keeps a later default from erasing them)."""
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress")
+    return common
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--timesteps",
+        type=_timesteps,
+        default=(1000.0, 750.0, 500.0, 250.0),
+        help="descending denoising timesteps per chunk (default: Self-Forcing's 1000,750,500,250)",
+    )
+    p.add_argument("--shift", type=float, default=5.0, help="timestep shift (default 5.0)")
+
+
+def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("generate", parents=[common], help="text-to-video with a cache policy -> MP4 + stats.json")
+    p.add_argument("prompt", help="text prompt")
+    p.add_argument(
+        "--model", required=True, help="diffusers-format folder (transformer/, text_encoder/, tokenizer/, vae/)"
+    )
+    p.add_argument("--checkpoint", help="causal generator checkpoint (Self-Forcing/CausVid .pt or .safetensors)")
+    p.add_argument("--frames", type=_positive_int, default=21, help="latent frames (video: 1 + 4 (n - 1)); default 21")
+    p.add_argument("--policy", choices=PRESET_NAMES, default="dense", help="cache policy (default dense)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/generate", help="output folder (default out/generate)")
+    p.add_argument("--height", type=_positive_int, default=480)
+    p.add_argument("--width", type=_positive_int, default=832)
+    p.add_argument("--frames-per-chunk", type=_positive_int, default=3)
+    p.add_argument(
+        "--memory-frames",
+        type=_positive_int,
+        default=EQUAL_MEMORY_FRAMES,
+        help=f"cache budget of bounded policies, latent frames (default {EQUAL_MEMORY_FRAMES})",
+    )
+    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--text-len", type=_positive_int, default=512, help="prompt tokens (Wan: 512)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=_DTYPE_CHOICES, help="DiT/text-encoder dtype (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--no-ema", action="store_true", help="use the checkpoint's non-EMA generator")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_sampler_args(p)
+    p.set_defaults(handler=_cmd_generate)
+
+
+def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
+    bench = sub.add_parser("bench", parents=[common], help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = bsub.add_parser("rollout", parents=[common], help="per-chunk latency/memory vs frames, random weights")
+    p.add_argument("--preset", default="tiny", help="Wan preset: tiny, wan2.1-1.3b, wan2.1-14b (default tiny)")
+    p.add_argument(
+        "--policies",
+        type=_policy_list,
+        default=("dense", "sink_window", "tempcache"),
+        help=f"comma-separated, from {', '.join(PRESET_NAMES)} (dense is always added)",
+    )
+    p.add_argument("--frames", type=_positive_int, default=6, help="latent frames to generate (default 6)")
+    p.add_argument("--frames-per-chunk", type=_positive_int, default=3)
+    p.add_argument("--height", type=_positive_int, help="video pixels (default: 480, or 64 for tiny)")
+    p.add_argument("--width", type=_positive_int, help="video pixels (default: 832, or 64 for tiny)")
+    p.add_argument(
+        "--memory-frames",
+        type=_positive_int,
+        default=EQUAL_MEMORY_FRAMES,
+        help="cache budget of bounded policies, latent frames",
+    )
+    p.add_argument(
+        "--max-dense-frames",
+        type=_positive_int,
+        help="stop dense after this many latent frames (later points: not measured)",
+    )
+    p.add_argument("--dtype", choices=_DTYPE_CHOICES, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--text-len", type=_positive_int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-warmup", action="store_true", help="skip the unrecorded warm-up rollout")
+    p.add_argument("--no-dense", action="store_true", help="do not add the dense baseline")
+    p.add_argument("--out", default="out/bench_rollout", help="folder for bench_rollout.json/.png")
+    _add_sampler_args(p)
+    p.set_defaults(handler=_cmd_bench_rollout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``longroll`` argument parser."""
+    common = _common()
+    parser = _Parser(
+        prog="longroll", description="Fast long rollouts for autoregressive video diffusion.", parents=[common]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub, common)
+    _add_bench(sub, common)
+    info = sub.add_parser("info", parents=[common], help="versions, device and working attention backends")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(handler=_cmd_info)
+    demo = sub.add_parser("demo", parents=[common], help="run the packaged demo")
+    demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    demo.add_argument("--device", help="default: cuda if available, else cpu")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ progress
+@contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A (done, total) callback drawing a tqdm bar, or a plain stderr line when tqdm is missing."""
+    if not enabled:
+        yield None
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+
+        def line(done: int, tot: int) -> None:
+            end = "\n" if done >= tot else ""
+            print(f"\rchunks {done}/{tot}", end=end, file=sys.stderr, flush=True)
+
+        yield line
+        return
+    bar = tqdm(total=total, unit="chunk", file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, tot: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _cmd_generate(args: argparse.Namespace, command: str) -> int:
+    from longroll.pipeline.rollout import RolloutConfig
+    from longroll.pipeline.sampler import SamplerConfig
+    from longroll.policies.config import preset
+
+    # Validate cheap settings before spending seconds to minutes loading the model.
+    sampler = SamplerConfig(timesteps=args.timesteps, shift=args.shift)
+    RolloutConfig(args.frames, args.frames_per_chunk, sampler=sampler)
+    preset(args.policy, tokens_per_frame=1, frames_per_chunk=args.frames_per_chunk, memory_frames=args.memory_frames)
+    for name in ("height", "width"):
+        if getattr(args, name) % 16:
+            raise ValueError(f"--{name} must be a multiple of 16, got {getattr(args, name)}")
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"model folder {args.model!r} does not exist")
+
+    from longroll.pipeline.generate import generate
+    from longroll.pipeline.loader import load_pipeline
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(
+        args.model,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        use_ema=not args.no_ema,
+        text_len=args.text_len,
+    )
+    load_s = time.perf_counter() - t0
+    with _progress(args.frames // args.frames_per_chunk, not args.no_progress) as progress:
+        res = generate(
+            pipe,
+            args.prompt,
+            num_frames=args.frames,
+            policy_name=args.policy,
+            seed=args.seed,
+            out_dir=args.out,
+            frames_per_chunk=args.frames_per_chunk,
+            sampler=sampler,
+            height=args.height,
+            width=args.width,
+            memory_frames=args.memory_frames,
+            fps=args.fps,
+            command=command,
+            progress=progress,
+            extra={"load_seconds": load_s},
+        )
+    t = res.stats["timing"]
+    print(f"video: {res.video_path} ({res.video_frames} frames)")
+    print(f"stats: {res.stats_path}")
+    print(
+        f"DiT only: {t['dit_seconds']:.2f} s, {t['dit_fps_video']:.2f} video frames/s; "
+        f"end to end: {t['end_to_end_seconds']:.2f} s, {t['end_to_end_fps_video']:.2f} frames/s "
+        f"(model load {load_s:.1f} s not included)"
+    )
+    return 0
+
+
+def _fmt(value: float | None, scale: float = 1.0, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def _cmd_bench_rollout(args: argparse.Namespace, command: str) -> int:
+    from longroll.bench.rollout import bench_rollout
+    from longroll.pipeline.sampler import SamplerConfig
+
+    report = bench_rollout(
+        args.preset,
+        args.policies,
+        args.frames,
+        out_dir=args.out,
+        command=command,
+        frames_per_chunk=args.frames_per_chunk,
+        height=args.height,
+        width=args.width,
+        memory_frames=args.memory_frames,
+        max_dense_frames=args.max_dense_frames,
+        dtype=args.dtype,
+        device=args.device,
+        text_len=args.text_len,
+        seed=args.seed,
+        warmup=not args.no_warmup,
+        include_dense=not args.no_dense,
+        sampler=SamplerConfig(timesteps=args.timesteps, shift=args.shift),
+    )
+    header = ("policy", "warm ms/chunk", "last3 ms", "fps (latent)", "peak MiB", "cache MiB", "status")
+    rows = [
+        (
+            policy,
+            _fmt(s["median_chunk_seconds_warm"], 1e3),
+            _fmt(s["median_chunk_seconds_last3"], 1e3),
+            _fmt(s["fps_latent_last3"], 1, ".2f"),
+            _fmt(s["peak_bytes_max"], 2**-20),
+            _fmt(s["cache_bytes_last"], 2**-20, ".2f"),
+            s["status"],
+        )
+        for policy, s in report.data["summary"].items()
+    ]
+    for row in (header, *rows):
+        print(f"{row[0]:<16}" + "".join(f"{c:>14}" for c in row[1:6]) + f"  {row[6]}")
+    print(f"wrote {report.json_path} and {report.png_path}")
+    return 0
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _check_backend(backend: str, device: Any) -> str:
+    """Run one attention backend on a small problem with a key bias and compare it with the chunked route."""
+    import torch
+
+    from longroll.ops.attention import attention
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 64, generator=g, device=device).to(dtype) for _ in range(3))
+    bias = torch.randn(1, 2, 64, generator=g, device=device).to(dtype)
+    try:
+        out = attention(q, k, v, bias, backend=backend).out.float()  # type: ignore[arg-type]
+    except Exception as e:  # any failure means "does not work here"; report it, do not crash info
+        return f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    ref = attention(q.float(), k.float(), v.float(), bias.float(), backend="chunked").out
+    err = (out - ref).abs().max().item()
+    return "ok" if err < 5e-2 else f"wrong (max error {err:.3g})"
+
+
+def _kernel_imports() -> dict[str, str]:
+    import longroll.kernels as kernels
+
+    result = {}
+    for mod in pkgutil.iter_modules(kernels.__path__, prefix="longroll.kernels."):
+        try:
+            importlib.import_module(mod.name)
+            result[mod.name] = "import ok"
+        except Exception as e:  # a kernel module failing to import must not stop the report
+            result[mod.name] = f"import failed ({type(e).__name__}: {e})".splitlines()[0]
+    return result
+
+
+def info_report() -> dict[str, Any]:
+    """What ``longroll info`` prints: versions, device, CUDA/cuDNN and which attention routes work."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    return {
+        "python": platform.python_version(),
+        "versions": {n: _version(n) for n in ("longroll", "torch", "triton", "diffusers", "transformers")},
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
+        "cuda_available": cuda,
+        "cuda_version": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "attention_backends": {b: _check_backend(b, device) for b in ("sdpa", "sdpa_augmented", "chunked")},
+        "triton_kernels": _kernel_imports(),
+    }
+
+
+def _cmd_info(args: argparse.Namespace, command: str) -> int:
+    report = info_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"python        {report['python']}")
+    for name, version in report["versions"].items():
+        print(f"{name:<14}{version}")
+    print(f"device        {report['device']}")
+    cuda = f"available, {report['cuda_version']}" if report["cuda_available"] else "not available"
+    print(f"CUDA          {cuda}")
+    print(f"cuDNN         {report['cudnn'] if report['cudnn'] else 'not available'}")
+    print("attention backends:")
+    for name, status in report["attention_backends"].items():
+        print(f"  {name:<20}{status}")
+    print("triton kernels:")
+    for name, status in report["triton_kernels"].items() or {"(none)": ""}.items():
+        print(f"  {name:<36}{status}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, command: str) -> int:
+    try:
+        from longroll.bench.demo import run_demo
+    except ImportError as e:
+        print(f"longroll: error: the demo is not available in this installation ({e})", file=sys.stderr)
+        return EXIT_USAGE
+    return int(run_demo(Path(args.out), args.device))
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, ImportError) and e.name:
+        text += " (install the optional dependencies: pip install 'longroll[diffusers,video]')"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 for usage, input and model errors)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(args_list)
+    except UsageError as e:
+        print(f"longroll: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    command = shlex.join(["longroll", *args_list])
+    try:
+        return int(args.handler(args, command))
+    except _HANDLED as e:
+        if debug:
+            raise
+        print(f"longroll: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("longroll: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
