@@ -6,8 +6,10 @@ Two families, matching :mod:`longroll.ann.config`:
   bucket is one contiguous range given by per-bucket offsets. Queries are cut in groups (query blocks, or
   latent frames) and each group collects the buckets its members land in: every table, plus the ``bits``
   Hamming-1 neighbours of each code when ``probes=1`` (multi-probe). A group's bucket hits are then turned
-  into key-block scores by offset arithmetic on the sorted table (:func:`bucket_block_scores`) or, for tables
-  whose buckets are not contiguous, through a per-block bucket-presence map (:func:`block_presence`).
+  into key-block scores by offset arithmetic on the sorted table (:func:`bucket_block_scores`) or, where
+  buckets are not contiguous (other tables, unsorted ranges), through the code of each key block's mean key
+  (:func:`block_hits`): at 128 keys a block holds keys of nearly every bucket of an independent table, so
+  per-key presence would select every block.
 - **int8.** No codes, so a key order comes from the nearest of a strided sample of "anchor" keys by int8 score
   (:func:`nearest_anchor`, a zero-iteration k-means). Key blocks are summarised by their mean key
   (:func:`block_means`) and each query group picks the top-k key blocks by the int8 score of its *mean query*
@@ -159,33 +161,27 @@ def bucket_block_scores(
     return diff.cumsum(-1)[..., :n_blocks]
 
 
-def block_presence(
-    codes: torch.Tensor, valid: torch.Tensor | None, nbuckets: int, block_size: int, start: int, n_blocks: int
-) -> torch.Tensor:
-    """Which buckets occur in which key blocks, for keys whose buckets are not contiguous.
+def block_hits(hits: torch.Tensor, block_codes: torch.Tensor) -> torch.Tensor:
+    """Key-block scores for blocks summarised by one code each (the code of their mean key).
+
+    Used where keys are not bucket-contiguous (extra LSH tables, unsorted regions): a block counts as hit by a
+    query group when its centroid's bucket is among the group's buckets. Cost: groups x blocks per table.
 
     Args:
-        codes: (B, H, N) int64 codes of keys at absolute positions ``start + i``.
-        valid: optional (B, H, N) bool; invalid keys are left out.
-        nbuckets, block_size: bucket count and keys per block.
-        start: absolute position of the first key.
-        n_blocks: blocks of the result; keys whose block is past it are left out.
+        hits: (B, H, G, tables, nbuckets) group hit weights (:func:`group_bucket_hits`).
+        block_codes: (B, H, n_blocks, tables) int64 centroid codes; ``nbuckets`` marks a block (or table) that
+            must not score.
 
     Returns:
-        (B, H, nbuckets, n_blocks) float32 of 0/1; ``hits @ presence`` scores blocks for (B, H, G, nbuckets)
-        hits, at a cost of groups x buckets x blocks.
+        (B, H, G, n_blocks) float32 summed over tables.
     """
-    check_rank("codes", codes, 3)
-    b, h, n = codes.shape
-    blk = (start + torch.arange(n, device=codes.device)) // block_size  # (N,)
-    keep = (blk < n_blocks).expand(b, h, n)
-    if valid is not None:
-        keep = keep & valid
-    trash = nbuckets * n_blocks
-    idx = torch.where(keep, codes.long() * n_blocks + blk.clamp_max(n_blocks - 1), trash)
-    pres = torch.zeros(b, h, trash + 1, device=codes.device)
-    pres.scatter_(-1, idx, 1.0)
-    return pres[..., :trash].view(b, h, nbuckets, n_blocks)
+    b, h, g, t, _ = hits.shape
+    n = block_codes.shape[2]
+    if block_codes.shape != (b, h, n, t):
+        raise ValueError(f"block_codes must have shape {(b, h, n, t)} to match hits, got {tuple(block_codes.shape)}")
+    padded = F.pad(hits, (0, 1))  # the spare bucket scores 0
+    idx = block_codes.transpose(-1, -2)[:, :, None].expand(b, h, g, t, n)
+    return padded.gather(-1, idx).sum(3)
 
 
 def strided_sample(x: torch.Tensor, start: int, count: torch.Tensor, samples: int) -> torch.Tensor:
@@ -272,8 +268,8 @@ __all__ = [
     "OWN_HIT",
     "PROBE_HIT",
     "BucketLayout",
+    "block_hits",
     "block_means",
-    "block_presence",
     "bucket_block_scores",
     "bucket_sort",
     "group_bucket_hits",

@@ -1,0 +1,536 @@
+"""AnnSA: approximate-nearest-neighbour self-attention over a KV cache, as block-sparse attention.
+
+Plan/run, in the flashinfer style, one planner per layer:
+
+- :meth:`AnnSAPlanner.plan` runs once per commit (after ``cache.commit()``, nothing staged). It hashes the
+  committed non-sink keys and physically reorders them in the cache with ``cache.reorder_`` so that every
+  bucket (LSH table 0, or nearest int8 anchor) is one contiguous slot range; empty slots go last. Attention is
+  order-invariant, so this changes no output, and history keys do not change across a chunk's denoising steps,
+  so the cost is paid once per commit.
+- :meth:`AnnSAPlanner.select` / :meth:`AnnSAPlanner.run` run at every denoising step. Queries are hashed and
+  sorted by bucket (a spatially contiguous query block otherwise spreads over most buckets); each block of
+  ``q_block_size`` sorted queries selects the key blocks that cover the buckets its queries land in (every
+  table, plus Hamming-1 probes), or for the int8 family the top-k key blocks by the int8 score of its mean
+  query against the key-block centroids; the key blocks of the sink frames ``[0, sink)`` and of the staged
+  chunk (the queries' own keys, the last ``staged_tokens`` of the view) are added. The step costs hashing,
+  sorting and block-level arithmetic: nothing scales with a dense Q.K^T over the cache, and nothing reads
+  back to the host.
+
+Layout of the view the selection refers to (``L = view.k.shape[2]``)::
+
+    [0, sink)                    sink frames, never moved (first sink_frames * tokens_per_frame slots)
+    [sink, sink + n_valid_h)     history of head h, bucket-sorted by plan(); empty slots after it
+    [L - staged_tokens, L)       the staged chunk (its own keys), written by cache.stage() every step
+
+Multiple LSH tables: only table 0 can be contiguous in the cache. A key block of the sorted history holds keys
+of nearly every bucket of an independent table, so the other tables (and the sink or staged regions when they
+are not attended unconditionally) score a block by the bucket of its mean key, hashed at plan time (a gather
+of groups x blocks per step). ``max_density`` bounds the ANN-selected key blocks per query block (own-bucket
+hits rank above probe hits), which bounds the worst-case kernel time.
+
+The sink-window cache policy evicts by slot position (a ring buffer), so its cache must not be reordered;
+:meth:`AnnSAPlanner.plan` refuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from longroll.ann.buckets import (
+    block_hits,
+    block_means,
+    bucket_block_scores,
+    bucket_sort,
+    group_bucket_hits,
+    int8_block_topk,
+    nearest_anchor,
+    strided_sample,
+)
+from longroll.ann.config import AnnConfig, Int8Config, LSHConfig
+from longroll.ann.lsh import SignLSH
+from longroll.cache import CacheView, LayerKVCache, SinkWindowPolicy
+from longroll.ops._checks import check_bias, check_qkv, check_rank
+from longroll.ops.attention import MASKED_BIAS
+from longroll.ops.block_index import BlockSparseIndex
+from longroll.ops.block_sparse import BACKENDS, BlockSparseBackend, block_sparse_attention
+from longroll.ops.probes import attention_recall
+from longroll.ops.reference import attention_ref, expand_kv_heads
+
+logger = logging.getLogger(__name__)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _is_pow2(x: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
+
+
+def _default_ann() -> AnnConfig:
+    return LSHConfig(bits=6, tables=1, probes=1)
+
+
+@dataclass(frozen=True)
+class AnnSAConfig:
+    """Configuration of ANN block-sparse self-attention.
+
+    Args:
+        ann: :class:`LSHConfig` (buckets by sign hashing) or :class:`Int8Config` (top-k blocks by int8 score).
+            Default: 6 bits, 1 table, Hamming-1 probes (64 buckets).
+        q_block_size: sorted queries per query block (power of two).
+        kv_block_size: keys per key block (power of two).
+        max_density: optional cap, in (0, 1], on the share of key blocks a query block selects through the
+            ANN; sink and own-chunk blocks come on top. None: no cap (LSH), or ``top_k_blocks`` alone (int8).
+        top_k_blocks: key blocks per query block for the int8 family.
+        anchors: int8 family: anchor keys (strided sample of the history) whose nearest one orders keys and
+            queries into buckets.
+        attend_sinks: always attend the sink frames' key blocks (else they go through the ANN like history).
+        attend_own_chunk: always attend the staged chunk's key blocks (else they are hashed every step).
+        backend: block-sparse attention backend (``"auto"``, ``"triton"``, ``"torch"``).
+    """
+
+    ann: AnnConfig = field(default_factory=_default_ann)
+    q_block_size: int = 128
+    kv_block_size: int = 128
+    max_density: float | None = None
+    top_k_blocks: int = 16
+    anchors: int = 64
+    attend_sinks: bool = True
+    attend_own_chunk: bool = True
+    backend: BlockSparseBackend = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ann, LSHConfig | Int8Config):
+            raise ValueError(f"ann must be an LSHConfig or Int8Config, got {type(self.ann).__name__}")
+        for name in ("q_block_size", "kv_block_size"):
+            if not _is_pow2(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive power of two, got {getattr(self, name)!r}")
+        if self.max_density is not None and not 0.0 < self.max_density <= 1.0:
+            raise ValueError(f"max_density must be in (0, 1] or None, got {self.max_density!r}")
+        if self.top_k_blocks < 1:
+            raise ValueError(f"top_k_blocks must be >= 1, got {self.top_k_blocks!r}")
+        if self.anchors < 1:
+            raise ValueError(f"anchors must be >= 1, got {self.anchors!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class AnnSASelection:
+    """The key blocks each query attends to at one step.
+
+    Attributes:
+        index: block-sparse index over the *bucket-sorted* queries and the view's keys: kv_num_blocks
+            (B, H, nqb) int32, kv_indices (B, H, nqb, nkb) int32.
+        q_order: (B, H, Lq) int64; sorted query row i is original query ``q_order[..., i]``.
+        block_mask: (B, H, nqb, nkb) bool dense form of the index (rows in sorted query order).
+    """
+
+    index: BlockSparseIndex
+    q_order: torch.Tensor
+    block_mask: torch.Tensor
+
+    @property
+    def density(self) -> torch.Tensor:
+        """(B, H) float32 device tensor: computed query-key pairs / (Lq * Lk), partial blocks counted exactly.
+
+        Computed on access (no host sync), so steps that do not probe pay nothing for it.
+        """
+        ix = self.index
+        return _density(self.block_mask, ix.q_block_size, ix.kv_block_size, ix.seqlen_q, ix.seqlen_k)
+
+    def permute_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """q: (B, H, Lq, D) in original order -> (B, H, Lq, D) in bucket-sorted order."""
+        return q.gather(2, self.q_order[..., None].expand(*self.q_order.shape, q.shape[-1]))
+
+    def unpermute(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, Lq) or (B, H, Lq, D) in sorted order -> the same in original query order."""
+        idx = self.q_order if x.dim() == 3 else self.q_order[..., None].expand_as(x)
+        return torch.empty_like(x).scatter_(2, idx, x)
+
+    def key_mask(self, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense token mask in original query order: (B, H, n, Lk) bool, True where the pair is computed.
+
+        Args:
+            queries: optional 1-d int64 original query ids (n of them); default all Lq queries.
+        """
+        order = self.q_order
+        inv = torch.empty_like(order).scatter_(
+            2, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        )
+        if queries is not None:
+            inv = inv[:, :, queries]
+        dense = self.block_mask
+        rows = dense.gather(2, (inv // self.index.q_block_size)[..., None].expand(*inv.shape, dense.shape[-1]))
+        return rows.repeat_interleave(self.index.kv_block_size, dim=-1)[..., : self.index.seqlen_k]
+
+
+class AnnSAOutput(NamedTuple):
+    """out: (B, H, Lq, Dv) in original query order; lse: (B, H, Lq) float32 or None; selection: what ran."""
+
+    out: torch.Tensor
+    lse: torch.Tensor | None
+    selection: AnnSASelection
+
+
+@dataclass
+class _Plan:
+    """State of one commit: tensors over the cache's (B, Hk) heads, history blocks [0, cdiv(bound, bk))."""
+
+    bound: int
+    sink: int
+    batch: int
+    heads: int
+    head_dim: int
+    searcher: SignLSH | None = None
+    offsets: torch.Tensor | None = None  # (B, Hk, nbuckets + 1) int64, relative to sink
+    block_codes: torch.Tensor | None = None  # (B, Hk, nkb_hist, T) centroid codes, nbuckets = unused
+    anchors: torch.Tensor | None = None  # (B, Hk, anchors, D)
+    centroids: torch.Tensor | None = None  # (B, Hk, nkb_hist, D) float32
+    block_ok: torch.Tensor | None = None  # (B, Hk, nkb_hist) bool
+
+
+def _sink_frames(cache: LayerKVCache) -> int:
+    return int(getattr(cache.policy, "sink_frames", 0))
+
+
+class AnnSAPlanner:
+    """Per-layer AnnSA planner: :meth:`plan` once per commit, :meth:`run` at every denoising step.
+
+    Stateless across layers and heads: the LSH projections come from the cache's layer and global head ids, so
+    a planner on a shard of heads behaves exactly like the matching slice of an unsharded one.
+
+    Example::
+
+        planner = AnnSAPlanner(AnnSAConfig())
+        cache.commit(); planner.plan(cache)
+        for step in steps:
+            cache.stage(k, v, frame_start=f0)
+            out = planner.run(q, cache.view()).out
+    """
+
+    def __init__(self, config: AnnSAConfig) -> None:
+        if not isinstance(config, AnnSAConfig):
+            raise ValueError(f"config must be an AnnSAConfig, got {type(config).__name__}")
+        self.config = config
+        self._plan: _Plan | None = None
+        self._searcher: SignLSH | None = None
+        self._searcher_key: tuple[object, ...] | None = None
+
+    # ----------------------------------------------------------------- plan
+    def plan(self, cache: LayerKVCache) -> None:
+        """Bucket the committed non-sink keys and reorder them in ``cache`` (once per commit).
+
+        Args:
+            cache: the layer's cache, right after ``commit()`` (nothing staged).
+
+        Raises:
+            ValueError naming ``cache`` for a staged chunk or a sink-window policy (whose ring buffer evicts
+            by slot position and must not be reordered).
+        """
+        if not isinstance(cache, LayerKVCache):
+            raise ValueError(f"cache must be a LayerKVCache, got {type(cache).__name__}")
+        if isinstance(cache.policy, SinkWindowPolicy):
+            raise ValueError(
+                "cache has a SinkWindowPolicy, whose ring buffer evicts by slot position; AnnSA reorders "
+                "slots, so use the full, budget or TempCache policy"
+            )
+        if cache.staged_tokens:
+            raise ValueError("cache has a staged chunk; call plan() after commit(), before the next stage()")
+        bound = cache.bound
+        sink = min(_sink_frames(cache) * cache.config.tokens_per_frame, bound)
+        plan = _Plan(bound, sink, cache.batch, cache.heads, cache.head_dim)
+        if isinstance(self.config.ann, LSHConfig):
+            self._plan_lsh(cache, plan)
+        else:
+            self._plan_int8(cache, plan)
+        self._plan = plan
+        logger.debug("AnnSA plan: layer %d, bound %d, sink %d", cache.layer, bound, sink)
+
+    def _lsh(self, cache: LayerKVCache) -> SignLSH:
+        key = (cache.layer, cache.head_ids, cache.head_dim, str(cache.device))
+        if self._searcher is None or self._searcher_key != key:
+            ann = self.config.ann
+            assert isinstance(ann, LSHConfig)
+            self._searcher = SignLSH(
+                ann, cache.head_dim, layer=cache.layer, head_ids=cache.head_ids, device=cache.device
+            )
+            self._searcher_key = key
+        return self._searcher
+
+    def _plan_lsh(self, cache: LayerKVCache, plan: _Plan) -> None:
+        lsh = self._lsh(cache)
+        plan.searcher = lsh
+        nb, tables = 1 << lsh.config.bits, lsh.config.tables
+        bk = self.config.kv_block_size
+        sink, bound, buf = plan.sink, plan.bound, cache.buffers
+        valid = buf.count[:, :, sink:bound] > 0
+        layout = bucket_sort(lsh.codes(buf.k[:, :, sink:bound])[..., 0], nb, valid)
+        if bound > sink:
+            cache.reorder_(layout.order, start=sink)
+        plan.offsets = layout.offsets
+        hashed_sinks = not self.config.attend_sinks and sink > 0
+        if tables == 1 and not hashed_sinks:
+            return
+        # Table 0 of the sorted history is scored by offsets; blocks elsewhere by their centroid's codes.
+        cent, ok = block_means(buf.k[:, :, :bound], buf.count[:, :, :bound] > 0, bk)
+        codes = torch.where(ok[..., None], lsh.codes(cent), nb)  # (B, Hk, nkb_hist, T)
+        use = torch.ones(codes.shape[2:], dtype=torch.bool, device=codes.device)
+        use[:, 0] = torch.arange(codes.shape[2], device=codes.device) < (_cdiv(sink, bk) if hashed_sinks else 0)
+        plan.block_codes = torch.where(use, codes, nb)
+
+    def _plan_int8(self, cache: LayerKVCache, plan: _Plan) -> None:
+        sink, bound, buf = plan.sink, plan.bound, cache.buffers
+        c = self.config.anchors
+        valid = buf.count[:, :, sink:bound] > 0
+        # Valid history entries are the first ones of the range (the cache keeps empty slots last).
+        plan.anchors = strided_sample(buf.k[:, :, : max(bound, sink + 1)], sink, valid.sum(-1), c)
+        if bound > sink:
+            codes = nearest_anchor(buf.k[:, :, sink:bound], plan.anchors)
+            cache.reorder_(bucket_sort(codes, c, valid).order, start=sink)
+        plan.centroids, plan.block_ok = block_means(
+            buf.k[:, :, :bound], buf.count[:, :, :bound] > 0, self.config.kv_block_size
+        )
+
+    # ----------------------------------------------------------------- select / run
+    def select(self, q: torch.Tensor, view: CacheView, *, staged_tokens: int | None = None) -> AnnSASelection:
+        """Build this step's block-sparse selection (no host synchronisation).
+
+        Args:
+            q: (B, H, Lq, D) queries, H a multiple of the cache's kv heads.
+            view: ``cache.view()`` of the planned cache: k (B, Hk, L, D), v (B, Hk, L, Dv), bias (B, Hk, L)
+                or None.
+            staged_tokens: keys at the end of the view that belong to the chunk being denoised; default Lq
+                (the queries are the staged chunk's tokens).
+
+        Returns:
+            :class:`AnnSASelection`.
+        """
+        plan, hist_end = self._check(q, view, staged_tokens)
+        cfg = self.config
+        lq, seqlen_k = q.shape[2], view.k.shape[2]
+        nkb = _cdiv(seqlen_k, cfg.kv_block_size)
+        if isinstance(cfg.ann, LSHConfig):
+            order, mask = self._select_lsh(q, view, plan, hist_end, nkb)
+        else:
+            order, mask = self._select_int8(q, view, plan, hist_end, nkb)
+        self._fill_forced(mask, plan.sink, hist_end, seqlen_k, True)
+        index = BlockSparseIndex.from_dense(mask, cfg.q_block_size, cfg.kv_block_size, lq, seqlen_k)
+        return AnnSASelection(index, order, mask)
+
+    def run(
+        self,
+        q: torch.Tensor,
+        view: CacheView,
+        *,
+        staged_tokens: int | None = None,
+        scale: float | None = None,
+    ) -> AnnSAOutput:
+        """Block-sparse attention of q over the view with this step's selection.
+
+        Args:
+            q: (B, H, Lq, D); view, staged_tokens: as in :meth:`select`; scale: logit scale (1/sqrt(D)).
+
+        Returns:
+            :class:`AnnSAOutput` with out (B, H, Lq, Dv) and lse (B, H, Lq) in the original query order.
+        """
+        sel = self.select(q, view, staged_tokens=staged_tokens)
+        res = block_sparse_attention(
+            sel.permute_queries(q),
+            view.k,
+            view.v,
+            sel.index,
+            bias=view.bias,
+            scale=scale,
+            backend=self.config.backend,
+        )
+        lse = None if res.lse is None else sel.unpermute(res.lse)
+        return AnnSAOutput(sel.unpermute(res.out), lse, sel)
+
+    def _check(self, q: torch.Tensor, view: CacheView, staged_tokens: int | None) -> tuple[_Plan, int]:
+        if self._plan is None:
+            raise RuntimeError("select()/run() before plan(): call plan(cache) after each commit")
+        plan = self._plan
+        if not isinstance(view, CacheView):
+            raise ValueError(f"view must be a CacheView (cache.view()), got {type(view).__name__}")
+        check_qkv(q, view.k, view.v)
+        check_bias(view.bias, view.k)
+        if view.k.shape[:2] != (plan.batch, plan.heads) or view.k.shape[-1] != plan.head_dim:
+            raise ValueError(
+                f"view.k has shape {tuple(view.k.shape)} but the planned cache holds "
+                f"({plan.batch}, {plan.heads}, n, {plan.head_dim})"
+            )
+        seqlen_k = view.k.shape[2]
+        staged = q.shape[2] if staged_tokens is None else staged_tokens
+        if not 0 <= staged <= seqlen_k:
+            raise ValueError(f"staged_tokens must be in [0, {seqlen_k}] (the view's length), got {staged}")
+        hist_end = seqlen_k - staged
+        if hist_end > plan.bound:
+            raise ValueError(
+                f"view holds {hist_end} committed slots but the plan covers {plan.bound}: call plan(cache) "
+                f"after each commit (or pass the right staged_tokens)"
+            )
+        return plan, hist_end
+
+    def _select_lsh(
+        self, q: torch.Tensor, view: CacheView, plan: _Plan, hist_end: int, nkb: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, lsh = self.config, plan.searcher
+        assert lsh is not None
+        assert plan.offsets is not None
+        b, h, lq, d = q.shape
+        hk = view.k.shape[1]
+        bits, probes, tables = lsh.config.bits, lsh.config.probes, lsh.config.tables
+        # Query head h uses the projections of kv head h // (H / Hk): hash the heads of a group together.
+        qc = lsh.codes(q.reshape(b, hk, -1, d)).view(b, h, lq, tables)
+        order = torch.sort(qc[..., 0], dim=-1, stable=True).indices
+        qc = qc.gather(2, order[..., None].expand_as(qc))
+        hits = group_bucket_hits(qc, bits, probes, cfg.q_block_size)  # (B, H, nqb, T, nb)
+        bk = cfg.kv_block_size
+        nh = min(_cdiv(plan.bound, bk), nkb)
+        score = torch.zeros(*hits.shape[:3], nkb, device=q.device)
+        offsets = expand_kv_heads(plan.offsets, h)
+        score[..., :nh] += bucket_block_scores(hits[:, :, :, 0], offsets, plan.sink, bk, nh)
+        if plan.block_codes is not None:
+            score[..., :nh] += block_hits(hits, expand_kv_heads(plan.block_codes[:, :, :nh], h))
+        if not cfg.attend_own_chunk and view.k.shape[2] > hist_end:
+            s0 = (hist_end // bk) * bk
+            pos = torch.arange(s0, view.k.shape[2], device=q.device) >= hist_end
+            cent, ok = block_means(view.k[:, :, s0:], pos.expand(b, hk, -1), bk)
+            codes = torch.where(ok[..., None], lsh.codes(cent), 1 << bits)
+            score[..., s0 // bk :] += block_hits(hits, expand_kv_heads(codes, h))
+        return order, self._cap(score, plan.sink, hist_end, view.k.shape[2])
+
+    def _cap(self, score: torch.Tensor, sink: int, hist_end: int, seqlen_k: int) -> torch.Tensor:
+        """bool (B, H, nqb, nkb): blocks with a hit, at most ``max_density`` of them, best scores first."""
+        nkb = score.shape[-1]
+        if self.config.max_density is None:
+            return score > 0
+        # Forced blocks are added anyway: keep them out of the budget (score is this step's scratch tensor).
+        self._fill_forced(score, sink, hist_end, seqlen_k, 0.0)
+        cap = max(1, math.ceil(self.config.max_density * nkb))
+        top = score.topk(min(cap, nkb), dim=-1)
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, top.values > 0)
+
+    def _select_int8(
+        self, q: torch.Tensor, view: CacheView, plan: _Plan, hist_end: int, nkb: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        assert plan.anchors is not None
+        assert plan.centroids is not None
+        assert plan.block_ok is not None
+        b, h, lq, d = q.shape
+        hk, seqlen_k = view.k.shape[1], view.k.shape[2]
+        bk = cfg.kv_block_size
+        codes = nearest_anchor(q.reshape(b, hk, -1, d), plan.anchors).view(b, h, lq)
+        order = torch.sort(codes, dim=-1, stable=True).indices
+        qs = q.gather(2, order[..., None].expand_as(q))
+        qmeans = block_means(qs, None, cfg.q_block_size)[0]  # (B, H, nqb, D)
+        nh = min(plan.centroids.shape[2], nkb)
+        cands = [(0, plan.centroids[:, :, :nh], plan.block_ok[:, :, :nh].clone())]
+        if cfg.attend_sinks:
+            cands[0][2][..., : _cdiv(plan.sink, bk)] = False
+        if cfg.attend_own_chunk:
+            cands[0][2][..., hist_end // bk :] = False
+        elif seqlen_k > hist_end:
+            s0 = (hist_end // bk) * bk
+            pos = torch.arange(s0, seqlen_k, device=q.device) >= hist_end
+            cent, ok = block_means(view.k[:, :, s0:], pos.expand(b, hk, -1), bk)
+            cands.append((hist_end // bk, cent, ok))
+        start = torch.cat([torch.arange(c[1].shape[2], device=q.device) + c[0] for c in cands])
+        cent = expand_kv_heads(torch.cat([c[1] for c in cands], dim=2), h)
+        ok = expand_kv_heads(torch.cat([c[2] for c in cands], dim=2), h)
+        k = cfg.top_k_blocks
+        if cfg.max_density is not None:
+            k = min(k, max(1, math.ceil(cfg.max_density * nkb)))
+        picked = int8_block_topk(qmeans, cent, ok, k)  # (B, H, nqb, n_candidates)
+        # A block may appear twice (history and staged parts of the boundary block): add, then test.
+        hit = torch.zeros(b, h, picked.shape[2], nkb, device=q.device)
+        hit.scatter_add_(-1, start.expand_as(picked), picked.float())
+        return order, hit > 0
+
+    def _fill_forced(self, x: torch.Tensor, sink: int, hist_end: int, seqlen_k: int, value: bool | float) -> None:
+        """Set the sink blocks and the staged chunk's blocks (those attended unconditionally) of x[..., nkb]."""
+        bk = self.config.kv_block_size
+        if self.config.attend_sinks and sink > 0:
+            x[..., : _cdiv(sink, bk)] = value
+        if self.config.attend_own_chunk and seqlen_k > hist_end:
+            x[..., hist_end // bk :] = value
+
+
+def _density(mask: torch.Tensor, bq: int, bk: int, lq: int, seqlen_k: int) -> torch.Tensor:
+    """(B, H) float32 share of the lq x seqlen_k pairs covered by a (B, H, nqb, nkb) block mask."""
+    nqb, nkb = mask.shape[-2:]
+    if lq == 0 or seqlen_k == 0:
+        return torch.zeros(mask.shape[:2], device=mask.device)
+    rows = (lq - torch.arange(nqb, device=mask.device) * bq).clamp(max=bq).float()
+    cols = (seqlen_k - torch.arange(nkb, device=mask.device) * bk).clamp(max=bk).float()
+    return torch.einsum("bhqk,q,k->bh", mask.float(), rows, cols) / (lq * seqlen_k)
+
+
+def annsa_reference(
+    q: torch.Tensor,
+    view: CacheView,
+    selection: AnnSASelection,
+    *,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection expanded to a dense (B, H, Lq, Lk) key mask and fed to ``attention_ref`` (small shapes).
+
+    Args:
+        q: (B, H, Lq, D) in original order; view: the view the selection was built on.
+        upcast: float64 (True, the ground truth) or q's dtype (False, torch's own error at that dtype).
+
+    Returns:
+        out (B, H, Lq, Dv) in q.dtype and lse (B, H, Lq) float32.
+    """
+    bias = view.bias
+    if bias is not None:
+        bias = torch.where(bias <= MASKED_BIAS, float("-inf"), bias)
+    return attention_ref(q, view.k, view.v, bias, scale=scale, upcast=upcast, key_mask=selection.key_mask())
+
+
+def measure_layer(
+    q: torch.Tensor,
+    view: CacheView,
+    planner: AnnSAPlanner,
+    *,
+    staged_tokens: int | None = None,
+    query_sample: int = 256,
+) -> tuple[float, float]:
+    """Recall and density of the planner's selection on one layer (host sync: for calibration and reports).
+
+    Args:
+        q: (B, H, Lq, D) queries of a sample chunk; view: the planned cache's view.
+        planner: a planner whose :meth:`AnnSAPlanner.plan` ran on the view's cache.
+        query_sample: queries (strided) whose exact attention is materialised for the recall.
+
+    Returns:
+        (recall, density): mean exact attention mass on the selected keys over the sampled queries, and the
+        mean share of computed query-key pairs.
+    """
+    check_rank("q", q, 4)
+    if query_sample < 1:
+        raise ValueError(f"query_sample must be >= 1, got {query_sample}")
+    sel = planner.select(q, view, staged_tokens=staged_tokens)
+    lq = q.shape[2]
+    ids = torch.unique(torch.linspace(0, lq - 1, min(query_sample, lq), device=q.device).round().long())
+    recall = attention_recall(q[:, :, ids], view.k, sel.key_mask(ids), bias=view.bias)
+    return recall, float(sel.density.mean())
+
+
+__all__ = [
+    "AnnSAConfig",
+    "AnnSAOutput",
+    "AnnSAPlanner",
+    "AnnSASelection",
+    "annsa_reference",
+    "measure_layer",
+]

@@ -1,0 +1,286 @@
+import math
+
+import pytest
+import torch
+
+from longroll.ann import Int8Config, LSHConfig
+from longroll.ann.lsh import SignLSH
+from longroll.cache import BudgetPolicy, CacheConfig, FullPolicy, LayerKVCache, SinkWindowPolicy, TempCachePolicy
+from longroll.eval.synthetic import clustered_qk
+from longroll.ops.reference import attention_ref
+from longroll.sparse import AnnSAConfig, AnnSAPlanner, annsa_reference, measure_layer
+from tests.tolerance import assert_within_rule
+
+
+def _data(tpf, fpc, chunks, heads=4, d=32, seed=0):
+    """Clustered q/k for (chunks + 1) chunks: q (1, heads, n, d) of the last chunk, k and v of all chunks."""
+    total = tpf * fpc * (chunks + 1)
+    q, k = clustered_qk(total, total, heads=heads, head_dim=d, clusters=6, spread=0.5, scale=5.0, seed=seed)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return q[:, :, -tpf * fpc :].contiguous(), k.contiguous(), v
+
+
+def _policy(name, tpf, fpc):
+    if name == "full":
+        return FullPolicy()
+    if name == "budget":
+        return BudgetPolicy(budget_tokens=3 * tpf * fpc, sink_frames=1)
+    return TempCachePolicy(threshold=0.75, overflow_threshold=0.7, max_entries=64 * tpf, sink_frames=1)
+
+
+def _cache(policy, tpf, fpc, chunks, data, dtype=torch.float32, head_ids=None):
+    """A cache with ``chunks`` committed chunks of ``data`` (nothing staged)."""
+    _, k, v = data
+    cache = LayerKVCache(
+        CacheConfig(tpf, fpc, policy, check_finite=False),
+        batch=1,
+        heads=k.shape[1],
+        head_dim=k.shape[-1],
+        dtype=dtype,
+        head_ids=head_ids,
+    )
+    n = tpf * fpc
+    for c in range(chunks):
+        cache.stage(k[:, :, c * n : (c + 1) * n].to(dtype), v[:, :, c * n : (c + 1) * n].to(dtype), frame_start=c * fpc)
+        cache.commit()
+    return cache
+
+
+def _stage_last(cache, data, dtype=torch.float32):
+    _, k, v = data
+    n = cache.config.chunk_tokens
+    cache.stage(k[:, :, -n:].to(dtype), v[:, :, -n:].to(dtype), frame_start=cache.committed_frames)
+    return cache.view()
+
+
+def _setup(policy="full", ann=None, tpf=97, fpc=1, chunks=4, dtype=torch.float32, heads=4, **cfg):
+    data = _data(tpf, fpc, chunks, heads=heads)
+    cache = _cache(_policy(policy, tpf, fpc), tpf, fpc, chunks, data, dtype)
+    planner = AnnSAPlanner(AnnSAConfig(ann=ann or LSHConfig(bits=3, probes=1), backend="torch", **cfg))
+    planner.plan(cache)
+    view = _stage_last(cache, data, dtype)
+    return planner, view, data[0].to(dtype), cache
+
+
+CASES = [
+    ("full", LSHConfig(bits=3, tables=2, probes=1), torch.float32, 97, 1, 32, 64),
+    ("tempcache", LSHConfig(bits=4, probes=0), torch.float32, 97, 1, 32, 32),
+    ("budget", Int8Config(), torch.float32, 97, 1, 64, 32),
+    ("full", Int8Config(), torch.bfloat16, 205, 1, 64, 128),
+    ("tempcache", LSHConfig(bits=5, tables=2, probes=1), torch.bfloat16, 97, 2, 128, 64),
+]
+
+
+@pytest.mark.parametrize(("policy", "ann", "dtype", "tpf", "fpc", "qb", "kb"), CASES)
+def test_exact_given_selection(policy, ann, dtype, tpf, fpc, qb, kb):
+    planner, view, q, _ = _setup(policy, ann, tpf, fpc, dtype=dtype, q_block_size=qb, kv_block_size=kb, top_k_blocks=2)
+    if policy == "tempcache":
+        assert torch.isneginf(view.bias).any(), "the TempCache view should hold empty (-inf) slots"
+    res = planner.run(q, view)
+    sel = res.selection
+    sel.index.validate_ids()
+    ref, lse_ref = annsa_reference(q, view, sel)
+    same, _ = annsa_reference(q, view, sel, upcast=False)
+    assert res.out.dtype == dtype
+    assert_within_rule(f"annsa {policy}", res.out, ref, same)
+    assert torch.allclose(res.lse, lse_ref, atol=1e-3 if dtype == torch.bfloat16 else 1e-4)
+    assert 0 < float(sel.density.min()) <= float(sel.density.max()) <= 1
+    assert abs(float(sel.density.mean()) - sel.index.density()) < 1e-6
+
+
+def test_all_blocks_selected_equals_dense_attention():
+    # One bit with a probe: every query visits both buckets, so every key block with a valid key is selected.
+    for policy in ("full", "tempcache"):
+        planner, view, q, _ = _setup(policy, LSHConfig(bits=1, probes=1), q_block_size=32, kv_block_size=32)
+        res = planner.run(q, view)
+        bias = None if view.bias is None else torch.where(torch.isneginf(view.bias), float("-inf"), view.bias)
+        ref, _ = attention_ref(q, view.k, view.v, bias)
+        same, _ = attention_ref(q, view.k, view.v, bias, upcast=False)
+        assert_within_rule(f"dense {policy}", res.out, ref, same)
+        if policy == "full":
+            assert torch.all(res.selection.density == 1)
+
+
+def test_first_chunk_without_history_and_single_blocks():
+    data = _data(97, 1, 0)
+    cache = _cache(FullPolicy(), 97, 1, 0, data)
+    planner = AnnSAPlanner(AnnSAConfig(q_block_size=128, kv_block_size=256, backend="torch"))
+    planner.plan(cache)
+    view = _stage_last(cache, data)
+    res = planner.run(data[0], view)
+    assert res.selection.index.kv_num_blocks.tolist() == [[[1]] * 4]
+    ref, _ = attention_ref(data[0], view.k, view.v)
+    assert_within_rule("own chunk", res.out, ref, attention_ref(data[0], view.k, view.v, upcast=False)[0])
+
+
+def test_sinks_and_own_chunk_are_always_attended():
+    planner, view, q, cache = _setup("tempcache", LSHConfig(bits=6, probes=0), q_block_size=32, kv_block_size=32)
+    mask = planner.select(q, view).key_mask()
+    sink = cache.config.tokens_per_frame
+    assert mask[..., :sink].all()
+    assert mask[..., -q.shape[2] :].all()
+    assert not mask.all()
+
+
+def test_plan_makes_buckets_contiguous_without_changing_attention():
+    data = _data(97, 1, 4)
+    cache = _cache(_policy("tempcache", 97, 1), 97, 1, 4, data)
+    before = cache.view()
+    bias = torch.where(torch.isneginf(before.bias), float("-inf"), before.bias)
+    out_before, _ = attention_ref(data[0], before.k.clone(), before.v.clone(), bias.clone())
+    planner = AnnSAPlanner(AnnSAConfig(ann=LSHConfig(bits=4), backend="torch"))
+    planner.plan(cache)
+    after = cache.view()
+    out_after, _ = attention_ref(data[0], after.k, after.v, after.bias)
+    assert torch.allclose(out_before, out_after, atol=1e-10)
+    sink = 97
+    lsh = SignLSH(LSHConfig(bits=4), 32, layer=0, head_ids=range(4))
+    codes = lsh.codes(after.k[:, :, sink:])[..., 0]
+    valid = cache.buffers.count[:, :, sink : cache.bound] > 0
+    for h in range(4):
+        n = int(valid[0, h].sum())
+        assert valid[0, h, :n].all() and not valid[0, h, n:].any()
+        assert torch.all(codes[0, h, 1:n] >= codes[0, h, : n - 1])
+
+
+@pytest.mark.parametrize("ann", [LSHConfig(bits=4, tables=2, probes=1), Int8Config()])
+def test_heads_subset_is_the_slice_of_all_heads(ann):
+    data = _data(97, 1, 3)
+    sub = tuple(t[:, 2:4].contiguous() for t in data)
+    outs = []
+    for d, ids in ((data, None), (sub, (2, 3))):
+        cache = _cache(_policy("tempcache", 97, 1), 97, 1, 3, d, head_ids=ids)
+        planner = AnnSAPlanner(AnnSAConfig(ann=ann, q_block_size=32, kv_block_size=32, top_k_blocks=3, backend="torch"))
+        planner.plan(cache)
+        outs.append(planner.run(d[0], _stage_last(cache, d)))
+    full, part = outs
+    assert torch.equal(full.selection.index.to_dense()[:, 2:4], part.selection.index.to_dense())
+    assert torch.allclose(full.out[:, 2:4], part.out, atol=1e-6)
+
+
+def test_grouped_query_heads():
+    planner, view, _, _ = _setup("full", LSHConfig(bits=3, tables=2, probes=1), q_block_size=32, kv_block_size=32)
+    q = torch.randn(1, 8, 97, 32, generator=torch.Generator().manual_seed(5)) * 3
+    res = planner.run(q, view)
+    ref, _ = annsa_reference(q, view, res.selection)
+    assert_within_rule("gqa", res.out, ref, annsa_reference(q, view, res.selection, upcast=False)[0])
+
+
+def test_recall_and_density_grow_with_topk_and_reach_one():
+    data = _data(97, 1, 6)
+    rows = []
+    for k in (1, 4, 64):
+        cache = _cache(FullPolicy(), 97, 1, 6, data)
+        planner = AnnSAPlanner(
+            AnnSAConfig(ann=Int8Config(), q_block_size=32, kv_block_size=32, top_k_blocks=k, backend="torch")
+        )
+        planner.plan(cache)
+        rows.append(measure_layer(data[0], _stage_last(cache, data), planner, query_sample=64))
+    assert rows[0][0] <= rows[1][0] <= rows[2][0] and rows[0][1] < rows[1][1] < rows[2][1]
+    assert rows[2] == pytest.approx((1.0, 1.0), abs=1e-6)
+
+
+def test_max_density_caps_the_ann_blocks():
+    cap = 0.25
+    planner, view, q, _ = _setup(
+        "full", LSHConfig(bits=2, probes=1), q_block_size=32, kv_block_size=32, max_density=cap
+    )
+    dense = planner.select(q, view).index.to_dense()
+    nkb = dense.shape[-1]
+    own = (view.k.shape[2] - q.shape[2]) // 32  # first block holding staged keys
+    assert int(dense[..., :own].sum(-1).max()) <= math.ceil(cap * nkb)
+    assert dense[..., own:].all()
+
+
+def test_hashed_sinks_and_own_chunk_stay_exact():
+    planner, view, q, _ = _setup(
+        "tempcache",
+        LSHConfig(bits=6, tables=2, probes=0),
+        q_block_size=32,
+        kv_block_size=32,
+        attend_sinks=False,
+        attend_own_chunk=False,
+    )
+    res = planner.run(q, view)
+    mask = res.selection.key_mask()
+    assert not mask[..., -q.shape[2] :].all()
+    ref, _ = annsa_reference(q, view, res.selection)
+    assert_within_rule("hashed", res.out, ref, annsa_reference(q, view, res.selection, upcast=False)[0])
+    planner = AnnSAPlanner(
+        AnnSAConfig(
+            ann=Int8Config(),
+            q_block_size=32,
+            kv_block_size=32,
+            top_k_blocks=2,
+            backend="torch",
+            attend_sinks=False,
+            attend_own_chunk=False,
+        )
+    )
+    data = _data(97, 1, 3)
+    cache = _cache(_policy("tempcache", 97, 1), 97, 1, 3, data)
+    planner.plan(cache)
+    view = _stage_last(cache, data)
+    res = planner.run(data[0], view)
+    assert int(res.selection.index.kv_num_blocks.max()) <= 2
+    ref, _ = annsa_reference(data[0], view, res.selection)
+    assert_within_rule("hashed int8", res.out, ref, annsa_reference(data[0], view, res.selection, upcast=False)[0])
+
+
+def test_staged_tokens_override():
+    planner, view, q, _ = _setup("full", LSHConfig(bits=3, probes=1), q_block_size=32, kv_block_size=32)
+    res = planner.run(q[:, :, :40], view, staged_tokens=97)
+    assert res.selection.key_mask()[..., -97:].all()
+    ref, _ = annsa_reference(q[:, :, :40], view, res.selection)
+    assert_within_rule("subset", res.out, ref, annsa_reference(q[:, :, :40], view, res.selection, upcast=False)[0])
+
+
+def test_triton_interpreter_matches_torch_backend():
+    pytest.importorskip("triton")
+    data = _data(64, 1, 2, heads=2, d=32)
+    cache = _cache(_policy("tempcache", 64, 1), 64, 1, 2, data)
+    planner = AnnSAPlanner(
+        AnnSAConfig(ann=LSHConfig(bits=3, probes=1), q_block_size=32, kv_block_size=32, backend="triton")
+    )
+    planner.plan(cache)
+    view = _stage_last(cache, data)
+    res = planner.run(data[0], view)
+    ref, _ = annsa_reference(data[0], view, res.selection)
+    assert_within_rule("triton", res.out, ref, annsa_reference(data[0], view, res.selection, upcast=False)[0])
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    with pytest.raises(ValueError, match="q_block_size"):
+        AnnSAConfig(q_block_size=100)
+    with pytest.raises(ValueError, match="max_density"):
+        AnnSAConfig(max_density=0.0)
+    with pytest.raises(ValueError, match="ann"):
+        AnnSAConfig(ann="lsh")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backend"):
+        AnnSAConfig(backend="cuda")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="top_k_blocks"):
+        AnnSAConfig(top_k_blocks=0)
+    planner = AnnSAPlanner(AnnSAConfig(backend="torch"))
+    data = _data(16, 1, 1, heads=2, d=16)
+    with pytest.raises(RuntimeError, match="plan"):
+        planner.select(data[0], _cache(FullPolicy(), 16, 1, 1, data).view())
+    ring = _cache(SinkWindowPolicy(sink_frames=1, window_frames=2), 16, 1, 1, data)
+    with pytest.raises(ValueError, match="SinkWindowPolicy"):
+        planner.plan(ring)
+    cache = _cache(FullPolicy(), 16, 1, 1, data)
+    _stage_last(cache, data)
+    with pytest.raises(ValueError, match="staged"):
+        planner.plan(cache)
+    cache = _cache(FullPolicy(), 16, 1, 1, data)
+    planner.plan(cache)
+    view = _stage_last(cache, data)
+    with pytest.raises(ValueError, match="staged_tokens"):
+        planner.select(data[0], view, staged_tokens=10_000)
+    with pytest.raises(ValueError, match="plan"):
+        planner.select(data[0], view, staged_tokens=0)
+    with pytest.raises(ValueError, match="k must have shape"):
+        planner.select(torch.randn(1, 2, 16, 8), view)
+    with pytest.raises(ValueError, match="view"):
+        planner.select(data[0], (view.k, view.v, None))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="config"):
+        AnnSAPlanner("lsh")  # type: ignore[arg-type]
