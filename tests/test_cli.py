@@ -126,3 +126,9 @@ def test_subprocess_bad_policy_exits_2_without_traceback() -> None:
     assert proc.returncode == 2
     assert "unknown policy" in _one_error_line(proc.stderr)
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("argv", [["--debug", "bench", "rollout"], ["bench", "rollout", "--debug"]])
+def test_debug_reraises(argv: list[str]) -> None:
+    with pytest.raises(ValueError, match="multiple of 16"):
+        main([*argv, "--height", "100"])
