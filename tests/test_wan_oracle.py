@@ -114,9 +114,7 @@ def test_non_square_latents_and_batch_one(reference: torch.nn.Module, model: Cau
 # (b) Per-frame timesteps and RoPE frame offsets
 
 
-def test_per_frame_timesteps_match_diffusers_per_token(
-    reference: torch.nn.Module, model: CausalWanModel
-) -> None:
+def test_per_frame_timesteps_match_diffusers_per_token(reference: torch.nn.Module, model: CausalWanModel) -> None:
     # diffusers accepts one timestep per token (Wan 2.2 TI2V); repeating each frame's timestep over the
     # frame's tokens is what per-frame modulation means.
     frames, size = 3, 8
@@ -147,9 +145,7 @@ def test_rope_matches_diffusers(reference: torch.nn.Module, model: CausalWanMode
 
 
 @pytest.mark.parametrize(("offset", "frames"), [(0, 3), (3, 3), (9, 3), (5, 1), (20, 1)])
-def test_rope_frame_offset_equals_full_sequence_slice(
-    model: CausalWanModel, offset: int, frames: int
-) -> None:
+def test_rope_frame_offset_equals_full_sequence_slice(model: CausalWanModel, offset: int, frames: int) -> None:
     height, width = 3, 4
     tokens = height * width
     cpu = torch.device("cpu")
@@ -300,9 +296,7 @@ def _refusal(model: CausalWanModel, state_dict: dict[str, torch.Tensor]) -> str:
     return str(info.value)
 
 
-def test_missing_mis_shaped_and_unexpected_keys_are_refused(
-    tmp_path: Path, reference: torch.nn.Module
-) -> None:
+def test_missing_mis_shaped_and_unexpected_keys_are_refused(tmp_path: Path, reference: torch.nn.Module) -> None:
     model = CausalWanModel(TINY)
     original = convert_diffusers_to_original(reference.state_dict())
 

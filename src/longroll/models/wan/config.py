@@ -120,9 +120,7 @@ class WanConfig:
     def from_diffusers_config(cls, config: Mapping[str, Any], **overrides: Any) -> WanConfig:
         """Build from a diffusers ``transformer/config.json`` mapping (text-to-video models only)."""
         if config.get("image_dim") is not None or config.get("added_kv_proj_dim") is not None:
-            raise ValueError(
-                "image-conditioned Wan models (image_dim or added_kv_proj_dim set) are unsupported"
-            )
+            raise ValueError("image-conditioned Wan models (image_dim or added_kv_proj_dim set) are unsupported")
         qk_norm = config.get("qk_norm", "rms_norm_across_heads")
         if qk_norm != "rms_norm_across_heads":
             raise ValueError(f"only qk_norm='rms_norm_across_heads' is supported, got {qk_norm!r}")

@@ -80,9 +80,7 @@ class WanRotaryEmbedding(nn.Module):
         table = self._tables.get(device)
         if table is None:
             positions = torch.arange(self.max_seq_len, dtype=torch.float64)
-            inv_freqs = [
-                1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in self.axis_dims
-            ]
+            inv_freqs = [1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in self.axis_dims]
             angles = torch.outer(positions, torch.cat(inv_freqs))
             # One host-to-device copy per device for the model's lifetime; later calls only slice.
             table = (angles.cos().float().to(device), angles.sin().float().to(device))
@@ -123,14 +121,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate channel pairs (2i, 2i+1) of x by the angles whose cos/sin are given, in float32.
 
     Args:
-        x: (batch, heads, seqlen, head_dim).
-        cos, sin: (seqlen, head_dim // 2) float32.
+        x: (..., head_dim), e.g. (batch, seqlen, heads, head_dim) or (batch, heads, seqlen, head_dim).
+        cos, sin: float32, broadcastable to (..., head_dim // 2): (seqlen, 1, head_dim // 2) for the first
+            layout above, (seqlen, head_dim // 2) for the second.
 
     Returns:
-        (batch, heads, seqlen, head_dim) in x.dtype.
+        x's shape, contiguous, in x.dtype.
     """
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    pairs = x.to(torch.float32, memory_format=torch.contiguous_format).unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        # Inductor fuses the real form into one kernel, while it handles complex tensors poorly.
+        x1, x2 = pairs.unbind(-1)
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    else:
+        # Eager: one complex multiply instead of six real elementwise passes over the whole tensor.
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin))
     return rotated.flatten(-2).to(x.dtype)
 
 
@@ -170,10 +175,16 @@ class WanAttention(nn.Module):
         processor: AttentionProcessor,
     ) -> torch.Tensor:
         """x: (batch, seqlen, dim); rope: cos, sin (seqlen, head_dim // 2) -> (batch, seqlen, dim)."""
-        q = self._split_heads(self.norm_q(self.to_q(x)))
-        k = self._split_heads(self.norm_k(self.to_k(x)))
-        v = self._split_heads(self.to_v(x))
-        out = processor.self_attention(layer, apply_rope(q, *rope), apply_rope(k, *rope), v, k)
+        # RoPE runs in the projections' own (batch, seqlen, heads, head_dim) layout, where its float32 pass reads
+        # contiguous memory; the transposes to the processor's (batch, heads, seqlen, head_dim) are free views.
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.num_heads, -1))
+        v = self.to_v(x).unflatten(-1, (self.num_heads, -1))
+        cos, sin = rope[0][:, None], rope[1][:, None]
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = processor.self_attention(
+            layer, q_rot.transpose(1, 2), k_rot.transpose(1, 2), v.transpose(1, 2), k.transpose(1, 2)
+        )
         return self._merge_heads(out)
 
     def cross_attention(
@@ -259,15 +270,17 @@ class WanBlock(nn.Module):
         shift, scale, gate, c_shift, c_scale, c_gate = table.unbind(2)
         grid = x.shape[1:3]
 
-        h = (self.norm1(x) * (1 + scale) + shift).to(x.dtype)
+        # addcmul keeps each modulation and gated residual update one float32 pass (its result type is float32
+        # because the modulation is), where the spelled-out form takes three.
+        h = torch.addcmul(shift, self.norm1(x), 1 + scale).to(x.dtype)
         y = self.attn1.self_attention(h.flatten(1, 2), rope, layer, processor).unflatten(1, grid)
-        x = (x.float() + y * gate).to(x.dtype)
+        x = torch.addcmul(x, y, gate).to(x.dtype)
 
         h = self.norm2(x).to(x.dtype)
         x = x + self.attn2.cross_attention(h.flatten(1, 2), context, layer, processor).unflatten(1, grid)
 
-        h = (self.norm3(x) * (1 + c_scale) + c_shift).to(x.dtype)
-        return (x.float() + self.ffn(h).float() * c_gate).to(x.dtype)
+        h = torch.addcmul(c_shift, self.norm3(x), 1 + c_scale).to(x.dtype)
+        return torch.addcmul(x, self.ffn(h), c_gate).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,9 +408,7 @@ class CausalWanModel(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
         if any(n == 0 or n % p for n, p in zip(x.shape[2:], cfg.patch_size, strict=True)):
-            raise ValueError(
-                f"x shape {_shape(x)}: frames, height, width must be multiples of {cfg.patch_size}"
-            )
+            raise ValueError(f"x shape {_shape(x)}: frames, height, width must be multiples of {cfg.patch_size}")
         batch = x.shape[0]
         frames, height, width = (n // p for n, p in zip(x.shape[2:], cfg.patch_size, strict=True))
         if _shape(timestep) not in ((batch,), (batch, frames)):
@@ -439,7 +450,7 @@ class CausalWanModel(nn.Module):
         """x: (batch, F', S, dim); temb: (batch, F' or 1, dim) -> (batch, F', S, pt * ph * pw * C_out)."""
         table = (self.scale_shift_table + temb.float().unsqueeze(2)).unsqueeze(3)
         shift, scale = table.unbind(2)
-        return self.proj_out((self.norm_out(x) * (1 + scale) + shift).to(x.dtype))
+        return self.proj_out(torch.addcmul(shift, self.norm_out(x), 1 + scale).to(x.dtype))
 
     def _unpatchify(self, y: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(batch, F', H' * W', pt * ph * pw * C) -> (batch, C, F' * pt, H' * ph, W' * pw)."""
