@@ -160,19 +160,36 @@ def _dense(q: torch.Tensor, view: CacheView) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, view.k, view.v)
 
 
-def _sync_free(fn: Callable[[], Any], device: torch.device) -> bool | None:
-    """True when ``fn`` runs under sync-debug mode "error" (no host synchronisation); None off CUDA."""
+def _sync_free(fn: Callable[[], Any], device: torch.device) -> tuple[bool | None, str | None]:
+    """(True, None) when ``fn`` runs under sync-debug mode "error"; (False, traceback) if not; None off CUDA."""
     if device.type != "cuda":
-        return None
+        return None, None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         fn()
-        return True
+        return True, None
     except RuntimeError:
-        return False
+        return False, traceback.format_exc()[-1500:]
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _graph_ms(fn: Callable[[], Any], timer: Callable[[Callable[[], Any]], dict[str, float]]) -> dict[str, Any]:
+    """Median time of ``fn`` replayed as one CUDA graph (launch overhead removed), or the capture error."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return timer(graph.replay)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _errors(
@@ -198,8 +215,11 @@ def _bench_setting(args: argparse.Namespace, data: dict[str, Any], name: str, cf
     row["plan_ms"] = timer(lambda: planner.plan(cache))
     cache.stage(k_new, v_new, frame_start=cache.committed_frames)
     view = cache.view()
-    row["select_sync_free"] = _sync_free(lambda: planner.select(q, view), q.device)
+    row["select_sync_free"], row["select_sync_trace"] = _sync_free(lambda: planner.select(q, view), q.device)
     row["index_ms"] = timer(lambda: planner.select(q, view))
+    if q.is_cuda:
+        row["index_graph_ms"] = _graph_ms(lambda: planner.select(q, view), timer)
+        row["run_graph_ms"] = _graph_ms(lambda: planner.run(q, view), timer)
     sel = planner.select(q, view)
     qp = sel.permute_queries(q)
     row["sparse_attn_ms"] = timer(lambda: block_sparse_attention(qp, view.k, view.v, sel.index, backend=cfg.backend))
@@ -220,6 +240,8 @@ def _bench_setting(args: argparse.Namespace, data: dict[str, Any], name: str, cf
     row["bias_errors"] = _errors(q, view, out_b, sel, bias, args.query_sample)
     dense_ms = data["dense_ms"]["median"]
     row["index_frac_of_dense"] = row["index_ms"]["median"] / dense_ms
+    if "median" in row.get("index_graph_ms", {}):
+        row["index_graph_frac_of_dense"] = row["index_graph_ms"]["median"] / dense_ms
     row["run_speedup_vs_dense"] = dense_ms / row["run_ms"]["median"]
     row["bias_speedup_vs_dense"] = row["bias_dense_ms"]["median"] / row["bias_sparse_attn_ms"]["median"]
     cache.commit()  # leaves nothing staged for the next setting's load_state_dict
@@ -268,7 +290,9 @@ def _report(lk: int, row: dict[str, Any], dense_ms: float) -> None:
         f"Lk={lk:7d} {row['setting']:10s} plan {med['plan_ms']:7.3f} ms  index {med['index_ms']:6.3f} ms"
         f" ({100 * row['index_frac_of_dense']:5.1f}% of dense {dense_ms:.3f})  sparse {med['sparse_attn_ms']:7.3f}"
         f"  run {med['run_ms']:7.3f}  density {row['density']:.3f}  recall {row['recall']:.3f}"
-        f"  err {row['max_err']:.2e} (torch {row['torch_same_dtype_err']:.2e})  sync-free {row['select_sync_free']}",
+        f"  err {row['max_err']:.2e} (torch {row['torch_same_dtype_err']:.2e})  sync-free {row['select_sync_free']}"
+        f"  graph index {row.get('index_graph_ms', {}).get('median', float('nan')):.3f}"
+        f" run {row.get('run_graph_ms', {}).get('median', float('nan')):.3f}",
         flush=True,
     )
 
@@ -306,6 +330,8 @@ def _bench_annca(args: argparse.Namespace, device: torch.device) -> dict[str, An
     out["collapse_max_err_vs_dense_512"] = float(
         (attention(q[:, :, :256], prompt.k, prompt.v, prompt.bias).out.double() - ref.double()).abs().max()
     )
+    same = attention_ref(q[:, :, :256], k, v, upcast=False)[0]
+    out["torch_same_dtype_err_dense_512"] = float((same.double() - ref.double()).abs().max())
     print(f"AnnCA: {json.dumps(out)}", flush=True)
     return out
 

@@ -6,12 +6,16 @@ from hypothesis import strategies as st
 from longroll.ann.buckets import (
     OWN_HIT,
     PROBE_HIT,
+    GroupHits,
     block_hits,
     block_means,
+    bucket_block_cover,
     bucket_block_scores,
     bucket_sort,
     group_bucket_hits,
     int8_block_topk,
+    int8_dot,
+    int8_encode,
     nearest_anchor,
     probe_codes,
     strided_sample,
@@ -100,6 +104,7 @@ def test_bucket_block_scores_matches_per_key_scan_with_empty_buckets():
             for j in blocks:
                 expect[0, h, :, j] += hits[0, h, :, b]
     assert torch.equal(score, expect)
+    assert torch.equal(torch.matmul(hits, bucket_block_cover(lay.offsets, start, bs, n_blocks)), expect)
     with pytest.raises(ValueError, match="offsets"):
         bucket_block_scores(hits, lay.offsets[..., :-1], start, bs, n_blocks)
 
@@ -151,3 +156,21 @@ def test_int8_block_topk_respects_allowed_and_small_pools():
     assert torch.equal(sel, torch.zeros_like(sel).scatter_(-1, scores.topk(2, -1).indices, True))
     # Asking for more blocks than are allowed picks exactly the allowed ones.
     assert torch.equal(int8_block_topk(qm, cent, allowed, 5), allowed[:, :, None].expand(1, 1, 2, 6))
+
+
+def test_group_hits_object_is_reusable_and_checks_shapes():
+    g = torch.Generator().manual_seed(5)
+    hits = GroupHits(4, 1, 8, 20, 2, "cpu")
+    for _ in range(2):
+        codes = torch.randint(0, 16, (1, 3, 20, 2), generator=g)
+        assert torch.equal(hits(codes), group_bucket_hits(codes, 4, 1, 8))
+    with pytest.raises(ValueError, match="codes"):
+        hits(torch.zeros(1, 3, 21, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="group"):
+        GroupHits(4, 1, 0, 20, 2, "cpu")
+
+
+def test_batched_int8_dot_equals_int8_scores():
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(2, 3, 17, 64, generator=g), torch.randn(2, 3, 29, 64, generator=g)
+    assert torch.equal(int8_dot(int8_encode(a), int8_encode(b)), int8_scores(a, b))

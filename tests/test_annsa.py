@@ -180,6 +180,16 @@ def test_recall_and_density_grow_with_topk_and_reach_one():
     assert rows[2] == pytest.approx((1.0, 1.0), abs=1e-6)
 
 
+def test_cover_matrix_and_difference_arrays_select_the_same(monkeypatch):
+    import longroll.sparse.annsa as annsa
+
+    first, view, q, _ = _setup("tempcache", LSHConfig(bits=4, probes=1), q_block_size=32, kv_block_size=32)
+    monkeypatch.setattr(annsa, "_COVER_LIMIT", 0)
+    second, view2, _, _ = _setup("tempcache", LSHConfig(bits=4, probes=1), q_block_size=32, kv_block_size=32)
+    assert first._plan.cover is not None and second._plan.cover is None
+    assert torch.equal(first.select(q, view).block_mask, second.select(q, view2).block_mask)
+
+
 def test_max_density_caps_the_ann_blocks():
     cap = 0.25
     planner, view, q, _ = _setup(

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from longroll.ann.int8 import int8_scores
+from longroll.ann.int8 import quantize_int8
 from longroll.ops._checks import check_rank
 
 #: Weight of a query's own bucket and of a probed (Hamming-1) neighbour in bucket hits.
@@ -94,6 +94,52 @@ def probe_codes(codes: torch.Tensor, bits: int, probes: int) -> torch.Tensor:
     return torch.cat([codes[..., None], torch.bitwise_xor(codes[..., None], flips)], dim=-1)
 
 
+class GroupHits:
+    """Bucket hits of consecutive groups of vectors (query blocks, latent frames), per table.
+
+    The index arithmetic that does not depend on the codes is built once here, so a call costs four kernels
+    (probe xor, offset add, zero fill, one scatter-add): this runs at every denoising step.
+
+    Args:
+        bits: bits per table (2**bits buckets).
+        probes: 0 or 1 (Hamming radius of the lookup).
+        group: vectors per group; group g is rows ``[g * group, (g + 1) * group)`` (the last may be partial).
+        n: vectors per call; tables: hash tables per vector.
+        device: where the calls run.
+    """
+
+    def __init__(self, bits: int, probes: int, group: int, n: int, tables: int, device: torch.device | str) -> None:
+        if probes not in (0, 1):
+            raise ValueError(f"probes must be 0 or 1, got {probes}")
+        if group < 1:
+            raise ValueError(f"group must be >= 1, got {group}")
+        self.bits, self.group, self.n, self.tables = bits, group, n, tables
+        self.nbuckets = 1 << bits
+        self.groups = _cdiv(n, group)
+        dev = torch.device(device)
+        own = torch.zeros(1, dtype=torch.int64, device=dev)
+        #: (NP,) xor masks: 0 for the own bucket, then one bit flip per probe.
+        self.flips = torch.cat([own, 2 ** torch.arange(bits * probes, device=dev)]) if probes else own
+        npr = self.flips.numel()
+        # Flat target of (row i, table t): ((i // group) * tables + t) * nbuckets + code.
+        rows = torch.arange(n, device=dev) // group
+        self.base = ((rows[:, None] * tables + torch.arange(tables, device=dev)) * self.nbuckets)[..., None]
+        weights = torch.full((npr,), PROBE_HIT, device=dev)
+        weights[:1] = OWN_HIT
+        self.weights = weights.repeat(n * tables)  # (N * T * NP,)
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: (B, H, N, tables) int64 -> (B, H, ceil(N / group), tables, 2**bits) float32 hit weights."""
+        check_rank("codes", codes, 4)
+        b, h, n, t = codes.shape
+        if (n, t) != (self.n, self.tables):
+            raise ValueError(f"codes must have shape (B, H, {self.n}, {self.tables}), got {tuple(codes.shape)}")
+        idx = (torch.bitwise_xor(codes[..., None], self.flips) + self.base).view(b, h, -1)
+        hits = torch.zeros(b, h, self.groups * t * self.nbuckets, device=codes.device)
+        hits.scatter_add_(-1, idx, self.weights.expand(b, h, -1))
+        return hits.view(b, h, self.groups, t, self.nbuckets)
+
+
 def group_bucket_hits(codes: torch.Tensor, bits: int, probes: int, group: int) -> torch.Tensor:
     """Bucket hits of consecutive groups of vectors (query blocks, latent frames), per table.
 
@@ -105,24 +151,11 @@ def group_bucket_hits(codes: torch.Tensor, bits: int, probes: int, group: int) -
 
     Returns:
         (B, H, ceil(N / group), tables, 2**bits) float32: summed weights, :data:`OWN_HIT` per member whose own
-        code is the bucket and :data:`PROBE_HIT` per member that reaches it by a probe.
+        code is the bucket and :data:`PROBE_HIT` per member that reaches it by a probe. Build a
+        :class:`GroupHits` once to repeat this on same-shaped codes.
     """
     check_rank("codes", codes, 4)
-    if group < 1:
-        raise ValueError(f"group must be >= 1, got {group}")
-    b, h, n, t = codes.shape
-    nb = 1 << bits
-    ng = _cdiv(n, group)
-    pc = probe_codes(codes, bits, probes)  # (B, H, N, T, NP)
-    npr = pc.shape[-1]
-    w = torch.full((npr,), PROBE_HIT, device=codes.device)
-    w[0] = OWN_HIT
-    # Padding rows of a partial last group point at a spare bucket column that is cut off below.
-    pc = F.pad(pc, (0, 0, 0, 0, 0, ng * group - n), value=nb)
-    pc = pc.view(b, h, ng, group, t, npr).permute(0, 1, 2, 4, 3, 5).reshape(b, h, ng, t, group * npr)
-    hits = torch.zeros(b, h, ng, t, nb + 1, device=codes.device)
-    hits.scatter_add_(-1, pc, w.repeat(group).expand_as(pc))
-    return hits[..., :nb]
+    return GroupHits(bits, probes, group, codes.shape[2], codes.shape[3], codes.device)(codes)
 
 
 def bucket_block_scores(
@@ -159,6 +192,27 @@ def bucket_block_scores(
     diff.scatter_add_(-1, first, w)
     diff.scatter_add_(-1, past, -w)
     return diff.cumsum(-1)[..., :n_blocks]
+
+
+def bucket_block_cover(offsets: torch.Tensor, start: int, block_size: int, n_blocks: int) -> torch.Tensor:
+    """Which key blocks each bucket of a bucket-sorted key range overlaps, as a matrix.
+
+    ``hits @ cover`` equals :func:`bucket_block_scores` in one matmul per step (groups x buckets x blocks),
+    at the price of holding (B, H, nbuckets, n_blocks) floats; build it once per plan.
+
+    Args:
+        offsets: (B, H, nbuckets + 1) int64 offsets relative to ``start`` (:class:`BucketLayout`).
+        start, block_size, n_blocks: as in :func:`bucket_block_scores`.
+
+    Returns:
+        (B, H, nbuckets, n_blocks) float32 of 0/1.
+    """
+    lo = start + offsets[..., :-1]
+    hi = start + offsets[..., 1:]
+    j = torch.arange(n_blocks, device=offsets.device)
+    first = (lo // block_size)[..., None]
+    past = ((hi - 1).clamp_min(0) // block_size + 1)[..., None]
+    return ((j >= first) & (j < past) & (hi > lo)[..., None]).float()
 
 
 def block_hits(hits: torch.Tensor, block_codes: torch.Tensor) -> torch.Tensor:
@@ -201,21 +255,52 @@ def strided_sample(x: torch.Tensor, start: int, count: torch.Tensor, samples: in
     return x.gather(2, pos[..., None].expand(*pos.shape, x.shape[-1]))
 
 
-def nearest_anchor(x: torch.Tensor, anchors: torch.Tensor, chunk: int = 32_768) -> torch.Tensor:
+class Int8Codes(NamedTuple):
+    """Symmetric int8 codes held in float32 (exact: |code| <= 127), for batched matmuls.
+
+    codes: (..., D) float32 integer values; scale: (...) float32, x ~= codes * scale.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+
+def int8_encode(x: torch.Tensor) -> Int8Codes:
+    """x: (..., D) -> :class:`Int8Codes` (the codes of :func:`longroll.ann.int8.quantize_int8`)."""
+    codes, scale = quantize_int8(x)
+    return Int8Codes(codes.float(), scale)
+
+
+def int8_dot(a: Int8Codes, b: Int8Codes) -> torch.Tensor:
+    """Int8 scores of (B, H, n, D) codes against (B, H, m, D) codes: (B, H, n, m) float32.
+
+    Equal to :func:`longroll.ann.int8.int8_scores` on the same vectors: products of int8 values summed over
+    D <= 1024 stay below 2**24, so one batched float32 (or TF32) matmul is exact, without a per-head loop.
+    """
+    dots = torch.matmul(a.codes, b.codes.transpose(-1, -2))
+    return dots * a.scale[..., :, None] * b.scale[..., None, :]
+
+
+def _as_codes(x: torch.Tensor | Int8Codes) -> Int8Codes:
+    return x if isinstance(x, Int8Codes) else int8_encode(x)
+
+
+def nearest_anchor(x: torch.Tensor, anchors: torch.Tensor | Int8Codes, chunk: int = 32_768) -> torch.Tensor:
     """Index of the anchor with the largest int8 dot product, per vector (int8 bucketing).
 
     Args:
-        x: (B, H, N, D); anchors: (B, H, C, D), C >= 1.
+        x: (B, H, N, D); anchors: (B, H, C, D) vectors or their :class:`Int8Codes`, C >= 1.
         chunk: vectors scored at once (bounds the (B, H, chunk, C) score tile).
 
     Returns:
         (B, H, N) int64 in [0, C).
     """
     check_rank("x", x, 4)
-    check_rank("anchors", anchors, 4)
-    if anchors.shape[2] == 0:
+    enc = _as_codes(anchors)
+    check_rank("anchors", enc.codes, 4)
+    if enc.codes.shape[2] == 0:
         raise ValueError("anchors must hold at least one vector, got 0")
-    parts = [int8_scores(x[:, :, s : s + chunk], anchors).argmax(-1) for s in range(0, x.shape[2], chunk)]
+    parts = [int8_dot(int8_encode(x[:, :, s : s + chunk]), enc).argmax(-1) for s in range(0, x.shape[2], chunk)]
     if not parts:
         return torch.zeros(*x.shape[:2], 0, dtype=torch.int64, device=x.device)
     return torch.cat(parts, dim=2)
@@ -242,24 +327,27 @@ def block_means(x: torch.Tensor, valid: torch.Tensor | None, block_size: int) ->
     return xs / cnt.clamp_min(1.0)[..., None], cnt > 0
 
 
-def int8_block_topk(group_means: torch.Tensor, centroids: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+def int8_block_topk(
+    group_means: torch.Tensor, centroids: torch.Tensor | Int8Codes, allowed: torch.Tensor, k: int
+) -> torch.Tensor:
     """Per query group, the ``k`` allowed key blocks whose centroid has the largest int8 score.
 
     Args:
         group_means: (B, H, G, D) mean query of each group.
-        centroids: (B, H, n_blocks, D) mean key of each block.
+        centroids: (B, H, n_blocks, D) mean key of each block, or its :class:`Int8Codes`.
         allowed: (B, H, n_blocks) bool; other blocks are never picked (empty or handled elsewhere).
         k: blocks per group (fewer when fewer are allowed).
 
     Returns:
         (B, H, G, n_blocks) bool selection.
     """
-    nblk = centroids.shape[2]
+    enc = _as_codes(centroids)
+    nblk = enc.codes.shape[2]
     sel = torch.zeros(*group_means.shape[:3], nblk, dtype=torch.bool, device=group_means.device)
     k = min(k, nblk)
     if k == 0:
         return sel
-    s = int8_scores(group_means, centroids).masked_fill(~allowed[:, :, None, :], float("-inf"))
+    s = int8_dot(int8_encode(group_means), enc).masked_fill(~allowed[:, :, None, :], float("-inf"))
     top = s.topk(k, dim=-1)
     return sel.scatter_(-1, top.indices, torch.isfinite(top.values))
 
@@ -268,12 +356,17 @@ __all__ = [
     "OWN_HIT",
     "PROBE_HIT",
     "BucketLayout",
+    "GroupHits",
+    "Int8Codes",
     "block_hits",
     "block_means",
+    "bucket_block_cover",
     "bucket_block_scores",
     "bucket_sort",
     "group_bucket_hits",
     "int8_block_topk",
+    "int8_dot",
+    "int8_encode",
     "nearest_anchor",
     "probe_codes",
     "strided_sample",

@@ -40,14 +40,18 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from longroll.ann.buckets import (
+    GroupHits,
+    Int8Codes,
     block_hits,
     block_means,
+    bucket_block_cover,
     bucket_block_scores,
     bucket_sort,
-    group_bucket_hits,
     int8_block_topk,
+    int8_encode,
     nearest_anchor,
     strided_sample,
 )
@@ -62,6 +66,9 @@ from longroll.ops.probes import attention_recall
 from longroll.ops.reference import attention_ref, expand_kv_heads
 
 logger = logging.getLogger(__name__)
+
+#: Largest table-0 bucket-to-block cover matrix (elements) kept per plan; past it, difference arrays are used.
+_COVER_LIMIT = 1 << 26
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -190,9 +197,10 @@ class _Plan:
     head_dim: int
     searcher: SignLSH | None = None
     offsets: torch.Tensor | None = None  # (B, Hk, nbuckets + 1) int64, relative to sink
+    cover: torch.Tensor | None = None  # (B, Hk, nbuckets, nkb_hist) float32 0/1, table-0 bucket -> blocks
     block_codes: torch.Tensor | None = None  # (B, Hk, nkb_hist, T) centroid codes, nbuckets = unused
-    anchors: torch.Tensor | None = None  # (B, Hk, anchors, D)
-    centroids: torch.Tensor | None = None  # (B, Hk, nkb_hist, D) float32
+    anchors: Int8Codes | None = None  # (B, Hk, anchors, D)
+    centroids: Int8Codes | None = None  # (B, Hk, nkb_hist, D)
     block_ok: torch.Tensor | None = None  # (B, Hk, nkb_hist) bool
 
 
@@ -222,6 +230,7 @@ class AnnSAPlanner:
         self._plan: _Plan | None = None
         self._searcher: SignLSH | None = None
         self._searcher_key: tuple[object, ...] | None = None
+        self._hits: tuple[tuple[object, ...], GroupHits] | None = None
 
     # ----------------------------------------------------------------- plan
     def plan(self, cache: LayerKVCache) -> None:
@@ -275,6 +284,9 @@ class AnnSAPlanner:
         if bound > sink:
             cache.reorder_(layout.order, start=sink)
         plan.offsets = layout.offsets
+        nkb = _cdiv(bound, bk)
+        if plan.batch * plan.heads * nb * nkb <= _COVER_LIMIT:
+            plan.cover = bucket_block_cover(layout.offsets, sink, bk, nkb)
         hashed_sinks = not self.config.attend_sinks and sink > 0
         if tables == 1 and not hashed_sinks:
             return
@@ -290,13 +302,12 @@ class AnnSAPlanner:
         c = self.config.anchors
         valid = buf.count[:, :, sink:bound] > 0
         # Valid history entries are the first ones of the range (the cache keeps empty slots last).
-        plan.anchors = strided_sample(buf.k[:, :, : max(bound, sink + 1)], sink, valid.sum(-1), c)
+        plan.anchors = int8_encode(strided_sample(buf.k[:, :, : max(bound, sink + 1)], sink, valid.sum(-1), c))
         if bound > sink:
             codes = nearest_anchor(buf.k[:, :, sink:bound], plan.anchors)
             cache.reorder_(bucket_sort(codes, c, valid).order, start=sink)
-        plan.centroids, plan.block_ok = block_means(
-            buf.k[:, :, :bound], buf.count[:, :, :bound] > 0, self.config.kv_block_size
-        )
+        cent, plan.block_ok = block_means(buf.k[:, :, :bound], buf.count[:, :, :bound] > 0, self.config.kv_block_size)
+        plan.centroids = int8_encode(cent)
 
     # ----------------------------------------------------------------- select / run
     def select(self, q: torch.Tensor, view: CacheView, *, staged_tokens: int | None = None) -> AnnSASelection:
@@ -386,19 +397,21 @@ class AnnSAPlanner:
         assert plan.offsets is not None
         b, h, lq, d = q.shape
         hk = view.k.shape[1]
-        bits, probes, tables = lsh.config.bits, lsh.config.probes, lsh.config.tables
+        bits, tables = lsh.config.bits, lsh.config.tables
         # Query head h uses the projections of kv head h // (H / Hk): hash the heads of a group together.
         qc = lsh.codes(q.reshape(b, hk, -1, d)).view(b, h, lq, tables)
         order = torch.sort(qc[..., 0], dim=-1, stable=True).indices
         qc = qc.gather(2, order[..., None].expand_as(qc))
-        hits = group_bucket_hits(qc, bits, probes, cfg.q_block_size)  # (B, H, nqb, T, nb)
+        hits = self._group_hits(lq, lsh.config, q.device)(qc)  # (B, H, nqb, T, nb)
         bk = cfg.kv_block_size
         nh = min(_cdiv(plan.bound, bk), nkb)
-        score = torch.zeros(*hits.shape[:3], nkb, device=q.device)
-        offsets = expand_kv_heads(plan.offsets, h)
-        score[..., :nh] += bucket_block_scores(hits[:, :, :, 0], offsets, plan.sink, bk, nh)
+        if plan.cover is not None:
+            hist = _grouped_matmul(hits[:, :, :, 0], plan.cover[..., :nh])
+        else:
+            hist = bucket_block_scores(hits[:, :, :, 0], expand_kv_heads(plan.offsets, h), plan.sink, bk, nh)
         if plan.block_codes is not None:
-            score[..., :nh] += block_hits(hits, expand_kv_heads(plan.block_codes[:, :, :nh], h))
+            hist += block_hits(hits, expand_kv_heads(plan.block_codes[:, :, :nh], h))
+        score = F.pad(hist, (0, nkb - nh))
         if not cfg.attend_own_chunk and view.k.shape[2] > hist_end:
             s0 = (hist_end // bk) * bk
             pos = torch.arange(s0, view.k.shape[2], device=q.device) >= hist_end
@@ -406,6 +419,12 @@ class AnnSAPlanner:
             codes = torch.where(ok[..., None], lsh.codes(cent), 1 << bits)
             score[..., s0 // bk :] += block_hits(hits, expand_kv_heads(codes, h))
         return order, self._cap(score, plan.sink, hist_end, view.k.shape[2])
+
+    def _group_hits(self, lq: int, lsh: LSHConfig, device: torch.device) -> GroupHits:
+        key = (lq, lsh.bits, lsh.probes, lsh.tables, self.config.q_block_size, str(device))
+        if self._hits is None or self._hits[0] != key:
+            self._hits = (key, GroupHits(lsh.bits, lsh.probes, self.config.q_block_size, lq, lsh.tables, device))
+        return self._hits[1]
 
     def _cap(self, score: torch.Tensor, sink: int, hist_end: int, seqlen_k: int) -> torch.Tensor:
         """bool (B, H, nqb, nkb): blocks with a hit, at most ``max_density`` of them, best scores first."""
@@ -432,25 +451,29 @@ class AnnSAPlanner:
         order = torch.sort(codes, dim=-1, stable=True).indices
         qs = q.gather(2, order[..., None].expand_as(q))
         qmeans = block_means(qs, None, cfg.q_block_size)[0]  # (B, H, nqb, D)
-        nh = min(plan.centroids.shape[2], nkb)
-        cands = [(0, plan.centroids[:, :, :nh], plan.block_ok[:, :, :nh].clone())]
+        nh = min(plan.centroids.codes.shape[2], nkb)
+        ok = plan.block_ok[:, :, :nh].clone()
         if cfg.attend_sinks:
-            cands[0][2][..., : _cdiv(plan.sink, bk)] = False
+            ok[..., : _cdiv(plan.sink, bk)] = False
+        parts = [(plan.centroids.codes[:, :, :nh], plan.centroids.scale[:, :, :nh], ok)]
+        start = torch.arange(nh, device=q.device)
         if cfg.attend_own_chunk:
-            cands[0][2][..., hist_end // bk :] = False
+            ok[..., hist_end // bk :] = False
         elif seqlen_k > hist_end:
             s0 = (hist_end // bk) * bk
             pos = torch.arange(s0, seqlen_k, device=q.device) >= hist_end
-            cent, ok = block_means(view.k[:, :, s0:], pos.expand(b, hk, -1), bk)
-            cands.append((hist_end // bk, cent, ok))
-        start = torch.cat([torch.arange(c[1].shape[2], device=q.device) + c[0] for c in cands])
-        cent = expand_kv_heads(torch.cat([c[1] for c in cands], dim=2), h)
-        ok = expand_kv_heads(torch.cat([c[2] for c in cands], dim=2), h)
+            cent, ok_staged = block_means(view.k[:, :, s0:], pos.expand(b, hk, -1), bk)
+            enc = int8_encode(cent)
+            parts.append((enc.codes, enc.scale, ok_staged))
+            start = torch.cat([start, torch.arange(cent.shape[2], device=q.device) + s0 // bk])
+        codes, scales, oks = (expand_kv_heads(torch.cat(x, 2), h) for x in zip(*parts, strict=True))
         k = cfg.top_k_blocks
         if cfg.max_density is not None:
             k = min(k, max(1, math.ceil(cfg.max_density * nkb)))
-        picked = int8_block_topk(qmeans, cent, ok, k)  # (B, H, nqb, n_candidates)
-        # A block may appear twice (history and staged parts of the boundary block): add, then test.
+        picked = int8_block_topk(qmeans, Int8Codes(codes, scales), oks, k)  # (B, H, nqb, n_cand)
+        if len(parts) == 1:
+            return order, F.pad(picked, (0, nkb - nh))
+        # The boundary block may appear twice (history and staged parts): add, then test.
         hit = torch.zeros(b, h, picked.shape[2], nkb, device=q.device)
         hit.scatter_add_(-1, start.expand_as(picked), picked.float())
         return order, hit > 0
@@ -462,6 +485,14 @@ class AnnSAPlanner:
             x[..., : _cdiv(sink, bk)] = value
         if self.config.attend_own_chunk and seqlen_k > hist_end:
             x[..., hist_end // bk :] = value
+
+
+def _grouped_matmul(hits: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+    """(B, H, G, nb) hits @ (B, Hk, nb, n) cover -> (B, H, G, n), the query heads of a kv head batched together."""
+    b, h, g, nb = hits.shape
+    hk = cover.shape[1]
+    out = torch.matmul(hits.reshape(b, hk, (h // hk) * g, nb), cover)
+    return out.view(b, h, g, cover.shape[-1])
 
 
 def _density(mask: torch.Tensor, bq: int, bk: int, lq: int, seqlen_k: int) -> torch.Tensor:
