@@ -8,7 +8,8 @@ are drawn around the same centres. For every LSH setting (bits x probes x tables
 real planner (plan: bucket + reorder; select: per-step block index) is probed with
 :func:`longroll.sparse.measure_layer`: recall = exact attention mass on the selected keys (sampled queries),
 density = computed query-key pairs / all pairs (sink and own-chunk blocks included). Fewer bits, more probes
-and more tables select more key blocks, so both recall and density must grow; the script checks that order.
+and more tables select more key blocks, so both recall and density must grow; the script checks that order
+(and the same along int8 top-k and an LSH ``max_density`` cap sweep, own-bucket hits ranked first).
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--clusters", type=int, default=64)
     p.add_argument("--spread", type=float, default=0.5)
-    p.add_argument("--scale", type=float, default=6.0, help="key/query norm (sharper attention when larger)")
+    p.add_argument("--scale", type=float, default=10.0, help="key/query norm (sharper attention when larger)")
     p.add_argument("--block", type=int, default=128, help="q and kv block size")
     p.add_argument("--query-sample", type=int, default=256)
     p.add_argument("--topk", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--caps", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4], help="LSH max_density sweep")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -113,6 +115,18 @@ def main() -> int:
                     f"lsh  bits={bits} probes={probes} tables={tables}  recall={row['recall']:.3f}  "
                     f"density={row['density']:.3f}"
                 )
+    cap_rows = []
+    for cap in args.caps:
+        cfg = AnnSAConfig(
+            ann=LSHConfig(bits=4, probes=1, seed=args.seed),
+            q_block_size=args.block,
+            kv_block_size=args.block,
+            max_density=cap,
+            backend="torch",
+        )
+        row = {"family": "lsh_cap", "bits": 4, "probes": 1, "max_density": cap} | _probe(args, data, cfg)
+        cap_rows.append(row)
+        print(f"lsh  bits=4 probes=1 max_density={cap:.2f}  recall={row['recall']:.3f}  density={row['density']:.3f}")
     for topk in args.topk:
         cfg = AnnSAConfig(
             ann=Int8Config(), q_block_size=args.block, kv_block_size=args.block, top_k_blocks=topk, backend="torch"
@@ -125,10 +139,11 @@ def main() -> int:
         + _monotone(lsh_rows, "probes", ("bits", "tables"), increasing=True)
         + _monotone(lsh_rows, "tables", ("bits", "probes"), increasing=True)
         + _monotone(int8_rows, "top_k_blocks", (), increasing=True)
+        + _monotone(cap_rows, "max_density", (), increasing=True)
     )
     for p in problems:
         print("NOT MONOTONE:", p)
-    print(f"monotone in bits, probes, tables and top-k: {not problems}  ({time.perf_counter() - t_start:.1f} s)")
+    print(f"monotone in bits, probes, tables, top-k and cap: {not problems}  ({time.perf_counter() - t_start:.1f} s)")
     if args.out:
         record = {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -137,6 +152,7 @@ def main() -> int:
             "config": vars(args),
             "floor_density_note": "density includes the always-attended own-chunk and sink blocks",
             "lsh": lsh_rows,
+            "lsh_cap": cap_rows,
             "int8": int8_rows,
             "monotone": not problems,
             "violations": problems,
