@@ -22,7 +22,9 @@ Layout of the view the selection refers to (``L = view.k.shape[2]``)::
     [sink, sink + n_valid_h)     history of head h, bucket-sorted by plan(); empty slots after it
     [L - staged_tokens, L)       the staged chunk (its own keys), written by cache.stage() every step
 
-Multiple LSH tables: only table 0 can be contiguous in the cache. A key block of the sorted history holds keys
+Table 0 of the sorted history is scored by offset arithmetic: a bucket-to-key-block cover matrix built at plan
+time (one groups x buckets x blocks matmul per step), or difference arrays over blocks when that matrix would
+be large. Multiple LSH tables: only table 0 can be contiguous in the cache. A key block of the sorted history holds keys
 of nearly every bucket of an independent table, so the other tables (and the sink or staged regions when they
 are not attended unconditionally) score a block by the bucket of its mean key, hashed at plan time (a gather
 of groups x blocks per step). ``max_density`` bounds the ANN-selected key blocks per query block (own-bucket
