@@ -160,6 +160,7 @@ class RolloutEngine:
             dtype: dtype of the latents fed to the model (default: the context's).
         """
         cfg = self.config
+        self.processor.reset_prompt()
         dev = context.device
         dtype = context.dtype if dtype is None else dtype
         b = context.shape[0]

@@ -12,6 +12,8 @@ from longroll.cache.config import CacheConfig
 from longroll.cache.kv_cache import LayerKVCache
 from longroll.ops.attention import attention
 from longroll.policies.config import PolicyConfig
+from longroll.sparse.annca import AnnCA, CollapsedPrompt, collapse_duplicates
+from longroll.sparse.annsa import AnnSAPlanner
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,19 @@ class CachedProcessor:
             for i in range(num_layers)
         ]
         self.pass_info: PassInfo | None = None
+        self.tokens_per_frame = tokens_per_frame
+        self.planners = [AnnSAPlanner(policy.annsa) if policy.annsa else None for _ in range(num_layers)]
+        self._planned = [False] * num_layers
+        ids = tuple(range(heads)) if head_ids is None else head_ids
+        self.annca = [
+            AnnCA(policy.annca, head_dim=head_dim, layer=i, head_ids=ids, device=device) if policy.annca else None
+            for i in range(num_layers)
+        ]
+        self._prompts: list[CollapsedPrompt | None] = [None] * num_layers
+
+    def reset_prompt(self) -> None:
+        """Forget the per-layer collapsed prompts (call when the prompt changes; the engine does it per run)."""
+        self._prompts = [None] * len(self._prompts)
 
     def begin_pass(self, info: PassInfo) -> None:
         """Declare the next forward pass (called by the rollout engine before each model call)."""
@@ -83,13 +98,33 @@ class CachedProcessor:
         info = self._info()
         cache = self.caches[layer]
         cache.stage(k, v, frame_start=info.frame_start, k_match=k_pre_rope)
-        out = attention(q, *cache.view(), backend=self.policy.attention_backend).out
+        view = cache.view()
+        planner = self.planners[layer]
+        if planner is not None and self._planned[layer] and self._sparse(layer):
+            out = planner.run(q, view, staged_tokens=cache.staged_tokens).out
+        else:
+            out = attention(q, *view, backend=self.policy.attention_backend).out
         if info.commit:
             cache.commit(queries=q)
+            if planner is not None:
+                planner.plan(cache)
+                self._planned[layer] = True
         return out
 
     def cross_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+        ca = self.annca[layer]
+        if ca is None or not self._sparse(layer):
+            return F.scaled_dot_product_attention(q, k, v)
+        prompt = self._prompts[layer]
+        if prompt is None or prompt.k.shape[0] != k.shape[0]:
+            # Exact duplicate collapse (one host sync) once per prompt and layer, not per step.
+            prompt = self._prompts[layer] = collapse_duplicates(k, v)
+        return ca.run(q, prompt, tokens_per_frame=self.tokens_per_frame).out
+
+    def _sparse(self, layer: int) -> bool:
+        info = self._info()
+        # The commit pass (step == num_steps) is the cleanest pass: it follows the last step's schedule.
+        return self.policy.schedule.is_sparse(min(info.step, info.num_steps - 1), info.num_steps, layer)
 
     def _info(self) -> PassInfo:
         if self.pass_info is None:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from longroll.ann.config import Int8Config, LSHConfig
 from longroll.cache.config import BudgetPolicy, CachePolicy, FullPolicy, SinkWindowPolicy, TempCachePolicy
 from longroll.ops.attention import BACKENDS, Backend
+from longroll.policies.schedule import SparseSchedule
+from longroll.sparse.annca import AnnCAConfig
+from longroll.sparse.annsa import AnnSAConfig
 
 
 @dataclass(frozen=True)
@@ -17,15 +20,23 @@ class PolicyConfig:
         name: label used in reports.
         cache: commit policy of every layer's KV cache.
         attention_backend: dense attention route (see :func:`longroll.ops.attention.attention`).
+        annsa: ANN block-sparse self-attention over the cache, or None for dense self-attention.
+        annca: ANN prompt-token selection in cross-attention, or None for dense cross-attention.
+        schedule: which denoising steps and layers use the sparse paths (the first ~30 % of steps stay dense).
     """
 
     name: str = "dense"
     cache: CachePolicy = field(default_factory=FullPolicy)
     attention_backend: Backend = "auto"
+    annsa: AnnSAConfig | None = None
+    annca: AnnCAConfig | None = None
+    schedule: SparseSchedule = field(default_factory=SparseSchedule)
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("name must be a non-empty string")
+        if self.annsa is not None and isinstance(self.cache, SinkWindowPolicy):
+            raise ValueError("annsa cannot run over a SinkWindowPolicy cache (its ring buffer must not be reordered)")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
 
@@ -43,7 +54,9 @@ def preset(
     """A named policy at a model's geometry.
 
     Names: ``dense`` (unbounded cache), ``sink_window`` (LongLive), ``budget`` (importance budget),
-    ``tempcache`` and ``tempcache_lsh`` (temporal-correspondence merging, int8 or LSH matching).
+    ``tempcache`` and ``tempcache_lsh`` (temporal-correspondence merging, int8 or LSH matching), ``annsa`` and
+    ``annsa_int8`` (ANN block-sparse self-attention over the unbounded cache), ``annca`` (ANN prompt-token
+    selection), ``all`` and ``all_int8`` (TempCache + AnnSA + AnnCA).
     ``memory_frames`` sets the budget/cap of the bounded policies, in latent frames.
     """
     if memory_frames < frames_per_chunk + 1:
@@ -60,11 +73,33 @@ def preset(
             "tempcache_lsh", TempCachePolicy(max_entries=budget, sink_frames=sink, ann=LSHConfig(bits=16, tables=2))
         ),
     }
+    tc_lsh = table["tempcache_lsh"].cache
+    tc_int8 = table["tempcache"].cache
+    sa_lsh, sa_int8 = AnnSAConfig(ann=LSHConfig(bits=6, probes=1)), AnnSAConfig(ann=Int8Config())
+    ca_lsh, ca_int8 = AnnCAConfig(ann=LSHConfig(bits=8)), AnnCAConfig(ann=Int8Config(topk=4))
+    table |= {
+        "annsa": PolicyConfig("annsa", FullPolicy(), annsa=sa_lsh),
+        "annsa_int8": PolicyConfig("annsa_int8", FullPolicy(), annsa=sa_int8),
+        "annca": PolicyConfig("annca", FullPolicy(), annca=ca_lsh),
+        "all": PolicyConfig("all", tc_lsh, annsa=sa_lsh, annca=ca_lsh),
+        "all_int8": PolicyConfig("all_int8", tc_int8, annsa=sa_int8, annca=ca_int8),
+    }
     if name not in table:
         raise ValueError(f"policy must be one of {sorted(table)}, got {name!r}")
     return table[name]
 
 
-PRESET_NAMES: tuple[str, ...] = ("dense", "sink_window", "budget", "tempcache", "tempcache_lsh")
+PRESET_NAMES: tuple[str, ...] = (
+    "dense",
+    "sink_window",
+    "budget",
+    "tempcache",
+    "tempcache_lsh",
+    "annsa",
+    "annsa_int8",
+    "annca",
+    "all",
+    "all_int8",
+)
 
 __all__ = ["EQUAL_MEMORY_FRAMES", "PRESET_NAMES", "PolicyConfig", "preset"]
