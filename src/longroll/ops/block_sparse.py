@@ -68,6 +68,13 @@ def _triton_problem(q: torch.Tensor, v: torch.Tensor, index: BlockSparseIndex) -
         value = getattr(index, name)
         if value not in TRITON_BLOCK_SIZES:
             return f"index.{name} is {value}; the triton backend supports block sizes {TRITON_BLOCK_SIZES}"
+    # One q tile plus one k and one v tile must fit the 227 KiB of shared memory an H100 block can have.
+    smem = (index.q_block_size + 2 * index.kv_block_size) * d * q.element_size()
+    if smem > 227 * 1024:
+        return (
+            f"index blocks ({index.q_block_size}, {index.kv_block_size}) at head_dim {d} in {q.dtype} need "
+            f"{smem // 1024} KiB of shared memory per program (max 227); use smaller blocks"
+        )
     if not q.is_cuda and not _interpreting():
         return f"q is on {q.device}; the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
     return None
