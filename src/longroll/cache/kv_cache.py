@@ -71,7 +71,8 @@ class LayerKVCache:
         self.config = config
         self.batch, self.heads, self.head_dim = batch, heads, head_dim
         self.v_dim = head_dim if v_dim is None else v_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        # Resolve "cuda" to "cuda:N" so that device checks compare like with like.
+        self.dtype, self.device = dtype, torch.empty(0, device=device).device
         self.layer = layer
         self.head_ids = tuple(range(heads)) if head_ids is None else tuple(head_ids)
         if len(self.head_ids) != heads:
