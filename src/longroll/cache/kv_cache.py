@@ -19,12 +19,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from longroll.ann import make_searcher
 from longroll.cache.budget import compact_to_budget
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWindowPolicy, TempCachePolicy
-from longroll.cache.tempcache import Track, append_verbatim, merge_frame
+from longroll.cache.tempcache import Track, append_verbatim, match_frames, merge_frame
 from longroll.ops._checks import check_float, check_rank
 
 
@@ -238,18 +239,22 @@ class LayerKVCache:
     def _commit_tempcache(self, p: TempCachePolicy, n: int) -> torch.Tensor:
         buf = self.buffers
         tpf = self.config.tokens_per_frame
+        nf = n // tpf
         lo = self.bound
+        if self._searcher is None:
+            raise RuntimeError("TempCache commit without an ANN searcher")
         # The staged range can be overwritten by the new slots: read it out first.
         k_all = buf.k[:, :, lo : lo + n].clone()
         v_all = buf.v[:, :, lo : lo + n].clone()
         km_all = k_all if p.match_keys == "post_rope" else self._k_match
+        x = F.normalize(km_all.float(), dim=-1).unflatten(2, (nf, tpf))
+        prev = None if self.track is None else self.track.keys
+        idx, cos = match_frames(self._searcher, x, prev)
         buf.count[:, :, lo : lo + n] = 0.0
         buf.frame[:, :, lo : lo + n] = -1
         upper = self.bound
         slots = []
-        if self._searcher is None:
-            raise RuntimeError("TempCache commit without an ANN searcher")
-        for i in range(n // tpf):
+        for i in range(nf):
             f = self.committed_frames + i
             sl = slice(i * tpf, (i + 1) * tpf)
             if f < p.sink_frames:
@@ -258,15 +263,7 @@ class LayerKVCache:
             else:
                 may_overflow = upper + tpf > p.max_entries
                 self.track, s = merge_frame(
-                    buf,
-                    self.track,
-                    k_all[:, :, sl],
-                    v_all[:, :, sl],
-                    km_all[:, :, sl],
-                    f,
-                    p,
-                    self._searcher,
-                    may_overflow,
+                    buf, self.track, k_all[:, :, sl], v_all[:, :, sl], x[:, :, i], (idx[i], cos[i]), f, p, may_overflow
                 )
                 slots.append(s)
             upper = min(upper + tpf, p.max_entries)
@@ -392,7 +389,12 @@ class LayerKVCache:
             "meta": torch.tensor([self.committed_frames, self.bound, self.layer], dtype=torch.int64),
         }
         if self.track is not None:
-            state |= {"track_slots": self.track.slots, "track_keys": self.track.keys, "track_active": self.track.active}
+            t = self.track
+            state |= {
+                "track_slots": t.slots.contiguous(),
+                "track_keys": t.keys.contiguous(),
+                "track_active": t.active.contiguous(),
+            }
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

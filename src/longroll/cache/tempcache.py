@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from longroll.ann import Searcher
 from longroll.cache.buffers import CacheBuffers
@@ -97,15 +96,41 @@ def _new_slots(
     return torch.where(new, slots, buf.trash)
 
 
+def match_frames(searcher: Searcher, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 correspondence of every frame of a chunk with the frame before it, in one ANN call.
+
+    The previous frame's matching keys are known before any merge (they are that frame's own keys), so the
+    searches of all frames are independent and run batched; only the merges must be sequential.
+
+    Args:
+        searcher: the ANN family.
+        x: (B, H, F, P, D) unit-norm matching keys of the chunk's frames.
+        prev: (B, H, P, D) unit-norm matching keys of the frame before the chunk, or None.
+
+    Returns:
+        idx: (F, B, H, P) int64 index of each token's match in its previous frame; cos: (F, B, H, P) float32
+        cosine similarity of the pair (meaningless for frame 0 when ``prev`` is None).
+    """
+    b, h, nf, p, d = x.shape
+    first = torch.zeros_like(x[:, :, 0]) if prev is None else prev.to(x.dtype)
+    cand = torch.cat([first[:, :, None], x[:, :, :-1]], dim=2)
+    # frames go to the batch axis: (F * B, H, P, D); heads stay put so per-head projections still apply
+    qf = x.permute(2, 0, 1, 3, 4).reshape(nf * b, h, p, d)
+    cf = cand.permute(2, 0, 1, 3, 4).reshape(nf * b, h, p, d)
+    idx = searcher.top1(qf, cf)
+    cos = (qf * cf.gather(2, idx[..., None].expand_as(qf))).sum(-1)
+    return idx.view(nf, b, h, p), cos.view(nf, b, h, p)
+
+
 def merge_frame(
     buf: CacheBuffers,
     track: Track | None,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_match: torch.Tensor,
+    x: torch.Tensor,
+    match: tuple[torch.Tensor, torch.Tensor],
     frame: int,
     policy: TempCachePolicy,
-    searcher: Searcher,
     may_overflow: bool,
 ) -> tuple[Track, torch.Tensor]:
     """Commit one non-sink frame with merging.
@@ -113,7 +138,9 @@ def merge_frame(
     Args:
         buf: the layer's buffers (updated in place).
         track: the previous frame's :class:`Track`, or None when there is none to match (after sinks).
-        k: (B, H, P, D) post-RoPE keys to store; v: (B, H, P, Dv); k_match: (B, H, P, D) keys to compare.
+        k: (B, H, P, D) post-RoPE keys to store; v: (B, H, P, Dv).
+        x: (B, H, P, D) float32 unit-norm matching keys of this frame.
+        match: (idx, cos), each (B, H, P), from :func:`match_frames` against ``track.keys``.
         frame: absolute latent frame index.
         may_overflow: host-side hint that the cap could be reached in this frame; when False the eviction
             search is skipped (it is provably not needed).
@@ -122,13 +149,10 @@ def merge_frame(
         the frame's :class:`Track` and the slot of each token, (B, H, P) int64.
     """
     cap = policy.max_entries
-    x = F.normalize(k_match.float(), dim=-1)
+    idx, cos = match
     if track is None:
-        idx = torch.zeros(x.shape[:-1], dtype=torch.int64, device=x.device)
-        cos = torch.full(x.shape[:-1], _NEG, device=x.device)
+        cos = torch.full_like(cos, _NEG)
     else:
-        idx = searcher.top1(x, track.keys)
-        cos = (x * track.keys.gather(2, idx[..., None].expand_as(x))).sum(-1)
         cos = torch.where(track.active.gather(2, idx), cos, _NEG)
     win = _one_to_one_winners(idx, cos, policy.threshold)
     soft = torch.zeros_like(win)
