@@ -130,3 +130,13 @@ def test_masked_bias_threshold_is_zero_weight():
     a = attention(q, k, v, bias, backend="sdpa_augmented").out
     b, _ = attention_ref(q, k[:, :, 1:], v[:, :, 1:])
     assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_backend_returns_lse_like_the_reference(dtype):
+    q, k, v, bias = _inputs(97, 200, dtype, h=2, hk=1, d=64, dv=64)
+    ref, lse_ref = attention_ref(q, k, v, bias)
+    pt, _ = attention_ref(q, k, v, bias, upcast=False)
+    res = attention(q, k, v, bias, backend="triton", return_lse=True)
+    assert_within_rule("triton", res.out, ref, pt)
+    assert torch.allclose(res.lse, lse_ref, atol=1e-3, rtol=1e-3)

@@ -15,8 +15,11 @@ Backends (``backend=``):
   to a multiple of 64: ``scale * [q, 1/scale, 1/scale] . [k, b_hi, b_lo] = scale * q.k + b``. Any dense
   kernel then applies the bias; on an H100 cuDNN runs it at ~445 TFLOP/s against ~350 for the mask route
   (results/gpu_measurements in the README). No log-sum-exp.
-- ``"auto"``: ``chunked`` when the log-sum-exp is asked for; otherwise ``sdpa`` without a bias, and with a
-  bias ``sdpa_augmented`` on CUDA and ``sdpa`` elsewhere.
+- ``"triton"``: the block-sparse Triton kernel of :mod:`longroll.ops.block_sparse` with every block selected;
+  returns the log-sum-exp at dense-kernel speed on a GPU.
+- ``"auto"``: when the log-sum-exp is asked for, ``triton`` on CUDA (head dims the kernel supports) and
+  ``chunked`` elsewhere; otherwise ``sdpa`` without a bias, and with a bias ``sdpa_augmented`` on CUDA and
+  ``sdpa`` elsewhere.
 
 Masked keys carry a bias of ``-inf`` (or anything <= ``MASKED_BIAS``); every route gives them zero weight.
 """
@@ -24,27 +27,19 @@ Masked keys carry a bias of ``-inf`` (or anything <= ``MASKED_BIAS``); every rou
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from longroll.ops._checks import check_bias, check_qkv
+from longroll.ops.block_index import BlockSparseIndex
+from longroll.ops.block_sparse import TRITON_HEAD_DIMS, block_sparse_attention
 from longroll.ops.reference import expand_kv_heads
+from longroll.ops.types import MASKED_BIAS, AttentionOutput
 
-Backend = Literal["auto", "chunked", "sdpa", "sdpa_augmented"]
-BACKENDS: tuple[str, ...] = ("auto", "chunked", "sdpa", "sdpa_augmented")
-
-#: A bias at or below this value removes the key. Finite so that augmented bf16 columns stay finite:
-#: exp(-30000) is exactly 0 in float32 while the value is representable in fp16 and bf16.
-MASKED_BIAS = -30000.0
-
-
-class AttentionOutput(NamedTuple):
-    """out: (batch, heads, seqlen_q, head_dim_v); lse: (batch, heads, seqlen_q) float32, or None."""
-
-    out: torch.Tensor
-    lse: torch.Tensor | None
+Backend = Literal["auto", "chunked", "sdpa", "sdpa_augmented", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "chunked", "sdpa", "sdpa_augmented", "triton")
 
 
 def attention(
@@ -67,7 +62,8 @@ def attention(
         bias: (batch, heads_kv, seqlen_k), added to the scaled logit of each key for every query.
         scale: logit scale, default 1/sqrt(head_dim).
         backend: see the module docstring.
-        return_lse: also return the float32 log-sum-exp (batch, heads, seqlen_q); needs ``chunked``.
+        return_lse: also return the float32 log-sum-exp (batch, heads, seqlen_q); needs ``chunked`` or
+            ``triton``.
         max_elements: cap on the scores the ``chunked`` route holds at once.
 
     Returns:
@@ -82,16 +78,21 @@ def attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if backend == "auto":
         if return_lse or lk == 0:
-            backend = "chunked"
+            backend = "triton" if q.is_cuda and lk > 0 and d in TRITON_HEAD_DIMS and v.shape[-1] == d else "chunked"
         elif bias is None:
             backend = "sdpa"
         else:
             backend = "sdpa_augmented" if q.is_cuda else "sdpa"
-    if return_lse and backend != "chunked":
-        raise ValueError(f"backend={backend!r} cannot return the log-sum-exp; use backend='chunked'")
+    if return_lse and backend not in ("chunked", "triton"):
+        raise ValueError(f"backend={backend!r} cannot return the log-sum-exp; use backend='chunked' or 'triton'")
     if backend == "chunked":
         out, lse = _chunked(q, k, v, bias, scale, max_elements)
         return AttentionOutput(out, lse if return_lse else None)
+    if backend == "triton":
+        # One (1, 1, ...) index is shared by every batch element and head.
+        index = BlockSparseIndex.full(1, 1, q.shape[2], lk, device=q.device)
+        res = block_sparse_attention(q, k, v, index, bias, scale=scale, backend="triton")
+        return AttentionOutput(res.out, res.lse if return_lse else None)
     if lk == 0:
         raise ValueError("k has seqlen_k = 0; only backend='chunked' accepts an empty key set")
     if backend == "sdpa":

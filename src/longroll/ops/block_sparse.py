@@ -31,9 +31,9 @@ from typing import Literal
 import torch
 
 from longroll.ops._checks import check_bias, check_qkv
-from longroll.ops.attention import MASKED_BIAS, AttentionOutput
 from longroll.ops.block_index import BlockSparseIndex
 from longroll.ops.reference import attention_ref
+from longroll.ops.types import MASKED_BIAS, AttentionOutput
 
 BlockSparseBackend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
