@@ -76,7 +76,10 @@ def preset(
     tc_lsh = table["tempcache_lsh"].cache
     tc_int8 = table["tempcache"].cache
     sa_lsh, sa_int8 = AnnSAConfig(ann=LSHConfig(bits=6, probes=1)), AnnSAConfig(ann=Int8Config())
-    ca_lsh, ca_int8 = AnnCAConfig(ann=LSHConfig(bits=8)), AnnCAConfig(ann=Int8Config(topk=4))
+    # A fixed pack width keeps AnnCA free of host syncs; 256 exceeds any real prompt once Wan's 512 zero pads
+    # have collapsed into one key, so nothing is truncated in practice.
+    ca_lsh = AnnCAConfig(ann=LSHConfig(bits=8), max_kept=256)
+    ca_int8 = AnnCAConfig(ann=Int8Config(topk=4), max_kept=256)
     table |= {
         "annsa": PolicyConfig("annsa", FullPolicy(), annsa=sa_lsh),
         "annsa_int8": PolicyConfig("annsa_int8", FullPolicy(), annsa=sa_int8),
