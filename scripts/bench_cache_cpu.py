@@ -10,9 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from longroll.bench.cache_policies import CacheBenchConfig, as_table, run, to_json
+from longroll.bench.cache_policies import CacheBenchConfig, as_table, report_header, run, to_json
 from longroll.bench.demo import plot
-from longroll.bench.env import environment
 from longroll.eval.synthetic import SceneConfig
 
 
@@ -29,7 +28,7 @@ def main() -> None:
     results = run(cfg)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "cache_policies.json").write_text(
-        json.dumps({"environment": environment(), "config": repr(cfg), "results": to_json(results)}, indent=1)
+        json.dumps(report_header() | {"config": repr(cfg), "results": to_json(results)}, indent=1)
     )
     plot(results, a.out / "cache_policies.png")
     print(as_table(results))

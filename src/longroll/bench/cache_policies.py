@@ -8,6 +8,7 @@ kept verbatim) and the density (entries attended / entries of the full cache).
 
 from __future__ import annotations
 
+import datetime
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from longroll.eval.synthetic import SceneConfig, scene_chunks
 from longroll.models.wan.model import WanRotaryEmbedding, apply_rope
 from longroll.ops.attention import attention
 from longroll.ops.probes import attention_recall, relative_l2
+from longroll.pipeline.generate import current_command, environment_info
 
 
 @dataclass(frozen=True)
@@ -194,3 +196,12 @@ def as_table(results: list[PolicyResult]) -> str:
 
 def to_json(results: list[PolicyResult]) -> list[dict[str, object]]:
     return [asdict(r) for r in results]
+
+
+def report_header() -> dict[str, object]:
+    """Date, command and environment recorded with every result file."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": current_command(),
+        "environment": environment_info("cpu"),
+    }

@@ -10,8 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from longroll.bench.cache_policies import CacheBenchConfig, PolicyResult, as_table, run, to_json
-from longroll.bench.env import environment
+from longroll.bench.cache_policies import CacheBenchConfig, PolicyResult, as_table, report_header, run, to_json
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def run_demo(out_dir: Path, device: str | None = None, frames: int = 48) -> int:
     cfg = CacheBenchConfig(frames=frames)
     results = run(cfg)
     (out_dir / "cache_policies.json").write_text(
-        json.dumps({"environment": environment(), "config": repr(cfg), "results": to_json(results)}, indent=1)
+        json.dumps(report_header() | {"config": repr(cfg), "results": to_json(results)}, indent=1)
     )
     plot(results, out_dir / "cache_policies.png")
     log.info("wrote %s", out_dir)
