@@ -96,3 +96,34 @@ def test_dense_and_bounded_policies_agree_while_history_fits():
     for name in ("sink_window", "budget"):
         out = RolloutEngine(model, _processor(name, memory_frames=8), cfg).run(ctx).latents
         assert torch.allclose(out, ref, atol=1e-5), name
+
+
+def test_component_timer_reports_every_span_per_chunk():
+    from longroll.policies.timing import ComponentTimer
+
+    model = _model()
+    pol = preset("all", tokens_per_frame=P, frames_per_chunk=FPC, memory_frames=4)
+    proc = CachedProcessor(
+        pol,
+        num_layers=CFG.num_layers,
+        batch=1,
+        heads=CFG.num_heads,
+        head_dim=CFG.head_dim,
+        tokens_per_frame=P,
+        frames_per_chunk=FPC,
+        dtype=torch.float32,
+        device="cpu",
+        timer=ComponentTimer("cpu"),
+    )
+    cfg = RolloutConfig(
+        num_frames=3 * FPC,
+        frames_per_chunk=FPC,
+        latent_shape=(CFG.in_channels, LH, LW),
+        sampler=SamplerConfig(timesteps=(1000, 500)),
+    )
+    res = RolloutEngine(model, proc, cfg).run(torch.randn(1, 5, CFG.text_dim))
+    first, last = res.stats[0].components, res.stats[-1].components
+    assert {"attention", "cache_commit", "ann_plan", "cross_attention"} <= set(first)
+    assert "ann_select" in last  # sparse steps start once a plan exists
+    assert all(v >= 0 for v in last.values())
+    assert sum(last.values()) <= res.stats[-1].seconds

@@ -34,6 +34,7 @@ from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.policies.cached import CachedProcessor
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, preset
+from longroll.policies.timing import ComponentTimer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class RolloutBenchConfig:
         sampler: per-chunk schedule (default: 4 few-step denoising passes).
         warmup: run an unrecorded two-chunk rollout per policy first.
         include_dense: always measure the dense baseline.
+        components: also time attention, ANN selection/planning and cache commits per chunk (CUDA events; the
+            rest of the chunk is linears, norms and glue).
     """
 
     preset: str = "tiny"
@@ -84,6 +87,7 @@ class RolloutBenchConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     warmup: bool = True
     include_dense: bool = True
+    components: bool = False
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -144,6 +148,7 @@ def _record(policy: str, st: ChunkStats | None, fpc: int, chunk: int, reason: st
         "fps_video": None,
         "peak_bytes": None,
         "cache_bytes": None,
+        "components": None,
     }
     if st is not None:
         rec.update(
@@ -152,6 +157,7 @@ def _record(policy: str, st: ChunkStats | None, fpc: int, chunk: int, reason: st
             fps_video=TEMPORAL_FACTOR * fpc / st.seconds,
             peak_bytes=st.peak_bytes,
             cache_bytes=st.cache_bytes,
+            components=st.components or None,
         )
     else:
         rec["reason"] = reason
@@ -193,6 +199,7 @@ class _Bench:
             frames_per_chunk=c.frames_per_chunk,
             dtype=self.dtype,
             device=self.device,
+            timer=ComponentTimer(self.device) if c.components else None,
         )
 
     def _rollout(self, policy: str, num_frames: int, on_chunk: Any = None) -> None:

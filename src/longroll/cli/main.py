@@ -147,6 +147,7 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warmup", action="store_true", help="skip the unrecorded warm-up rollout")
     p.add_argument("--no-dense", action="store_true", help="do not add the dense baseline")
+    p.add_argument("--components", action="store_true", help="also time attention, ANN and cache commits per chunk")
     p.add_argument("--out", default="out/bench_rollout", help="folder for bench_rollout.json/.png")
     _add_sampler_args(p)
     p.set_defaults(handler=_cmd_bench_rollout)
@@ -282,6 +283,7 @@ def _cmd_bench_rollout(args: argparse.Namespace, command: str) -> int:
         seed=args.seed,
         warmup=not args.no_warmup,
         include_dense=not args.no_dense,
+        components=args.components,
         sampler=SamplerConfig(timesteps=args.timesteps, shift=args.shift),
     )
     header = ("policy", "warm ms/chunk", "last3 ms", "fps (latent)", "peak MiB", "cache MiB", "status")

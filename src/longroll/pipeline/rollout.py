@@ -76,6 +76,7 @@ class ChunkStats:
     seconds: float
     peak_bytes: int
     cache_bytes: int
+    components: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,6 +184,8 @@ class RolloutEngine:
             raise ValueError(f"actions must have shape ({b}, {f0 + cfg.num_frames}), got {tuple(actions.shape)}")
         stats: list[ChunkStats] = []
         fpc = cfg.frames_per_chunk
+        if self.processor.timer is not None:
+            self.processor.timer.collect()  # drop spans of the initial-frame commit
         for ci in range(cfg.num_chunks):
             frame = f0 + ci * fpc
             gen = torch.Generator(device=dev).manual_seed(cfg.seed + ci)
@@ -201,6 +204,7 @@ class RolloutEngine:
                 seconds=time.perf_counter() - t0,
                 peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0,
                 cache_bytes=self.processor.cache_bytes(),
+                components={} if self.processor.timer is None else self.processor.timer.collect(),
             )
             stats.append(st)
             frames.append(clean)

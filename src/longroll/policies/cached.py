@@ -3,6 +3,7 @@ caches, for chunked autoregressive rollouts."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from longroll.cache.config import CacheConfig
 from longroll.cache.kv_cache import LayerKVCache
 from longroll.ops.attention import attention
 from longroll.policies.config import PolicyConfig
+from longroll.policies.timing import ComponentTimer
 from longroll.sparse.annca import AnnCA, CollapsedPrompt, collapse_duplicates
 from longroll.sparse.annsa import AnnSAPlanner
 
@@ -44,6 +46,9 @@ class CachedProcessor:
         dtype, device: cache storage.
         head_ids: global ids of the held heads (for head-sharded multi-GPU runs).
         check_finite: validate staged K/V (one host sync per stage; off for timed runs).
+        timer: optional :class:`ComponentTimer` that receives the time of self-attention (``attention``), ANN
+            block selection (``ann_select``), cache commits (``cache_commit``), AnnSA planning (``ann_plan``) and
+            cross-attention (``cross_attention``).
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class CachedProcessor:
         device: torch.device | str,
         head_ids: tuple[int, ...] | None = None,
         check_finite: bool = False,
+        timer: ComponentTimer | None = None,
     ) -> None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -72,6 +78,7 @@ class CachedProcessor:
             for i in range(num_layers)
         ]
         self.pass_info: PassInfo | None = None
+        self.timer = timer
         self.tokens_per_frame = tokens_per_frame
         self.planners = [AnnSAPlanner(policy.annsa) if policy.annsa else None for _ in range(num_layers)]
         self._planned = [False] * num_layers
@@ -101,25 +108,35 @@ class CachedProcessor:
         view = cache.view()
         planner = self.planners[layer]
         if planner is not None and self._planned[layer] and self._sparse(layer):
-            out = planner.run(q, view, staged_tokens=cache.staged_tokens).out
+            with self._span("ann_select"):
+                sel = planner.select(q, view, staged_tokens=cache.staged_tokens)
+            with self._span("attention"):
+                out = planner.run(q, view, staged_tokens=cache.staged_tokens, selection=sel).out
         else:
-            out = attention(q, *view, backend=self.policy.attention_backend).out
+            with self._span("attention"):
+                out = attention(q, *view, backend=self.policy.attention_backend).out
         if info.commit:
-            cache.commit(queries=q)
+            with self._span("cache_commit"):
+                cache.commit(queries=q)
             if planner is not None:
-                planner.plan(cache)
+                with self._span("ann_plan"):
+                    planner.plan(cache)
                 self._planned[layer] = True
         return out
 
     def cross_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ca = self.annca[layer]
-        if ca is None or not self._sparse(layer):
-            return F.scaled_dot_product_attention(q, k, v)
-        prompt = self._prompts[layer]
-        if prompt is None or prompt.k.shape[0] != k.shape[0]:
-            # Exact duplicate collapse (one host sync) once per prompt and layer, not per step.
-            prompt = self._prompts[layer] = collapse_duplicates(k, v)
-        return ca.run(q, prompt, tokens_per_frame=self.tokens_per_frame).out
+        with self._span("cross_attention"):
+            if ca is None or not self._sparse(layer):
+                return F.scaled_dot_product_attention(q, k, v)
+            prompt = self._prompts[layer]
+            if prompt is None or prompt.k.shape[0] != k.shape[0]:
+                # Exact duplicate collapse (one host sync) once per prompt and layer, not per step.
+                prompt = self._prompts[layer] = collapse_duplicates(k, v)
+            return ca.run(q, prompt, tokens_per_frame=self.tokens_per_frame).out
+
+    def _span(self, name: str) -> AbstractContextManager[None]:
+        return nullcontext() if self.timer is None else self.timer.span(name)
 
     def _sparse(self, layer: int) -> bool:
         info = self._info()

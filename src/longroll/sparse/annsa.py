@@ -344,16 +344,19 @@ class AnnSAPlanner:
         *,
         staged_tokens: int | None = None,
         scale: float | None = None,
+        selection: AnnSASelection | None = None,
     ) -> AnnSAOutput:
         """Block-sparse attention of q over the view with this step's selection.
 
         Args:
             q: (B, H, Lq, D); view, staged_tokens: as in :meth:`select`; scale: logit scale (1/sqrt(D)).
+            selection: a :meth:`select` result for these q and view (computed here when None), so callers
+                can time or inspect the selection apart from the attention.
 
         Returns:
             :class:`AnnSAOutput` with out (B, H, Lq, Dv) and lse (B, H, Lq) in the original query order.
         """
-        sel = self.select(q, view, staged_tokens=staged_tokens)
+        sel = self.select(q, view, staged_tokens=staged_tokens) if selection is None else selection
         res = block_sparse_attention(
             sel.permute_queries(q),
             view.k,
