@@ -40,17 +40,14 @@ def plot(results: list[PolicyResult], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out_dir: Path, device: str | None = None, frames: int = 48) -> int:
-    """Run the demo and return a process exit code. ``device`` is accepted for CLI symmetry; the synthetic
-    cache benchmark runs on the CPU."""
+def run_demo(out_dir: Path, device: str | None = None, frames: int = 48) -> tuple[str, list[Path]]:
+    """Run the demo; returns the summary table and the files written. ``device`` is accepted for CLI
+    symmetry; the synthetic cache benchmark runs on the CPU."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = CacheBenchConfig(frames=frames)
     results = run(cfg)
-    (out_dir / "cache_policies.json").write_text(
-        json.dumps(report_header() | {"config": repr(cfg), "results": to_json(results)}, indent=1)
-    )
-    plot(results, out_dir / "cache_policies.png")
+    files = [out_dir / "cache_policies.json", out_dir / "cache_policies.png"]
+    files[0].write_text(json.dumps(report_header() | {"config": repr(cfg), "results": to_json(results)}, indent=1))
+    plot(results, files[1])
     log.info("wrote %s", out_dir)
-    print(as_table(results))  # noqa: T201 -- the demo's purpose is this table
-    print(f"\nwrote {out_dir / 'cache_policies.json'} and {out_dir / 'cache_policies.png'}")  # noqa: T201
-    return 0
+    return as_table(results), files

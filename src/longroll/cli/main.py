@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="run the packaged demo")
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     demo.add_argument("--device", help="default: cuda if available, else cpu")
+    demo.add_argument("--frames", type=int, default=48, help="latent frames rolled out (default 48)")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -389,7 +390,12 @@ def _cmd_demo(args: argparse.Namespace, command: str) -> int:
     except ImportError as e:
         print(f"longroll: error: the demo is not available in this installation ({e})", file=sys.stderr)
         return EXIT_USAGE
-    return int(run_demo(Path(args.out), args.device))
+    if args.frames < 4 or args.frames % 2:
+        raise ValueError(f"--frames must be an even number >= 4, got {args.frames}")
+    table, files = run_demo(Path(args.out), args.device, frames=args.frames)
+    print(table)
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------- main
