@@ -127,3 +127,21 @@ def test_component_timer_reports_every_span_per_chunk():
     assert "ann_select" in last  # sparse steps start once a plan exists
     assert all(v >= 0 for v in last.values())
     assert sum(last.values()) <= res.stats[-1].seconds
+
+
+@pytest.mark.parametrize("policy", ["tempcache", "all"])
+def test_saved_and_resumed_rollout_equals_uninterrupted(tmp_path, policy):
+    from safetensors.torch import load_file, save_file
+
+    model = _model()
+    ctx = torch.randn(1, 5, CFG.text_dim)
+    shape = (CFG.in_channels, LH, LW)
+    sampler = SamplerConfig(timesteps=(1000, 500))
+    whole = RolloutEngine(model, _processor(policy), RolloutConfig(4 * FPC, FPC, shape, sampler)).run(ctx).latents
+    first = _processor(policy)
+    a = RolloutEngine(model, first, RolloutConfig(2 * FPC, FPC, shape, sampler)).run(ctx).latents
+    save_file(first.state_dict(), tmp_path / "state.safetensors")
+    resumed = _processor(policy)
+    resumed.load_state_dict(load_file(tmp_path / "state.safetensors"))
+    b = RolloutEngine(model, resumed, RolloutConfig(2 * FPC, FPC, shape, sampler)).run(ctx).latents
+    assert torch.equal(torch.cat([a, b], dim=2), whole)

@@ -151,11 +151,15 @@ class RolloutEngine:
         on_chunk: Callable[[int, torch.Tensor, ChunkStats], None] | None = None,
         dtype: torch.dtype | None = None,
     ) -> RolloutResult:
-        """Generate ``config.num_frames`` latent frames.
+        """Generate ``config.num_frames`` latent frames after those the processor's caches already hold.
+
+        A processor restored from a saved state (``CachedProcessor.load_state_dict``) therefore resumes the
+        rollout where it stopped; chunk noise is seeded by absolute frame, so a resumed rollout reproduces the
+        uninterrupted one.
 
         Args:
             context: (batch, text_len, text_dim) prompt embeddings.
-            actions: (batch, initial + num_frames) long, per-frame actions of a world model.
+            actions: (batch, initial + num_frames) long, per-frame actions of a world model (this call's frames).
             initial_latents: (batch, channels, f0, height, width) clean frames committed before generation.
             on_chunk: called after each chunk with (chunk index, latents (batch, channels, F, h, w), stats).
             dtype: dtype of the latents fed to the model (default: the context's).
@@ -167,7 +171,10 @@ class RolloutEngine:
         b = context.shape[0]
         c, h, w = cfg.latent_shape
         frames: list[torch.Tensor] = []
+        base = self.processor.caches[0].committed_frames
         f0 = 0
+        if initial_latents is not None and base:
+            raise ValueError(f"initial_latents given but the caches already hold {base} frames")
         if initial_latents is not None:
             if (
                 initial_latents.dim() != 5
@@ -187,9 +194,10 @@ class RolloutEngine:
         if self.processor.timer is not None:
             self.processor.timer.collect()  # drop spans of the initial-frame commit
         for ci in range(cfg.num_chunks):
-            frame = f0 + ci * fpc
-            gen = torch.Generator(device=dev).manual_seed(cfg.seed + ci)
-            act = None if actions is None else actions[:, frame : frame + fpc]
+            rel = f0 + ci * fpc
+            frame = base + rel
+            gen = torch.Generator(device=dev).manual_seed(cfg.seed + frame)
+            act = None if actions is None else actions[:, rel : rel + fpc]
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             _sync(dev)

@@ -161,6 +161,12 @@ class CachedProcessor:
         return {f"layer{i}.{k}": v for i, c in enumerate(self.caches) for k, v in c.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` output; AnnSA plans are rebuilt from the restored caches (the saved
+        layout is already bucket-sorted, so re-planning keeps it)."""
         for i, c in enumerate(self.caches):
             prefix = f"layer{i}."
             c.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            planner = self.planners[i]
+            self._planned[i] = planner is not None and c.committed_frames > 0
+            if planner is not None and self._planned[i]:
+                planner.plan(c)
