@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from longroll.cache.config import CacheConfig
 from longroll.cache.kv_cache import LayerKVCache
 from longroll.ops.attention import attention
+from longroll.ops.block_index import BlockSparseIndex
+from longroll.ops.block_sparse import block_sparse_attention
 from longroll.policies.config import PolicyConfig
 from longroll.policies.timing import ComponentTimer
 from longroll.sparse.annca import AnnCA, CollapsedPrompt, collapse_duplicates
 from longroll.sparse.annsa import AnnSAPlanner
+from longroll.sparse.radial import radial_index
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class CachedProcessor:
             for i in range(num_layers)
         ]
         self._prompts: list[CollapsedPrompt | None] = [None] * num_layers
+        self._radial: tuple[int, BlockSparseIndex] | None = None
 
     def reset_prompt(self) -> None:
         """Forget the per-layer collapsed prompts (call when the prompt changes; the engine does it per run)."""
@@ -112,6 +116,9 @@ class CachedProcessor:
                 sel = planner.select(q, view, staged_tokens=cache.staged_tokens)
             with self._span("attention"):
                 out = planner.run(q, view, staged_tokens=cache.staged_tokens, selection=sel).out
+        elif self.policy.radial is not None and self._sparse(layer):
+            with self._span("attention"):
+                out = block_sparse_attention(q, *view[:2], self._radial_for(cache), view.bias).out
         else:
             with self._span("attention"):
                 out = attention(q, *view, backend=self.policy.attention_backend).out
@@ -134,6 +141,22 @@ class CachedProcessor:
                 # Exact duplicate collapse (one host sync) once per prompt and layer, not per step.
                 prompt = self._prompts[layer] = collapse_duplicates(k, v)
             return ca.run(q, prompt, tokens_per_frame=self.tokens_per_frame).out
+
+    def _radial_for(self, cache: LayerKVCache) -> BlockSparseIndex:
+        """The static mask of the current chunk, built once and shared by every layer and step."""
+        cfg = self.policy.radial
+        if cfg is None:
+            raise RuntimeError("no radial config")
+        if self._radial is None or self._radial[0] != cache.committed_frames:
+            index = radial_index(
+                cfg,
+                history_frames=cache.committed_frames,
+                chunk_frames=cache.staged_tokens // self.tokens_per_frame,
+                tokens_per_frame=self.tokens_per_frame,
+                device=cache.device,
+            )
+            self._radial = (cache.committed_frames, index)
+        return self._radial[1]
 
     def _span(self, name: str) -> AbstractContextManager[None]:
         return nullcontext() if self.timer is None else self.timer.span(name)

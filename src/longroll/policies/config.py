@@ -10,6 +10,7 @@ from longroll.ops.attention import BACKENDS, Backend
 from longroll.policies.schedule import SparseSchedule
 from longroll.sparse.annca import AnnCAConfig
 from longroll.sparse.annsa import AnnSAConfig
+from longroll.sparse.radial import RadialConfig
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class PolicyConfig:
         annsa: ANN block-sparse self-attention over the cache, or None for dense self-attention.
         annca: ANN prompt-token selection in cross-attention, or None for dense cross-attention.
         schedule: which denoising steps and layers use the sparse paths (the first ~30 % of steps stay dense).
+        radial: a static Radial-Attention-style mask over the time-ordered full cache (peer baseline), or None.
     """
 
     name: str = "dense"
@@ -31,12 +33,15 @@ class PolicyConfig:
     annsa: AnnSAConfig | None = None
     annca: AnnCAConfig | None = None
     schedule: SparseSchedule = field(default_factory=SparseSchedule)
+    radial: RadialConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("name must be a non-empty string")
         if self.annsa is not None and isinstance(self.cache, SinkWindowPolicy):
             raise ValueError("annsa cannot run over a SinkWindowPolicy cache (its ring buffer must not be reordered)")
+        if self.radial is not None and (self.annsa is not None or not isinstance(self.cache, FullPolicy)):
+            raise ValueError("radial needs the full cache (slots in time order) and excludes annsa")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
 
@@ -56,7 +61,8 @@ def preset(
     Names: ``dense`` (unbounded cache), ``sink_window`` (LongLive), ``budget`` (importance budget),
     ``tempcache`` and ``tempcache_lsh`` (temporal-correspondence merging, int8 or LSH matching), ``annsa`` and
     ``annsa_int8`` (ANN block-sparse self-attention over the unbounded cache), ``annca`` (ANN prompt-token
-    selection), ``all`` and ``all_int8`` (TempCache + AnnSA + AnnCA).
+    selection), ``radial`` (static Radial-Attention-style mask, peer baseline), ``all`` and ``all_int8``
+    (TempCache + AnnSA + AnnCA).
     ``memory_frames`` sets the budget/cap of the bounded policies, in latent frames.
     """
     if memory_frames < frames_per_chunk + 1:
@@ -84,6 +90,7 @@ def preset(
         "annsa": PolicyConfig("annsa", FullPolicy(), annsa=sa_lsh),
         "annsa_int8": PolicyConfig("annsa_int8", FullPolicy(), annsa=sa_int8),
         "annca": PolicyConfig("annca", FullPolicy(), annca=ca_lsh),
+        "radial": PolicyConfig("radial", FullPolicy(), radial=RadialConfig()),
         "all": PolicyConfig("all", tc_lsh, annsa=sa_lsh, annca=ca_lsh),
         "all_int8": PolicyConfig("all_int8", tc_int8, annsa=sa_int8, annca=ca_int8),
     }
@@ -101,6 +108,7 @@ PRESET_NAMES: tuple[str, ...] = (
     "annsa",
     "annsa_int8",
     "annca",
+    "radial",
     "all",
     "all_int8",
 )
