@@ -132,3 +132,24 @@ def test_subprocess_bad_policy_exits_2_without_traceback() -> None:
 def test_debug_reraises(argv: list[str]) -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
         main([*argv, "--height", "100"])
+
+
+def test_bench_rollout_at_sampled_history_lengths(tmp_path):
+    from longroll.bench.rollout import bench_rollout
+
+    report = bench_rollout(
+        "tiny", ("dense", "annsa"), 2, out_dir=tmp_path, frames_per_chunk=2, history_frames=(0, 4, 8), warmup=False
+    )
+    recs = report.data["chunks"]
+    assert [(r["policy"], r["history_frames"]) for r in recs] == [
+        ("dense", 0),
+        ("dense", 4),
+        ("dense", 8),
+        ("annsa", 0),
+        ("annsa", 4),
+        ("annsa", 8),
+    ]
+    assert all(r["measured"] and r["seconds"] > 0 for r in recs)
+    fit = report.data["summary"]["dense"]
+    assert fit["status"] == "ok" and fit["fit_slope_s_per_frame"] is not None
+    assert report.png_path is not None and report.png_path.exists()

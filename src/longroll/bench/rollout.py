@@ -70,6 +70,10 @@ class RolloutBenchConfig:
         include_dense: always measure the dense baseline.
         components: also time attention, ANN selection/planning and cache commits per chunk (CUDA events; the
             rest of the chunk is linears, norms and glue).
+        history_frames: when given, each policy is instead measured at these cache lengths (latent frames of
+            random K/V committed before the rollout, so lengths past what a rollout could reach in the time,
+            or past memory, can be sampled): ``num_frames`` are generated after each prefill and the last
+            chunk is recorded. Lengths that run out of memory are recorded as such and end the policy's sweep.
     """
 
     preset: str = "tiny"
@@ -88,6 +92,7 @@ class RolloutBenchConfig:
     warmup: bool = True
     include_dense: bool = True
     components: bool = False
+    history_frames: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -114,6 +119,13 @@ class RolloutBenchConfig:
             raise ValueError(f"max_dense_frames must be >= 1, got {self.max_dense_frames}")
         if self.text_len < 1:
             raise ValueError(f"text_len must be >= 1, got {self.text_len}")
+        hist = tuple(self.history_frames)
+        if any(h < 0 or h % self.frames_per_chunk for h in hist) or list(hist) != sorted(set(hist)):
+            raise ValueError(
+                f"history_frames must be increasing multiples of frames_per_chunk={self.frames_per_chunk}, "
+                f"got {list(hist)}"
+            )
+        object.__setattr__(self, "history_frames", hist)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -202,11 +214,47 @@ class _Bench:
             timer=ComponentTimer(self.device) if c.components else None,
         )
 
-    def _rollout(self, policy: str, num_frames: int, on_chunk: Any = None) -> None:
+    def _rollout(
+        self, policy: str, num_frames: int, on_chunk: Any = None, processor: CachedProcessor | None = None
+    ) -> None:
         c = self.cfg
         lh, lw = c.latent_hw
         rc = RolloutConfig(num_frames, c.frames_per_chunk, (self.wan.in_channels, lh, lw), c.sampler, c.seed)
-        RolloutEngine(self.model, self._processor(policy), rc).run(self.context, on_chunk=on_chunk, dtype=self.dtype)
+        proc = self._processor(policy) if processor is None else processor
+        RolloutEngine(self.model, proc, rc).run(self.context, on_chunk=on_chunk, dtype=self.dtype)
+
+    def _prefilled(self, policy: str, frames: int) -> CachedProcessor:
+        """A processor whose caches already hold ``frames`` latent frames of random unit-scale K/V."""
+        proc = self._processor(policy)
+        fpc, p = self.cfg.frames_per_chunk, self.tokens_per_frame
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        shape = (1, self.wan.num_heads, fpc * p, self.wan.head_dim)
+        for cache in proc.caches:
+            for f0 in range(0, frames, fpc):
+                k = torch.randn(shape, generator=g, device=self.device).to(self.dtype)
+                cache.stage(k, torch.randn_like(k), frame_start=f0)
+                cache.commit()
+        proc.replan()
+        return proc
+
+    def run_policy_at(self, policy: str) -> list[dict[str, Any]]:
+        """One record per sampled history length: the last chunk of a short rollout after the prefill."""
+        c = self.cfg
+        records: list[dict[str, Any]] = []
+        for hist in c.history_frames:
+            stats: list[ChunkStats] = []
+            try:
+                proc = self._prefilled(policy, hist)
+                self._rollout(policy, c.num_frames, lambda i, lat, st, acc=stats: acc.append(st), processor=proc)
+                rec = _record(policy, stats[-1], c.frames_per_chunk, len(stats) - 1)
+            except torch.OutOfMemoryError:
+                rec = _record(policy, None, c.frames_per_chunk, 0, f"out of memory at {hist} history frames")
+            rec["history_frames"] = hist
+            records.append(rec)
+            self._free()
+            if not rec["measured"]:
+                break
+        return records
 
     def _free(self) -> None:
         gc.collect()
@@ -263,6 +311,26 @@ def _summary(stats: list[ChunkStats], fpc: int, wall: float, status: str) -> dic
     }
 
 
+def _fit_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Least-squares line ``seconds = a + b * history_frames`` through the measured sampled lengths, so that
+    lengths past memory can be extrapolated (and labelled as such by the reader)."""
+    pts = [(r["history_frames"], r["seconds"]) for r in records if r["measured"]]
+    out: dict[str, Any] = {
+        "status": "ok" if all(r["measured"] for r in records) else records[-1].get("reason", "not measured"),
+        "points": pts,
+        "fit_intercept_s": None,
+        "fit_slope_s_per_frame": None,
+    }
+    if len(pts) >= 2:
+        n = len(pts)
+        mx = sum(x for x, _ in pts) / n
+        my = sum(y for _, y in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else 0.0
+        out["fit_intercept_s"], out["fit_slope_s_per_frame"] = my - slope * mx, slope
+    return out
+
+
 def run_rollout_bench(config: RolloutBenchConfig, *, command: str | None = None) -> dict[str, Any]:
     """Measure every policy of ``config``; returns the JSON-ready report (see :func:`bench_rollout`)."""
     bench = _Bench(config)
@@ -270,7 +338,11 @@ def run_rollout_bench(config: RolloutBenchConfig, *, command: str | None = None)
     summary: dict[str, Any] = {}
     for policy in config.policies:
         log.info("benchmarking %s", policy)
-        recs, summary[policy] = bench.run_policy(policy)
+        if config.history_frames:
+            recs = bench.run_policy_at(policy)
+            summary[policy] = _fit_summary(recs)
+        else:
+            recs, summary[policy] = bench.run_policy(policy)
         records.extend(recs)
     h, w = config.size
     return {
@@ -315,7 +387,8 @@ def plot_report(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     unit, scale = ("GiB", 2**30) if biggest >= 2**30 else ("MiB", 2**20)
     for policy, summ in data["summary"].items():
         pts = [r for r in chunks if r["policy"] == policy and r["measured"]]
-        x = [r["frames_generated"] for r in pts]
+        # sampled lengths: the chunk's position is the prefilled history plus what the short rollout made
+        x = [r.get("history_frames", 0) + r["frames_generated"] for r in pts]
         label = policy if summ["status"] == "ok" else f"{policy} ({summ['status']})"
         line = ax_t.plot(x, [1e3 * r["seconds"] for r in pts], marker="o", ms=3, label=label)[0]
         if cuda_peaks:

@@ -49,6 +49,13 @@ def _policy_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _timesteps(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(t) for t in text.split(","))
@@ -148,6 +155,13 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the unrecorded warm-up rollout")
     p.add_argument("--no-dense", action="store_true", help="do not add the dense baseline")
     p.add_argument("--components", action="store_true", help="also time attention, ANN and cache commits per chunk")
+    p.add_argument(
+        "--at-history",
+        type=_int_list,
+        default=(),
+        help="comma-separated cache lengths (latent frames of random K/V) to measure each policy at, "
+        "instead of one rollout from frame 0 (for lengths a rollout cannot reach or fit)",
+    )
     p.add_argument("--out", default="out/bench_rollout", help="folder for bench_rollout.json/.png")
     _add_sampler_args(p)
     p.set_defaults(handler=_cmd_bench_rollout)
@@ -285,8 +299,15 @@ def _cmd_bench_rollout(args: argparse.Namespace, command: str) -> int:
         warmup=not args.no_warmup,
         include_dense=not args.no_dense,
         components=args.components,
+        history_frames=args.at_history,
         sampler=SamplerConfig(timesteps=args.timesteps, shift=args.shift),
     )
+    if args.at_history:
+        for rec in report.data["chunks"]:
+            ms = _fmt(rec["seconds"], 1e3)
+            print(f"{rec['policy']:<16}history {rec['history_frames']:>5} frames  {ms:>10} ms/chunk")
+        print(f"wrote {report.json_path} and {report.png_path}")
+        return 0
     header = ("policy", "warm ms/chunk", "last3 ms", "fps (latent)", "peak MiB", "cache MiB", "status")
     rows = [
         (

@@ -189,6 +189,12 @@ class CachedProcessor:
         for i, c in enumerate(self.caches):
             prefix = f"layer{i}."
             c.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        self.replan()
+
+    def replan(self) -> None:
+        """Rebuild the AnnSA plans of every layer from its cache (after the caches were filled or restored
+        outside a rollout)."""
+        for i, c in enumerate(self.caches):
             planner = self.planners[i]
             self._planned[i] = planner is not None and c.committed_frames > 0
             if planner is not None and self._planned[i]:
