@@ -248,3 +248,17 @@ def test_bad_commit_queries_leave_the_stage_in_place():
     assert cache.staged_tokens == F * P
     cache.commit(queries=torch.randn(1, 2 * H, 4, D))
     assert cache.bound == F * P
+
+
+def test_groups_never_span_more_than_max_group_frames():
+    p, f = 16, 2
+    base = torch.randn(1, H, p, D)
+    cache = make(TempCachePolicy(max_entries=40 * p, sink_frames=1, max_group=3), p=p, f=f)
+    for c in range(10):
+        k = base.repeat(1, 1, f, 1)
+        cache.stage(k, torch.randn_like(k), frame_start=c * f)
+        cache.commit()
+    counts = cache.buffers.count[:, :, : cache.bound]
+    assert counts.max() == 3
+    # 20 frames: 1 sink frame verbatim, then 19 identical frames in tracks of at most 3 frames each
+    assert cache.mean_entries() == p * (1 + -(-19 // 3))

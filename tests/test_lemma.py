@@ -41,7 +41,10 @@ def test_tempcache_on_identical_frames_is_exact():
     base = torch.randn(1, 2, p, d, generator=g)
     cfg = dict(tokens_per_frame=p, frames_per_chunk=f)
     tc = LayerKVCache(
-        CacheConfig(**cfg, policy=TempCachePolicy(max_entries=8 * p, sink_frames=1)), batch=1, heads=2, head_dim=d
+        CacheConfig(**cfg, policy=TempCachePolicy(max_entries=8 * p, sink_frames=1, max_group=None)),
+        batch=1,
+        heads=2,
+        head_dim=d,
     )
     full = LayerKVCache(CacheConfig(**cfg, policy=FullPolicy()), batch=1, heads=2, head_dim=d)
     for c in range(12):

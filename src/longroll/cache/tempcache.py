@@ -153,7 +153,12 @@ def merge_frame(
     if track is None:
         cos = torch.full_like(cos, _NEG)
     else:
-        cos = torch.where(track.active.gather(2, idx), cos, _NEG)
+        open_ = track.active
+        if policy.max_group is not None:
+            # A full group stops absorbing: the tokens start a new group, so no group spans more than
+            # max_group frames of temporal RoPE phase.
+            open_ = open_ & (buf.count.gather(2, track.slots) < policy.max_group)
+        cos = torch.where(open_.gather(2, idx), cos, _NEG)
     win = _one_to_one_winners(idx, cos, policy.threshold)
     soft = torch.zeros_like(win)
     if may_overflow:
