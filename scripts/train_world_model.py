@@ -1,6 +1,6 @@
 """Train the longroll world model, evaluate it, and write every artefact in one call.
 
-GPU run (one H100, about 9 minutes in all)::
+GPU run (one H100; --minutes bounds the whole script, evaluation included)::
 
     PYTHONPATH=src python3 scripts/train_world_model.py --out $OUT/world --minutes 8
 
@@ -13,10 +13,14 @@ are rendered on the training device; the prompt embeddings come from the package
 (``longroll/assets/world_prompts.safetensors``, made by ``scripts/embed_prompts.py``).
 
 ``--minutes`` bounds the whole script: training stops early enough to leave ``--reserve-s`` seconds for the
-evaluation and the files. Outputs (7 files, all directly in ``--out``):
+evaluation and the files. Outputs (8 files, all directly in ``--out``, each under 15 MB):
 
-- ``model.safetensors``: EMA weights, float16, config in the metadata (ship it as
-  ``src/longroll/assets/world_model.safetensors``);
+- ``model-00001-of-00002.safetensors``, ``model-00002-of-00002.safetensors``: EMA weights, float16, config in
+  the metadata; ship them joined::
+
+      PYTHONPATH=src python3 -c "from longroll.world.model import merge_checkpoint; \
+          merge_checkpoint('OUT/world', 'src/longroll/assets/world_model.safetensors')"
+
 - ``config.json``: transformer config, world-model spec, training config, run facts;
 - ``loss.json`` / ``loss.png``: per-step loss and learning rate, and their plot;
 - ``train.log``: the log of the run;
@@ -57,6 +61,8 @@ from longroll.world.training import EVAL_SEED, TrainConfig, train
 
 log = logging.getLogger("train_world_model")
 START = time.perf_counter()
+#: Largest checkpoint shard; below the 16 MB a device call returns per file.
+SHARD_BYTES = 15_000_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -305,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     facts = {"steps": result.steps, "train_seconds": result.seconds, "stopped_by": result.stopped_by,
              "parameters": n_params, "device": str(device), "torch": torch.__version__,
              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}  # fmt: skip
-    ckpt = args.out / "model.safetensors"
-    size = save_world_model(result.ema_model, ckpt, extra={"train_config": dataclasses.asdict(cfg), **facts})
-    log.info("wrote %s (%.2f MB)", ckpt, size / 1e6)
+    # Two shards: the device machine returns files of at most 16 MB, the float16 checkpoint is about 28.7 MB.
+    size = save_world_model(result.ema_model, args.out / "model.safetensors", max_shard_bytes=SHARD_BYTES,
+                            extra={"train_config": dataclasses.asdict(cfg), **facts})  # fmt: skip
+    log.info("wrote the checkpoint (%.2f MB) as shards in %s", size / 1e6, args.out)
     config = {"wan_config": dataclasses.asdict(model.config), "spec": dataclasses.asdict(spec),
               "train_config": dataclasses.asdict(cfg), "run": {**facts, "checkpoint_bytes": size}}  # fmt: skip
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
@@ -315,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_loss(args.out / "loss.png", result.losses)
 
     # Evaluate the checkpoint as shipped (float16 weights read back), not the in-memory model.
-    eval_model = load_world_model(ckpt, device=device)
+    eval_model = load_world_model(args.out, device=device)
     episodes = args.eval_episodes or (1 if args.smoke else 16)
     report = evaluate(eval_model, device, episodes, 9 if args.smoke else 48, samplers=not args.smoke)
     write_samples(args.out / "samples.png", report.pop("_rollouts"))

@@ -37,6 +37,7 @@ from longroll.world.model import (
     WorldWanModel,
     init_world_model,
     load_world_model,
+    merge_checkpoint,
     save_world_model,
     world_wan_config,
 )
@@ -369,6 +370,16 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.config == TINY and loaded.spec == SPEC
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a.half().float(), b), name
+    # Shards load as one and merge back into one file.
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    save_world_model(model, shard_dir / "model.safetensors", max_shard_bytes=1_000_000)
+    assert len(list(shard_dir.iterdir())) > 1
+    merged = tmp_path / "merged.safetensors"
+    merge_checkpoint(shard_dir, merged)
+    for other in (load_world_model(shard_dir), load_world_model(merged)):
+        for (name, a), (_, b) in zip(loaded.state_dict().items(), other.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
 
 
 def test_full_size_checkpoint_fits_the_budget():
@@ -453,7 +464,13 @@ def test_training_script_smoke(tmp_path):
     assert exit_info.value.code == 0
     names = sorted(p.name for p in out.iterdir())
     assert "acceptance" in (out / "train.log").read_text()
-    expected = ["config.json", "eval.json", "loss.json", "loss.png", "model.safetensors", "samples.png", "train.log"]
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    expected = ["config.json", "eval.json", "loss.json", "loss.png", *shards, "samples.png", "train.log"]
     assert names == expected
-    assert (out / "model.safetensors").stat().st_size < 30e6
-    assert load_world_model(out / "model.safetensors").config == world_wan_config()
+    assert all((out / name).stat().st_size < 15e6 for name in names)  # the device returns files < 16 MB
+    merged = tmp_path / "world_model.safetensors"
+    assert merge_checkpoint(out, merged) < 30e6
+    a, b = load_world_model(out), load_world_model(merged)
+    assert a.config == world_wan_config()
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name

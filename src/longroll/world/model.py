@@ -374,19 +374,72 @@ def checkpoint_metadata(config: WanConfig, spec: WorldModelSpec, extra: dict[str
 
 
 def save_world_model(
-    model: WorldWanModel, path: str | Path, *, dtype: torch.dtype = torch.float16, extra: dict[str, Any] | None = None
+    model: WorldWanModel,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    extra: dict[str, Any] | None = None,
+    max_shard_bytes: int | None = None,
 ) -> int:
-    """Write ``model``'s weights as ``dtype`` safetensors with the config in the metadata; returns the file size.
+    """Write ``model``'s weights as ``dtype`` safetensors with the config in the metadata; returns the bytes written.
 
     float16 rather than bfloat16: the trained weights are small numbers, where float16's 3 extra mantissa bits
     matter and its range does not.
+
+    With ``max_shard_bytes``, the weights are split, in state-dict order, over files
+    ``{stem}-{i:05d}-of-{n:05d}.safetensors`` beside ``path`` (each with the full metadata), for transports that
+    cap file sizes; :func:`load_world_model` reads a folder of shards and :func:`merge_checkpoint` joins them.
     """
     tensors = {
         k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in model.state_dict().items()
     }
-    save_file(tensors, str(path), metadata=checkpoint_metadata(model.config, model.spec, extra))
-    return Path(path).stat().st_size
+    meta = checkpoint_metadata(model.config, model.spec, extra)
+    path = Path(path)
+    if max_shard_bytes is None:
+        save_file(tensors, str(path), metadata=meta)
+        return path.stat().st_size
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes - (1 << 16):  # 64 kB for the JSON header
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        shard_path = path.with_name(f"{path.stem}-{i:05d}-of-{len(shards):05d}{path.suffix}")
+        save_file(shard, str(shard_path), metadata=meta)
+        total += shard_path.stat().st_size
+    return total
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The file(s) of a checkpoint: ``path`` itself if a file; in a folder, ``*.safetensors`` shards or one file."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("*-of-*.safetensors")) or sorted(path.glob("*.safetensors"))
+    if not files or (len(files) > 1 and not files[0].match("*-of-*.safetensors")):
+        raise FileNotFoundError(f"no single checkpoint or set of shards in {path}")
+    return files
+
+
+def merge_checkpoint(src: str | Path, dst: str | Path) -> int:
+    """Join a sharded checkpoint (a folder, see :func:`save_world_model`) into one file; returns its size.
+
+    E.g. ``merge_checkpoint("out/world", "src/longroll/assets/world_model.safetensors")`` after a training run.
+    """
+    files = checkpoint_files(src)
+    with safe_open(str(files[0]), framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    save_file(tensors, str(dst), metadata=meta)
+    return Path(dst).stat().st_size
 
 
 def read_checkpoint_metadata(path: str | Path) -> tuple[WanConfig, WorldModelSpec, dict[str, Any]]:
@@ -408,15 +461,23 @@ def shipped_checkpoint_path() -> Path:
 def load_world_model(
     path: str | Path | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> WorldWanModel:
-    """Load a world-model checkpoint (default: the shipped one) in eval mode, weights cast to ``dtype``."""
+    """Load a world-model checkpoint in eval mode, weights cast to ``dtype``.
+
+    Args:
+        path: a checkpoint file, a folder holding one file or a set of shards, or None for the shipped one.
+    """
     path = shipped_checkpoint_path() if path is None else Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
-            f"no world-model checkpoint at {path}; train one with scripts/train_world_model.py and copy its "
-            f"model.safetensors to longroll/assets/{CHECKPOINT_FILE}"
+            f"no world-model checkpoint at {path}; train one with scripts/train_world_model.py and merge its "
+            f"shards into longroll/assets/{CHECKPOINT_FILE} (merge_checkpoint)"
         )
-    config, spec, _ = read_checkpoint_metadata(path)
+    files = checkpoint_files(path)
+    config, spec, _ = read_checkpoint_metadata(files[0])
     model = WorldWanModel(config, spec)
-    model.load_state_dict(load_file(str(path)), strict=True)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    model.load_state_dict(state, strict=True)
     log.info("loaded world model from %s", path)
     return model.to(device=device, dtype=dtype).eval()
