@@ -127,10 +127,11 @@ def run_policy(cfg: CacheBenchConfig, name: str, policy: CachePolicy) -> PolicyR
             cc.stage(k, v, frame_start=c * fpc, k_match=k_raw)
         if (c + 1) % cfg.probe_every == 0:
             probes.append(_probe(cfg, cache, ref, k))
-        t0 = time.perf_counter()
         # The committing pass's queries (only the budget policy reads them): drawn like the probe queries,
         # with independent noise, as a chunk's queries resemble its own keys.
-        cache.commit(queries=_queries(k))
+        q_commit = _queries(k)
+        t0 = time.perf_counter()
+        cache.commit(queries=q_commit)
         commit_ms.append((time.perf_counter() - t0) * 1e3 / fpc)
         ref.commit()
     return PolicyResult(name, statistics.median(commit_ms), probes)
@@ -191,14 +192,14 @@ def run(cfg: CacheBenchConfig, policies: dict[str, CachePolicy] | None = None) -
 def as_table(results: list[PolicyResult]) -> str:
     """A plain-text summary: the last probe of each policy."""
     head = (
-        f"{'policy':<20}{'frames':>7}{'entries':>9}{'MiB':>7}{'commit ms/fr':>13}{'attn ms':>9}"
+        f"{'policy':<26}{'frames':>7}{'entries':>9}{'MiB':>7}{'commit ms/fr':>13}{'attn ms':>9}"
         f"{'rel L2':>8}{'recall':>8}{'density':>8}"
     )
     rows = [head, "-" * len(head)]
     for r in results:
         p = r.probes[-1]
         rows.append(
-            f"{r.name:<20}{p.frames:>7}{p.entries:>9.0f}{p.bytes / 2**20:>7.1f}{r.commit_ms_per_frame:>13.2f}"
+            f"{r.name:<26}{p.frames:>7}{p.entries:>9.0f}{p.bytes / 2**20:>7.1f}{r.commit_ms_per_frame:>13.2f}"
             f"{p.attention_ms:>9.2f}{p.rel_l2:>8.4f}{p.recall:>8.3f}{p.density:>8.3f}"
         )
     return "\n".join(rows)
