@@ -21,19 +21,17 @@ def _model(seed=0):
     return CausalWanModel(CFG).eval()
 
 
-def _processor(policy="dense", memory_frames=4):
+def _processor(policy="dense", memory_frames=4, **options):
     pol = preset(policy, tokens_per_frame=P, frames_per_chunk=FPC, memory_frames=memory_frames)
-    return CachedProcessor(
+    return CachedProcessor.for_model(
         pol,
-        num_layers=CFG.num_layers,
-        batch=1,
-        heads=CFG.num_heads,
-        head_dim=CFG.head_dim,
+        CFG,
         tokens_per_frame=P,
         frames_per_chunk=FPC,
         dtype=torch.float32,
         device="cpu",
         check_finite=True,
+        **options,
     )
 
 
@@ -102,19 +100,7 @@ def test_component_timer_reports_every_span_per_chunk():
     from longroll.policies.timing import ComponentTimer
 
     model = _model()
-    pol = preset("all", tokens_per_frame=P, frames_per_chunk=FPC, memory_frames=4)
-    proc = CachedProcessor(
-        pol,
-        num_layers=CFG.num_layers,
-        batch=1,
-        heads=CFG.num_heads,
-        head_dim=CFG.head_dim,
-        tokens_per_frame=P,
-        frames_per_chunk=FPC,
-        dtype=torch.float32,
-        device="cpu",
-        timer=ComponentTimer("cpu"),
-    )
+    proc = _processor("all", timer=ComponentTimer("cpu"))
     cfg = RolloutConfig(
         num_frames=3 * FPC,
         frames_per_chunk=FPC,

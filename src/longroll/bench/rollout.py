@@ -201,12 +201,9 @@ class _Bench:
             frames_per_chunk=c.frames_per_chunk,
             memory_frames=c.memory_frames,
         )
-        return CachedProcessor(
+        return CachedProcessor.for_model(
             pol,
-            num_layers=w.num_layers,
-            batch=1,
-            heads=w.num_heads,
-            head_dim=w.head_dim,
+            w,
             tokens_per_frame=self.tokens_per_frame,
             frames_per_chunk=c.frames_per_chunk,
             dtype=self.dtype,

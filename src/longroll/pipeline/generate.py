@@ -146,17 +146,8 @@ def _latent_shape(pipe: LoadedPipeline, height: int, width: int) -> tuple[int, i
 
 
 def _processor(pipe: LoadedPipeline, policy: PolicyConfig, tpf: int, fpc: int) -> CachedProcessor:
-    cfg = pipe.wan_config
-    return CachedProcessor(
-        policy,
-        num_layers=cfg.num_layers,
-        batch=1,
-        heads=cfg.num_heads,
-        head_dim=cfg.head_dim,
-        tokens_per_frame=tpf,
-        frames_per_chunk=fpc,
-        dtype=pipe.dtype,
-        device=pipe.device,
+    return CachedProcessor.for_model(
+        policy, pipe.wan_config, tokens_per_frame=tpf, frames_per_chunk=fpc, dtype=pipe.dtype, device=pipe.device
     )
 
 

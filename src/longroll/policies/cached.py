@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,19 @@ class PassInfo:
     step: int
     num_steps: int
     commit: bool
+
+
+class ModelGeometry(Protocol):
+    """What a processor needs to know of a model (e.g. ``WanConfig``)."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def num_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
 
 
 class CachedProcessor:
@@ -96,6 +110,34 @@ class CachedProcessor:
     def reset_prompt(self) -> None:
         """Forget the per-layer collapsed prompts (call when the prompt changes; the engine does it per run)."""
         self._prompts = [None] * len(self._prompts)
+
+    @classmethod
+    def for_model(
+        cls,
+        policy: PolicyConfig,
+        model: ModelGeometry,
+        *,
+        tokens_per_frame: int,
+        frames_per_chunk: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        batch: int = 1,
+        **options: Any,
+    ) -> CachedProcessor:
+        """A processor with one cache per layer of ``model``, holding all its heads; ``options`` are the other
+        keyword arguments of the constructor (``head_ids``, ``check_finite``, ``timer``)."""
+        return cls(
+            policy,
+            num_layers=model.num_layers,
+            batch=batch,
+            heads=model.num_heads,
+            head_dim=model.head_dim,
+            tokens_per_frame=tokens_per_frame,
+            frames_per_chunk=frames_per_chunk,
+            dtype=dtype,
+            device=device,
+            **options,
+        )
 
     def begin_pass(self, info: PassInfo) -> None:
         """Declare the next forward pass (called by the rollout engine before each model call)."""

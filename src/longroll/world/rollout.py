@@ -113,10 +113,9 @@ def rollout_world(
     cfg = model.config
     tpf = spec.tokens_per_frame
     policy = preset(policy_name, tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=memory_frames)
-    processor = CachedProcessor(
-        policy, num_layers=cfg.num_layers, batch=eps.batch, heads=cfg.num_heads, head_dim=cfg.head_dim,
-        tokens_per_frame=tpf, frames_per_chunk=fpc, dtype=dtype, device=device,
-    )  # fmt: skip
+    processor = CachedProcessor.for_model(
+        policy, cfg, tokens_per_frame=tpf, frames_per_chunk=fpc, dtype=dtype, device=device, batch=eps.batch
+    )
     rollout_cfg = RolloutConfig(
         num_frames=generated, frames_per_chunk=fpc, latent_shape=spec.latent_shape,
         sampler=world_sampler(spec, steps, mode), seed=seed,
