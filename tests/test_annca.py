@@ -163,3 +163,38 @@ def test_bad_inputs_raise_naming_the_argument():
         collapse_duplicates(k[:, :, :0], v[:, :, :0])
     with pytest.raises(ValueError, match="config"):
         AnnCA("lsh", head_dim=32, layer=0, head_ids=(0,))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("collapsed", [True, False])
+def test_dense_over_the_collapsed_prompt_equals_dense_cross_attention(collapsed):
+    k, v = _padded_prompt() if collapsed else _padded_prompt(real=512)
+    prompt = collapse_duplicates(k, v)
+    assert (prompt.k.shape[2] < 512) == collapsed
+    q = _queries()
+    out = AnnCA(AnnCAConfig(), head_dim=32, layer=0, head_ids=range(4)).dense(q, prompt)
+    ref, _ = attention_ref(q, k, v)
+    same, _ = attention_ref(q, k, v, upcast=False)
+    assert_within_rule("dense collapsed", out, ref, same)
+
+
+def test_worth_selecting_follows_the_hit_density():
+    k, v = _padded_prompt()
+    prompt = collapse_duplicates(k, v)
+    q = _queries()
+    # One bit and a Hamming probe: every query hits both buckets, so every token is a hit.
+    everything = LSHConfig(bits=1, probes=1)
+    assert not AnnCA(AnnCAConfig(ann=everything), head_dim=32, layer=0, head_ids=range(4)).worth_selecting(
+        q, prompt, tokens_per_frame=P
+    )
+    always = AnnCAConfig(ann=everything, max_hit_density=None)
+    assert AnnCA(always, head_dim=32, layer=0, head_ids=range(4)).worth_selecting(q, prompt, tokens_per_frame=P)
+    # Many bits over few queries: a small fraction of the prompt is hit.
+    sparse = AnnCAConfig(ann=LSHConfig(bits=16), max_hit_density=0.5)
+    few = _queries(frames=1)[:, :, :4]
+    assert AnnCA(sparse, head_dim=32, layer=0, head_ids=range(4)).worth_selecting(few, prompt, tokens_per_frame=4)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_max_hit_density_is_validated(bad):
+    with pytest.raises(ValueError, match="max_hit_density"):
+        AnnCAConfig(max_hit_density=bad)

@@ -131,3 +131,33 @@ def test_saved_and_resumed_rollout_equals_uninterrupted(tmp_path, policy):
     resumed.load_state_dict(load_file(tmp_path / "state.safetensors"))
     b = RolloutEngine(model, resumed, RolloutConfig(2 * FPC, FPC, shape, sampler)).run(ctx).latents
     assert torch.equal(torch.cat([a, b], dim=2), whole)
+
+
+def test_annca_falls_back_to_exact_collapsed_attention_where_selection_is_dense():
+    proc = _processor("annca")
+    proc.begin_pass(PassInfo(0, 3, 4, commit=False))  # a late step: the schedule's sparse phase
+    g = torch.Generator().manual_seed(0)
+    heads, d = CFG.num_heads, CFG.head_dim
+    k = torch.randn(1, heads, 512, d, generator=g)
+    k[:, :, 5:] = k[:, :, 5:6]
+    # Queries along the prompt's keys: every frame hits every distinct key's bucket (hit density 1).
+    q = k[:, :, torch.arange(FPC * P) % 6] * 2.0
+    v = torch.randn(1, heads, 512, d, generator=g)
+    v[:, :, 5:] = v[:, :, 5:6]
+    out = proc.cross_attention(0, q, k, v)
+    assert proc.annca_selecting[0] is False and proc.annca_selecting[1] is None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    proc.reset_prompt()
+    assert proc.annca_selecting[0] is None
+
+
+def test_annca_keeps_selecting_where_it_is_sparse():
+    proc = _processor("annca")
+    proc.begin_pass(PassInfo(0, 3, 4, commit=False))
+    g = torch.Generator().manual_seed(0)
+    heads, d = CFG.num_heads, CFG.head_dim
+    # 16 queries per frame over 256 buckets hit few of 512 distinct keys.
+    q, k, v = (torch.randn(1, heads, n, d, generator=g) for n in (FPC * P, 512, 512))
+    proc.cross_attention(0, q, k, v)
+    assert proc.annca_selecting[0] is True

@@ -105,11 +105,19 @@ class CachedProcessor:
             for i in range(num_layers)
         ]
         self._prompts: list[CollapsedPrompt | None] = [None] * num_layers
+        # Per layer, for the current prompt: None = not yet measured, else whether AnnCA selection pays.
+        self._select_prompt: list[bool | None] = [None] * num_layers
         self._radial: tuple[int, BlockSparseIndex] | None = None
+
+    @property
+    def annca_selecting(self) -> tuple[bool | None, ...]:
+        """Per layer, whether AnnCA selection runs for the current prompt (None: not measured yet or no AnnCA)."""
+        return tuple(self._select_prompt)
 
     def reset_prompt(self) -> None:
         """Forget the per-layer collapsed prompts (call when the prompt changes; the engine does it per run)."""
         self._prompts = [None] * len(self._prompts)
+        self._select_prompt = [None] * len(self._prompts)
 
     @classmethod
     def for_model(
@@ -182,6 +190,12 @@ class CachedProcessor:
             if prompt is None or prompt.k.shape[0] != k.shape[0]:
                 # Exact duplicate collapse (one host sync) once per prompt and layer, not per step.
                 prompt = self._prompts[layer] = collapse_duplicates(k, v)
+                self._select_prompt[layer] = None
+            if self._select_prompt[layer] is None:
+                # One host sync per prompt and layer: keep selecting only where it is measurably sparse.
+                self._select_prompt[layer] = ca.worth_selecting(q, prompt, tokens_per_frame=self.tokens_per_frame)
+            if not self._select_prompt[layer]:
+                return ca.dense(q, prompt)
             return ca.run(q, prompt, tokens_per_frame=self.tokens_per_frame).out
 
     def _radial_for(self, cache: LayerKVCache) -> BlockSparseIndex:
