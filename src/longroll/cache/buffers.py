@@ -80,7 +80,8 @@ class CacheBuffers:
         Args:
             slots: (batch, heads, n) int64 slot per row.
             k: (batch, heads, n, head_dim) or None; v: (batch, heads, n, head_dim_v) or None.
-            count: (batch, heads, n) float32, a scalar, or None; frame: (batch, heads, n) int32, a scalar, or None.
+            count: (batch, heads, n) float32, a scalar, or None; frame: (batch, heads, n) int32, a scalar (int or
+                0-d tensor: a captured CUDA graph takes the frame from device memory), or None.
         """
         if k is not None:
             self.k.scatter_(2, slots[..., None].expand(*slots.shape, self.k.shape[-1]), k.to(self.k.dtype))
@@ -92,7 +93,8 @@ class CacheBuffers:
             )
             self.count.scatter_(2, slots, src.float())
         if frame is not None:
-            fsrc = (
-                frame if isinstance(frame, torch.Tensor) else torch.full(slots.shape, int(frame), device=slots.device)
-            )
-            self.frame.scatter_(2, slots, fsrc.to(torch.int32))
+            if isinstance(frame, torch.Tensor):
+                fsrc = frame.to(torch.int32).expand(slots.shape)
+            else:
+                fsrc = torch.full(slots.shape, int(frame), dtype=torch.int32, device=slots.device)
+            self.frame.scatter_(2, slots, fsrc)

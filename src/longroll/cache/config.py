@@ -134,18 +134,26 @@ class CacheConfig:
         policy: what a commit keeps.
         check_finite: reject NaN/Inf keys and values at stage time (costs one host sync per stage; turn it off
             in timed runs).
+        commit_graphs: how TempCache runs its steady-state commit (cache at its cap, no sink frame in the
+            chunk), a few hundred small kernels per layer that are launch-bound when issued one by one:
+            ``"auto"`` captures it once in a CUDA graph on CUDA devices and replays it (eager elsewhere),
+            ``"off"`` always runs eagerly, ``"emulate"`` runs the capture machinery without a graph (static
+            inputs and outputs, replay by calling the function; for tests on any device).
     """
 
     tokens_per_frame: int
     frames_per_chunk: int
     policy: CachePolicy = field(default_factory=FullPolicy)
     check_finite: bool = True
+    commit_graphs: Literal["auto", "off", "emulate"] = "auto"
 
     def __post_init__(self) -> None:
         if self.tokens_per_frame < 1:
             raise ValueError(f"tokens_per_frame must be >= 1, got {self.tokens_per_frame}")
         if self.frames_per_chunk < 1:
             raise ValueError(f"frames_per_chunk must be >= 1, got {self.frames_per_chunk}")
+        if self.commit_graphs not in ("auto", "off", "emulate"):
+            raise ValueError(f"commit_graphs must be 'auto', 'off' or 'emulate', got {self.commit_graphs!r}")
         if not isinstance(self.policy, FullPolicy | SinkWindowPolicy | BudgetPolicy | TempCachePolicy):
             raise ValueError(f"policy must be a cache policy config, got {type(self.policy).__name__}")
         chunk = self.chunk_tokens

@@ -16,16 +16,16 @@ a non-blocking copy of the previous commit), so nothing in stage/view/commit cal
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from longroll.ann import make_searcher
 from longroll.cache.budget import compact_to_budget
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWindowPolicy, TempCachePolicy
-from longroll.cache.tempcache import Track, append_verbatim, match_frames, merge_frame
+from longroll.cache.graphs import CapturedCall, capture
+from longroll.cache.tempcache import Track, commit_chunk
 from longroll.ops._checks import check_float, check_rank
 
 
@@ -87,6 +87,11 @@ class LayerKVCache:
         self.track: Track | None = None
         self._bias: torch.Tensor | None = None
         self._pending_len: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        # Captured steady-state TempCache commit: ((lo, n), call), the key last run eagerly, a failure flag.
+        self._graph: tuple[tuple[int, int], CapturedCall] | None = None
+        self._graph_warm: tuple[int, int] | None = None
+        self._graph_failed = False
+        self._frame0: torch.Tensor | None = None
         p = config.policy
         self._searcher = (
             make_searcher(p.ann, head_dim, layer=layer, head_ids=self.head_ids, device=self.device)
@@ -237,39 +242,81 @@ class LayerKVCache:
         buf.lengths.fill_(self.bound)
 
     def _commit_tempcache(self, p: TempCachePolicy, n: int) -> torch.Tensor:
-        buf = self.buffers
         tpf = self.config.tokens_per_frame
         nf = n // tpf
         lo = self.bound
         if self._searcher is None:
             raise RuntimeError("TempCache commit without an ANN searcher")
-        # The staged range can be overwritten by the new slots: read it out first.
-        k_all = buf.k[:, :, lo : lo + n].clone()
-        v_all = buf.v[:, :, lo : lo + n].clone()
-        km_all = k_all if p.match_keys == "post_rope" else self._k_match
-        x = F.normalize(km_all.float(), dim=-1).unflatten(2, (nf, tpf))
-        prev = None if self.track is None else self.track.keys
-        idx, cos = match_frames(self._searcher, x, prev)
-        buf.count[:, :, lo : lo + n] = 0.0
-        buf.frame[:, :, lo : lo + n] = -1
-        upper = self.bound
-        slots = []
-        for i in range(nf):
-            f = self.committed_frames + i
-            sl = slice(i * tpf, (i + 1) * tpf)
-            if f < p.sink_frames:
-                slots.append(append_verbatim(buf, k_all[:, :, sl], v_all[:, :, sl], f))
-                self.track = None
-            else:
-                may_overflow = upper + tpf > p.max_entries
-                self.track, s = merge_frame(
-                    buf, self.track, k_all[:, :, sl], v_all[:, :, sl], x[:, :, i], (idx[i], cos[i]), f, p, may_overflow
-                )
-                slots.append(s)
+        frames = [self.committed_frames + i for i in range(nf)]
+        sinks = [f < p.sink_frames for f in frames]
+        overflow, upper = [], lo
+        for sink in sinks:
+            overflow.append(not sink and upper + tpf > p.max_entries)
             upper = min(upper + tpf, p.max_entries)
+        mode = self._graph_mode()
+        if mode is not None and self.track is not None and not any(sinks) and all(overflow):
+            slots = self._commit_captured(p, lo, n, mode)
+        else:
+            self.track, slots = commit_chunk(
+                self.buffers, self._searcher, p, self.track, self._k_match,
+                lo=lo, tokens_per_frame=tpf, frames=frames, sinks=sinks, may_overflow=overflow,
+            )  # fmt: skip
         self.bound = upper
         self._start_length_readback()
-        return torch.cat(slots, dim=2)
+        return slots
+
+    def _graph_mode(self) -> Literal["cuda", "emulate"] | None:
+        setting = self.config.commit_graphs
+        if setting == "emulate":
+            return "emulate"
+        if setting == "auto" and self.device.type == "cuda" and not self._graph_failed:
+            return "cuda"
+        return None
+
+    def _commit_captured(self, p: TempCachePolicy, lo: int, n: int, mode: Literal["cuda", "emulate"]) -> torch.Tensor:
+        """The steady-state commit (at the cap, no sinks, a track to match) through a captured call.
+
+        The first steady-state commit at a given ``(lo, n)`` runs eagerly (it warms up every kernel and
+        library handle); the second captures, and later ones replay. The frame index enters as device memory.
+        """
+        assert self._searcher is not None and self.track is not None
+        tpf, nf = self.config.tokens_per_frame, n // self.config.tokens_per_frame
+        key = (lo, n)
+        searcher, buf = self._searcher, self.buffers
+        if self._frame0 is None:
+            self._frame0 = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._frame0.fill_(self.committed_frames)
+        k_match = self._k_match if p.match_keys == "pre_rope" else buf.k[:, :, lo : lo + n]
+        t = self.track
+        inputs = (t.slots, t.keys, t.active, k_match, self._frame0)
+
+        def body(
+            slots: torch.Tensor, keys: torch.Tensor, active: torch.Tensor, km: torch.Tensor, frame0: torch.Tensor
+        ) -> tuple[torch.Tensor, ...]:
+            track, out = commit_chunk(
+                buf, searcher, p, Track(slots, keys, active), km,
+                lo=lo, tokens_per_frame=tpf, frames=[frame0 + i for i in range(nf)], sinks=[False] * nf,
+                may_overflow=[True] * nf,
+            )  # fmt: skip
+            assert track is not None
+            return track.slots, track.keys, track.active, out
+
+        if self._graph is None or self._graph[0] != key:
+            if self._graph_warm != key:
+                self._graph_warm = key
+                track_slots, track_keys, track_active, out = body(*inputs)
+                self.track = Track(track_slots, track_keys, track_active)
+                return out
+            captured = capture(body, inputs, mode)
+            if captured is None:
+                self._graph_failed = True
+                track_slots, track_keys, track_active, out = body(*inputs)
+                self.track = Track(track_slots, track_keys, track_active)
+                return out
+            self._graph = (key, captured)
+        track_slots, track_keys, track_active, out = self._graph[1](*inputs)
+        self.track = Track(track_slots, track_keys, track_active)
+        return out
 
     def _start_length_readback(self) -> None:
         m = self.buffers.lengths.max()

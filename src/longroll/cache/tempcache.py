@@ -7,9 +7,11 @@ is independent of the cache length.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from longroll.ann import Searcher
 from longroll.cache.buffers import CacheBuffers
@@ -34,7 +36,11 @@ class Track:
     active: torch.Tensor
 
 
-def append_verbatim(buf: CacheBuffers, k: torch.Tensor, v: torch.Tensor, frame: int) -> torch.Tensor:
+#: A latent frame index: a host int, or a 0-d int64 device tensor (inside a captured CUDA graph).
+Frame = int | torch.Tensor
+
+
+def append_verbatim(buf: CacheBuffers, k: torch.Tensor, v: torch.Tensor, frame: Frame) -> torch.Tensor:
     """Append a frame without merging (sink frames). k: (B, H, P, D); v: (B, H, P, Dv). Returns slots (B, H, P)."""
     p = k.shape[2]
     slots = buf.lengths[..., None] + torch.arange(p, device=k.device)
@@ -57,7 +63,7 @@ def _one_to_one_winners(idx: torch.Tensor, cos: torch.Tensor, threshold: float) 
 
 
 def _merge_values(
-    buf: CacheBuffers, track: Track, idx: torch.Tensor, merged: torch.Tensor, v: torch.Tensor, frame: int
+    buf: CacheBuffers, track: Track, idx: torch.Tensor, merged: torch.Tensor, v: torch.Tensor, frame: Frame
 ) -> None:
     """Fold merged tokens' values into their groups' running means and counts (keyed by previous position,
     whose active slots are unique, so the scatters never collide)."""
@@ -77,7 +83,7 @@ def _merge_values(
 
 
 def _new_slots(
-    buf: CacheBuffers, new: torch.Tensor, cap: int, frame: int, sink_frames: int, may_overflow: bool
+    buf: CacheBuffers, new: torch.Tensor, cap: int, frame: Frame, sink_frames: int, may_overflow: bool
 ) -> torch.Tensor:
     """Slots for unmatched tokens: free slots first, then victims (oldest frame, then smallest count), never
     sinks or entries touched by this frame. new: (B, H, P) bool. Returns (B, H, P) int64 (trash where not new)."""
@@ -129,7 +135,7 @@ def merge_frame(
     v: torch.Tensor,
     x: torch.Tensor,
     match: tuple[torch.Tensor, torch.Tensor],
-    frame: int,
+    frame: Frame,
     policy: TempCachePolicy,
     may_overflow: bool,
 ) -> tuple[Track, torch.Tensor]:
@@ -141,7 +147,7 @@ def merge_frame(
         k: (B, H, P, D) post-RoPE keys to store; v: (B, H, P, Dv).
         x: (B, H, P, D) float32 unit-norm matching keys of this frame.
         match: (idx, cos), each (B, H, P), from :func:`match_frames` against ``track.keys``.
-        frame: absolute latent frame index.
+        frame: absolute latent frame index (host int or 0-d device tensor).
         may_overflow: host-side hint that the cap could be reached in this frame; when False the eviction
             search is skipped (it is provably not needed).
 
@@ -177,3 +183,59 @@ def merge_frame(
     buf.lengths.copy_(torch.clamp(buf.lengths + new.sum(-1), max=cap))
     slots = torch.where(merged, target, slots_new)
     return Track(slots=slots, keys=x, active=~soft), slots
+
+
+def commit_chunk(
+    buf: CacheBuffers,
+    searcher: Searcher,
+    policy: TempCachePolicy,
+    track: Track | None,
+    k_match: torch.Tensor | None,
+    *,
+    lo: int,
+    tokens_per_frame: int,
+    frames: Sequence[Frame],
+    sinks: Sequence[bool],
+    may_overflow: Sequence[bool],
+) -> tuple[Track | None, torch.Tensor]:
+    """Commit the chunk staged at slots ``[lo, lo + n)``: sinks verbatim, every other frame merged in order.
+
+    Only tensors and the host-side arguments below enter the computation, so the same call runs eagerly or
+    inside a CUDA graph capture (with ``frames`` as device tensors).
+
+    Args:
+        buf: the layer's buffers (updated in place); the staged chunk sits at ``[lo, lo + n)``.
+        searcher: the ANN family of the top-1 lookups.
+        policy: the TempCache policy.
+        track: the previous committed frame's :class:`Track`, or None.
+        k_match: (B, H, n, D) matching keys of the chunk (pre-RoPE), or None with ``match_keys="post_rope"``.
+        lo: first staged slot; tokens_per_frame: P (n = len(frames) * P).
+        frames: absolute latent frame of each chunk frame; sinks: whether it is a sink frame (kept verbatim);
+        may_overflow: whether the cap could be reached while committing it (host-side bound).
+
+    Returns:
+        the last frame's :class:`Track` (None when it was a sink) and each staged token's slot, (B, H, n) int64.
+    """
+    nf, tpf = len(frames), tokens_per_frame
+    n = nf * tpf
+    # The staged range can be overwritten by the new slots: read it out first.
+    k_all = buf.k[:, :, lo : lo + n].clone()
+    v_all = buf.v[:, :, lo : lo + n].clone()
+    km_all = k_all if policy.match_keys == "post_rope" or k_match is None else k_match
+    x = F.normalize(km_all.float(), dim=-1).unflatten(2, (nf, tpf))
+    idx, cos = match_frames(searcher, x, None if track is None else track.keys)
+    buf.count[:, :, lo : lo + n] = 0.0
+    buf.frame[:, :, lo : lo + n] = -1
+    slots = []
+    for i in range(nf):
+        sl = slice(i * tpf, (i + 1) * tpf)
+        if sinks[i]:
+            slots.append(append_verbatim(buf, k_all[:, :, sl], v_all[:, :, sl], frames[i]))
+            track = None
+        else:
+            track, s = merge_frame(
+                buf, track, k_all[:, :, sl], v_all[:, :, sl], x[:, :, i], (idx[i], cos[i]), frames[i], policy,
+                may_overflow[i],
+            )  # fmt: skip
+            slots.append(s)
+    return track, torch.cat(slots, dim=2)
