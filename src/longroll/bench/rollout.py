@@ -74,6 +74,11 @@ class RolloutBenchConfig:
             random K/V committed before the rollout, so lengths past what a rollout could reach in the time,
             or past memory, can be sampled): ``num_frames`` are generated after each prefill and the last
             chunk is recorded. Lengths that run out of memory are recorded as such and end the policy's sweep.
+        decode: also decode every chunk with a random-weight Wan2.1 VAE (``diffusers.AutoencoderKLWan``, the
+            streaming decoder of :class:`~longroll.pipeline.vae.LatentDecoder`) and time it, for end-to-end
+            figures (DiT + decode per chunk).
+        commit_graphs: the caches' ``commit_graphs`` setting (``auto``, ``off``); see
+            :class:`~longroll.cache.config.CacheConfig`.
     """
 
     preset: str = "tiny"
@@ -93,6 +98,8 @@ class RolloutBenchConfig:
     include_dense: bool = True
     components: bool = False
     history_frames: tuple[int, ...] = ()
+    decode: bool = False
+    commit_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -126,6 +133,8 @@ class RolloutBenchConfig:
                 f"got {list(hist)}"
             )
         object.__setattr__(self, "history_frames", hist)
+        if self.commit_graphs not in ("auto", "off"):
+            raise ValueError(f"commit_graphs must be 'auto' or 'off', got {self.commit_graphs!r}")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -161,6 +170,8 @@ def _record(policy: str, st: ChunkStats | None, fpc: int, chunk: int, reason: st
         "peak_bytes": None,
         "cache_bytes": None,
         "components": None,
+        "decode_seconds": None,
+        "e2e_seconds": None,
     }
     if st is not None:
         rec.update(
@@ -192,6 +203,24 @@ class _Bench:
         g = torch.Generator(device=self.device).manual_seed(cfg.seed)
         shape = (1, cfg.text_len, self.wan.text_dim)
         self.context = torch.randn(shape, generator=g, device=self.device).to(self.dtype)
+        self.decoder: Any = None
+        if cfg.decode:
+            from diffusers import AutoencoderKLWan
+
+            from longroll.pipeline.vae import LatentDecoder
+
+            # diffusers' default AutoencoderKLWan config is Wan2.1's VAE; random weights time the same work.
+            self.decoder = LatentDecoder(AutoencoderKLWan(), device=self.device, dtype=self.dtype)
+
+    def _decode_seconds(self, latents: torch.Tensor) -> float:
+        """Decode one chunk (streaming) and return the synchronised wall time."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        self.decoder.decode_chunk_float(latents)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     def _processor(self, policy: str) -> CachedProcessor:
         c, w = self.cfg, self.wan
@@ -209,6 +238,7 @@ class _Bench:
             dtype=self.dtype,
             device=self.device,
             timer=ComponentTimer(self.device) if c.components else None,
+            commit_graphs="auto" if c.commit_graphs == "auto" else "off",
         )
 
     def _rollout(
@@ -266,6 +296,13 @@ class _Bench:
         if policy == "dense" and c.max_dense_frames is not None:
             limit = min(limit, c.max_dense_frames // fpc * fpc)
         stats: list[ChunkStats] = []
+        decode: list[float] = []
+
+        def on_chunk(i: int, lat: torch.Tensor, st: ChunkStats) -> None:
+            stats.append(st)
+            if self.decoder is not None:
+                decode.append(self._decode_seconds(lat))
+
         status, wall = "ok", 0.0
         try:
             if c.warmup and limit:
@@ -273,7 +310,9 @@ class _Bench:
                 self._free()
             t0 = time.perf_counter()
             if limit:
-                self._rollout(policy, limit, on_chunk=lambda i, lat, st: stats.append(st))
+                if self.decoder is not None:
+                    self.decoder.reset()
+                self._rollout(policy, limit, on_chunk=on_chunk)
             wall = time.perf_counter() - t0
             if limit < c.num_frames:
                 status = f"stopped after {limit} frames (--max-dense-frames)"
@@ -283,7 +322,15 @@ class _Bench:
         self._free()
         reason = status if status != "ok" else None
         records = [_record(policy, stats[i] if i < len(stats) else None, fpc, i, reason) for i in range(chunks)]
-        return records, _summary(stats, fpc, wall, status)
+        for rec, secs in zip(records, decode, strict=False):
+            rec["decode_seconds"], rec["e2e_seconds"] = secs, rec["seconds"] + secs
+        summary = _summary(stats, fpc, wall, status)
+        if decode:
+            e2e = [r["e2e_seconds"] for r in records if r["e2e_seconds"] is not None]
+            summary["median_decode_seconds"] = statistics.median(decode[1:] or decode)
+            summary["median_chunk_seconds_e2e_last3"] = statistics.median(e2e[-3:])
+            summary["fps_video_e2e_last3"] = TEMPORAL_FACTOR * fpc / summary["median_chunk_seconds_e2e_last3"]
+        return records, summary
 
 
 def _summary(stats: list[ChunkStats], fpc: int, wall: float, status: str) -> dict[str, Any]:
@@ -364,6 +411,8 @@ def run_rollout_bench(config: RolloutBenchConfig, *, command: str | None = None)
             "peak_bytes": "torch.cuda.max_memory_allocated during the chunk; 0 on CPU",
             "fps_video": f"{TEMPORAL_FACTOR} video frames per latent frame (Wan VAE)",
             "weights": "random, at the preset's shapes",
+            "decode_seconds": "with decode: streaming Wan2.1 VAE decode of the chunk (random weights), synchronised",
+            "e2e_seconds": "with decode: seconds (DiT) + decode_seconds per chunk",
         },
         "summary": summary,
         "chunks": records,
@@ -388,6 +437,9 @@ def plot_report(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         x = [r.get("history_frames", 0) + r["frames_generated"] for r in pts]
         label = policy if summ["status"] == "ok" else f"{policy} ({summ['status']})"
         line = ax_t.plot(x, [1e3 * r["seconds"] for r in pts], marker="o", ms=3, label=label)[0]
+        e2e = [(xi, 1e3 * r["e2e_seconds"]) for xi, r in zip(x, pts, strict=True) if r.get("e2e_seconds")]
+        if e2e:
+            ax_t.plot(*zip(*e2e, strict=True), ls=":", color=line.get_color(), label=f"{policy} + VAE decode")
         if cuda_peaks:
             peak = [r["peak_bytes"] / scale for r in pts]
             ax_m.plot(x, peak, marker="o", ms=3, color=line.get_color(), label=f"{policy} peak")

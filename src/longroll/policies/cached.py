@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,8 @@ class CachedProcessor:
         timer: optional :class:`ComponentTimer` that receives the time of self-attention (``attention``), ANN
             block selection (``ann_select``), cache commits (``cache_commit``), AnnSA planning (``ann_plan``) and
             cross-attention (``cross_attention``).
+        commit_graphs: the caches' :attr:`~longroll.cache.config.CacheConfig.commit_graphs` (CUDA-graph capture
+            of TempCache's steady-state commit).
     """
 
     def __init__(
@@ -83,11 +85,14 @@ class CachedProcessor:
         head_ids: tuple[int, ...] | None = None,
         check_finite: bool = False,
         timer: ComponentTimer | None = None,
+        commit_graphs: Literal["auto", "off", "emulate"] = "auto",
     ) -> None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.policy = policy
-        cfg = CacheConfig(tokens_per_frame, frames_per_chunk, policy.cache, check_finite=check_finite)
+        cfg = CacheConfig(
+            tokens_per_frame, frames_per_chunk, policy.cache, check_finite=check_finite, commit_graphs=commit_graphs
+        )
         self.caches = [
             LayerKVCache(
                 cfg, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, layer=i, head_ids=head_ids
@@ -133,7 +138,7 @@ class CachedProcessor:
         **options: Any,
     ) -> CachedProcessor:
         """A processor with one cache per layer of ``model``, holding all its heads; ``options`` are the other
-        keyword arguments of the constructor (``head_ids``, ``check_finite``, ``timer``)."""
+        keyword arguments of the constructor (``head_ids``, ``check_finite``, ``timer``, ``commit_graphs``)."""
         return cls(
             policy,
             num_layers=model.num_layers,
