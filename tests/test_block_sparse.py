@@ -86,10 +86,17 @@ def test_matches_reference(backend, dtype, lq, lk, h, hk, d, bq, bk):
 
 @settings(max_examples=6, deadline=None)
 @given(
-    lq=st.integers(1, 260), lk=st.integers(1, 600), bq=st.sampled_from([64, 128]), bk=st.sampled_from([64, 128]),
-    heads=st.sampled_from([(1, 1), (2, 1), (2, 2)]), density=st.floats(0.0, 1.0), use_bias=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.float16]), backend=st.sampled_from(BACKENDS),
-    seed=st.integers(0, 100), scale=st.sampled_from([None, 0.3]),
+    lq=st.integers(1, 260),
+    lk=st.integers(1, 600),
+    bq=st.sampled_from([64, 128]),
+    bk=st.sampled_from([64, 128]),
+    heads=st.sampled_from([(1, 1), (2, 1), (2, 2)]),
+    density=st.floats(0.0, 1.0),
+    use_bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    backend=st.sampled_from(BACKENDS),
+    seed=st.integers(0, 100),
+    scale=st.sampled_from([None, 0.3]),
 )
 def test_matches_reference_random(lq, lk, bq, bk, heads, density, use_bias, dtype, backend, seed, scale):
     h, hk = heads
@@ -195,6 +202,97 @@ def test_kernel_variants(config, dtype, use_bias):
     _check(res._replace(out=out, lse=lse), q, k, v, idx, bias)
 
 
+@pytest.mark.parametrize(
+    ("tile", "split_k"),
+    [((32, 64), 1), ((64, 128), 2), ((32, 32), 3), ((64, 64), 16)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_kernel_tiles_below_index_blocks_and_split_k(tile, split_k, dtype, use_bias):
+    # Kernel tiles smaller than the index blocks (a 64-row index block served by two 32-row programs, a
+    # 128-key block walked in 64-key steps) and rows split over programs merged by lse: same function.
+    from longroll.kernels.block_sparse_fwd import LAST_LAUNCH
+
+    lq, lk = 97, 1025
+    q, k, v, bias = _inputs(lq, lk, dtype, h=2, hk=1, layout="blhd")
+    bias = bias if use_bias else None
+    idx = _index(1, 2, lq, lk, 64, 128, 0.5)  # odd lengths, partial last blocks, one empty row, GQA
+    cfg = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}
+    res = block_sparse_attention(q, k, v, idx, bias, backend="triton", split_k=split_k, triton_config=cfg)
+    _check(res, q, k, v, idx, bias)
+    assert res.out.stride() == q.stride()
+    assert LAST_LAUNCH["split_k"] == min(split_k, idx.max_blocks)
+
+
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_split_k_with_empty_shares_single_blocks_and_masked_keys(split_k):
+    # Rows of 5 blocks split 4 ways leave one share empty (2 + 2 + 1 + 0); rows of one block are not split;
+    # a share whose keys are all masked by the bias has lse -inf and weight 0 in the merge.
+    lq, lk = 130, 300
+    q, k, v, bias = _inputs(lq, lk, torch.float32, h=2, hk=1)
+    bias[..., 64:128] = MASKED_BIAS
+    num = torch.tensor([[[5, 1, 0], [2, 5, 5]]], dtype=torch.int32)
+    head0 = [[0, 1, 2, 3, 4], [4, 0, 0, 0, 0], [1, 2, 3, 4, 0]]
+    head1 = [[1, 4, 0, 0, 0], [4, 3, 2, 1, 0], [1, 0, 2, 3, 4]]
+    ids = torch.tensor([[head0, head1]], dtype=torch.int32)
+    idx = BlockSparseIndex(num, ids, q_block_size=64, kv_block_size=64, seqlen_q=lq, seqlen_k=lk)
+    res = block_sparse_attention(q, k, v, idx, bias, backend="triton", check_ids=True, split_k=split_k)
+    _check(res, q, k, v, idx, bias)
+    assert torch.all(res.out[:, 0, 128:] == 0) and torch.all(torch.isneginf(res.lse[:, 0, 128:]))
+    plain = block_sparse_attention(q, k, v, idx, bias, backend="triton", split_k=1)
+    assert torch.allclose(res.out, plain.out, atol=1e-5) and torch.allclose(res.lse, plain.lse, atol=1e-5)
+
+
+def test_split_min_blocks_splits_only_long_rows():
+    # The automatic mode keeps a minimum share: rows shorter than two shares are written directly, longer
+    # ones split. Both kinds in one launch, through the kernel entry point.
+    from longroll.kernels import block_sparse_fwd as kernels
+
+    lq, lk = 200, 1100
+    q, k, v, bias = _inputs(lq, lk, torch.float16, h=2, hk=2)
+    idx = _index(1, 2, lq, lk, 64, 64, 0.6, seed=3)
+    assert int(idx.kv_num_blocks.min()) < 6 <= int(idx.kv_num_blocks.max())
+    out, lse = torch.empty_like(q), torch.empty(1, 2, lq)
+    num, ids = idx.kv_num_blocks, idx.kv_indices
+    kernels.launch(q, k, v, bias, num, ids, out, lse, 1 / 8, 64, 64, config={"split_min_blocks": 3}, split_k=4)
+    assert kernels.LAST_LAUNCH["split_k"] == 4 and kernels.LAST_LAUNCH["split_min_blocks"] == 3
+    res = block_sparse_attention(q, k, v, idx, bias, backend="torch")
+    _check(res._replace(out=out, lse=lse), q, k, v, idx, bias)
+
+
+def test_auto_split_k_heuristic():
+    from longroll.kernels.block_sparse_fwd import auto_split_k
+
+    # 12 heads x 37 index rows on 132 multiprocessors: 3.4 waves -> 2 shares (6.7 waves) for long rows.
+    assert auto_split_k(444, 1024, 132, 128) == 2
+    assert auto_split_k(444, 37, 132, 128) == 1  # short rows (4,680 keys) are never split
+    assert auto_split_k(96, 2048, 132, 128) == 4  # under one wave: split toward full waves
+    assert auto_split_k(60, 64, 132, 128) == 2  # ... but each share keeps >= 4,096 keys
+    assert auto_split_k(96, 2048, 132, 128) != 2  # 2 shares: still two partly empty waves of half programs
+    assert auto_split_k(1776, 2048, 132, 128) == 1  # many waves: nothing to gain
+    assert auto_split_k(444, 1024, 0, 128) == 1  # no GPU
+
+
+def test_autotune_configs_fit_the_index_blocks():
+    from longroll.kernels.block_sparse_fwd import LEGACY_TILES, TILES, _autotuner, _fit_configs
+
+    def fit(tiles, qb, kb, d, dtype):
+        cfgs = _autotuner(tiles).configs
+        kept = _fit_configs(cfgs, {"Q": torch.empty(1, dtype=dtype)}, Q_BLOCK=qb, KV_BLOCK=kb, HEAD_DIM=d)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+
+    assert fit(TILES, 128, 128, 128, torch.bfloat16) == list(TILES)
+    small = fit(TILES, 64, 32, 128, torch.bfloat16)
+    assert len(small) == len(set(small)) and all(bm == 64 and bn == 32 for bm, bn, _, _ in small)
+    assert fit(LEGACY_TILES, 128, 64, 128, torch.float16) == [
+        (128, 64, w, st) for w, st in [(8, 2), (8, 3), (8, 4), (4, 2), (4, 3), (4, 4)]
+    ]
+    # float32 at head_dim 128: a 128x128 tile's buffers do not fit in shared memory; 64x64 ones do.
+    f32 = fit(TILES, 128, 128, 128, torch.float32)
+    assert f32 and all((bm + 4 * bn) * 128 * 4 <= 227 * 1024 for bm, bn, _, _ in f32)
+    assert fit(TILES, 256, 256, 256, torch.float32)  # never empty
+
+
 def test_bfloat16_triton_within_rule():
     # The interpreter's bf16 tl.dot is broken; the kernel upcasts there, so bf16 is still checkable on CPU.
     q, k, v, bias = _inputs(97, 300, torch.bfloat16, h=2, hk=1)
@@ -223,8 +321,9 @@ def test_empty_sequences(backend):
     assert torch.all(res.out == 0) and torch.all(torch.isneginf(res.lse))
 
 
+@pytest.mark.parametrize("split_k", [1, 2])
 @pytest.mark.parametrize("which", ["batch", "row"])
-def test_int64_offsets_with_huge_strides(which):
+def test_int64_offsets_with_huge_strides(which, split_k):
     # Data 2**31+ elements past the base: int32 offsets would wrap. The storage is ~4.3 GB of virtual memory,
     # but only the few pages holding q are ever touched.
     if which == "batch":  # batch 2 starts at 2 * (2**30 + 4096) elements
@@ -240,7 +339,7 @@ def test_int64_offsets_with_huge_strides(which):
     k = torch.randn(3, 1, 128, 64, generator=g).half()
     v = torch.randn(3, 1, 128, 64, generator=g).half()
     idx = BlockSparseIndex.full(3, 1, 64, 128, 64, 64)
-    res = block_sparse_attention(q, k, v, idx, backend="triton")
+    res = block_sparse_attention(q, k, v, idx, backend="triton", split_k=split_k)
     _check(res, q.contiguous(), k, v, idx, None)
 
 
@@ -278,8 +377,9 @@ def test_rejects_out_of_range_ids_when_checked(backend):
     num = idx.kv_num_blocks.clone()
     num[0, 0, 1] = 9
     with pytest.raises(ValueError, match=r"kv_num_blocks\[0, 0, 1\] = 9"):
-        block_sparse_attention(q, k, v, dataclasses.replace(idx, kv_num_blocks=num), bias, backend=backend,
-                               check_ids=True)
+        block_sparse_attention(
+            q, k, v, dataclasses.replace(idx, kv_num_blocks=num), bias, backend=backend, check_ids=True
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -293,6 +393,25 @@ def test_rejects_dtype_and_device_mismatch(backend):
         block_sparse_attention(q, k, v, idx, bias[:, :, :100], backend=backend)
     with pytest.raises(ValueError, match="scale must be a finite number"):
         block_sparse_attention(q, k, v, idx, bias, scale=math.inf, backend=backend)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"split_k": 0}, r"split_k must be None or an int in \[1, 16\], got 0"),
+        ({"split_k": 2.0}, "split_k must be None or an int"),
+        ({"triton_config": {"BLOCK_K": 64}}, r"triton_config keys \['BLOCK_K'\]"),
+        ({"triton_config": {"BLOCK_M": 128}}, r"triton_config\['BLOCK_M'\] must be a power of two in \[16, 64\]"),
+        ({"triton_config": {"BLOCK_N": 48}}, r"triton_config\['BLOCK_N'\]"),
+        ({"triton_config": {"tuning": "fast"}}, r"triton_config\['tuning'\] must be 'auto' or 'legacy'"),
+        ({"triton_config": {"num_warps": 3}}, r"triton_config\['num_warps'\]"),
+        ({"triton_config": "legacy"}, "triton_config must be a mapping"),
+    ],
+)
+def test_rejects_bad_split_and_config(kwargs, match):
+    q, k, v, bias, idx = _good()
+    with pytest.raises(ValueError, match=match):
+        block_sparse_attention(q, k, v, idx, bias, backend="triton", **kwargs)
 
 
 def test_rejects_what_the_kernel_cannot_run(monkeypatch):

@@ -1,8 +1,15 @@
 """Triton block-sparse flash-attention forward with a per-key additive logit bias.
 
-One program handles one (batch, head, query block) and walks only the key blocks its row of the index lists,
-in the order listed. Softmax is computed online in float32 in base 2: the logit scale and the bias are folded
-with log2(e) so that every score costs one FMA and one ``exp2``.
+One program handles BLOCK_M query rows of one (batch, head, index row) and walks only the key blocks that row
+of the index lists, in the order listed, BLOCK_N keys at a time. The kernel tile (BLOCK_M, BLOCK_N) divides the
+index blocks (Q_BLOCK, KV_BLOCK) and is autotuned apart from them: a 128-row index block may be served by two
+64-row programs. Softmax is computed online in float32 in base 2: the logit scale and the bias are folded with
+log2(e) so that every score costs one FMA and one ``exp2``.
+
+Split-K: with ``split_k`` S > 1, the programs of a row (at most S, each with at least ``split_min`` blocks of
+its list) take contiguous shares of the list and write float32 partials (normalised output and base-2
+log-sum-exp) to a workspace; :func:`block_sparse_merge_kernel` combines them by their log-sum-exp. A row that
+ends up with one share writes its output directly, so rows too short to split cost nothing extra.
 
 Tensor layouts (all strides are passed, so (B, H, L, D) and (B, L, H, D) views both work without copies):
 
@@ -17,6 +24,7 @@ This module imports triton at import time; ``longroll.ops.block_sparse`` imports
 
 from __future__ import annotations
 
+import math
 import os
 
 import triton
@@ -30,10 +38,13 @@ SUPPORTED_BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 #: A bias at or below this removes the key (same value as ``longroll.ops.attention.MASKED_BIAS``).
 MASKED_BIAS: tl.constexpr = tl.constexpr(-30000.0)
 _LOG2E = 1.4426950408889634
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Device code keeps its compact argument lists (one line per stride group) out of the formatter's reach.
+# fmt: off
 @triton.jit
 def _load_bias(bias_base, start_n, seqlen_k, stride_bn, offs_n, EVEN_K: tl.constexpr):
     b_ptrs = bias_base + start_n * stride_bn + offs_n * stride_bn
@@ -98,9 +109,29 @@ def _attend_block(
 
 
 @triton.jit
+def _step_start(idx_base, j, j_end, stride_ij, SUB: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First key of step j of a row: index entry j // SUB, tile j % SUB of it; 0 for steps past j_end."""
+    kb = tl.load(idx_base + (j // SUB) * stride_ij, mask=j < j_end, other=0).to(tl.int64)
+    return kb * KV_BLOCK + (j % SUB) * BLOCK_N
+
+
+@triton.jit
+def _num_splits(n_blocks, num_splits, split_min):
+    """Programs that share a row of n_blocks: at most num_splits, each with at least split_min blocks."""
+    ns = (n_blocks + split_min - 1) // split_min
+    return tl.minimum(tl.maximum(ns, 1), num_splits)
+
+
+@triton.jit(
+    do_not_specialize=[
+        "seqlen_q", "seqlen_k", "num_heads", "kv_group", "max_blocks", "num_splits", "split_min", "work_bucket",
+        "grid_bucket",
+    ]
+)
 def block_sparse_fwd_kernel(
-    Q, K, V, Bias, KVNum, KVIdx, Out, Lse,
-    seqlen_q, seqlen_k, num_heads, kv_group, max_blocks, qk_scale, work_bucket,
+    Q, K, V, Bias, KVNum, KVIdx, Out, Lse, OPart, LPart,
+    seqlen_q, seqlen_k, num_heads, kv_group, max_blocks, qk_scale,
+    num_splits, split_min, work_bucket, grid_bucket,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -109,104 +140,269 @@ def block_sparse_fwd_kernel(
     stride_ib, stride_ih, stride_im, stride_ij,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, WIDE: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # int64 from the start: batch * stride and block * BLOCK_N * stride overflow int32 at long caches.
+    # int64 from the start: batch * stride and block * KV_BLOCK * stride overflow int32 at long caches.
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // kv_group
 
+    # A program covers BLOCK_M rows of one index row (BLOCK_M divides Q_BLOCK) and walks that row's key blocks
+    # in tiles of BLOCK_N keys (BLOCK_N divides KV_BLOCK, SUB tiles per block).
+    SUB: tl.constexpr = KV_BLOCK // BLOCK_N
     start_m = pid_m * BLOCK_M
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    if WIDE:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_d = offs_d.to(tl.int64)
-    row_ok = offs_m < seqlen_q - start_m
-    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m * stride_qm
-    q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-
-    k_src = K + b * stride_kb + hk * stride_kh
-    v_src = V + b * stride_vb + hk * stride_vh
-    if USE_TMA:
-        # One (seqlen_k, HEAD_DIM) descriptor per (batch, kv head): any outer layout works, and rows past
-        # seqlen_k read as zeros instead of the next head's keys.
-        k_src = tl.make_tensor_descriptor(k_src, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                                          block_shape=[BLOCK_N, HEAD_DIM])
-        v_src = tl.make_tensor_descriptor(v_src, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-                                          block_shape=[BLOCK_N, HEAD_DIM])
-    bias_base = Bias + b * stride_bb + hk * stride_bh
-    idx_base = KVIdx + b * stride_ib + h * stride_ih + pid_m * stride_im
-    n_blocks = tl.load(KVNum + b * stride_nb + h * stride_nh + pid_m * stride_nm)
+    row = start_m // Q_BLOCK
+    n_blocks = tl.load(KVNum + b * stride_nb + h * stride_nh + row * stride_nm)
     # A count past the row's width would read beyond kv_indices; clamping costs nothing.
-    n_blocks = tl.minimum(n_blocks, max_blocks)
+    n_blocks = tl.maximum(tl.minimum(n_blocks, max_blocks), 0)
+    # Split-K: program pid_s of the row's n_split takes one contiguous share of its list (n_split is 1 unless
+    # the launch asked for splits and the row is long enough; programs past it have nothing to do).
+    n_split = _num_splits(n_blocks, num_splits, split_min)
+    if pid_s < n_split:
+        per = (n_blocks + n_split - 1) // n_split
+        lo = tl.minimum(pid_s * per, n_blocks)
+        hi = tl.minimum(lo + per, n_blocks)
+        j0 = lo * SUB
+        j1 = hi * SUB
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # The bias is fetched one block ahead (and its block id two ahead) by hand: the pipeliner does not stage
-    # such a small load, and waiting on it every block cost 12-16 % of the throughput on an H100.
-    b_next = tl.zeros([BLOCK_N], dtype=tl.float32)
-    kb_ahead = tl.zeros([], dtype=tl.int64)
-    if HAS_BIAS:
-        kb0 = tl.load(idx_base, mask=n_blocks > 0, other=0).to(tl.int64)
-        b_next = _load_bias(bias_base, kb0 * BLOCK_N, seqlen_k, stride_bn, offs_n, EVEN_K)
-        kb_ahead = tl.load(idx_base + stride_ij, mask=n_blocks > 1, other=0).to(tl.int64)
-    for j in range(0, n_blocks):
-        kb = tl.load(idx_base + j * stride_ij).to(tl.int64)
-        b_cur = b_next
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        if WIDE:
+            offs_m = offs_m.to(tl.int64)
+            offs_n = offs_n.to(tl.int64)
+            offs_d = offs_d.to(tl.int64)
+        row_ok = offs_m < seqlen_q - start_m
+        q_ptrs = Q + b * stride_qb + h * stride_qh + start_m * stride_qm
+        q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None],
+                    other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+
+        k_src = K + b * stride_kb + hk * stride_kh
+        v_src = V + b * stride_vb + hk * stride_vh
+        if USE_TMA:
+            # One (seqlen_k, HEAD_DIM) descriptor per (batch, kv head): any outer layout works, and rows past
+            # seqlen_k read as zeros instead of the next head's keys.
+            k_src = tl.make_tensor_descriptor(k_src, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                              block_shape=[BLOCK_N, HEAD_DIM])
+            v_src = tl.make_tensor_descriptor(v_src, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+                                              block_shape=[BLOCK_N, HEAD_DIM])
+        bias_base = Bias + b * stride_bb + hk * stride_bh
+        idx_base = KVIdx + b * stride_ib + h * stride_ih + row * stride_im
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # The bias is fetched one step ahead (and its key offset two ahead) by hand: the pipeliner does not
+        # stage such a small load, and waiting on it every block cost 12-16 % of the throughput on an H100.
+        b_next = tl.zeros([BLOCK_N], dtype=tl.float32)
+        st_ahead = tl.zeros([], dtype=tl.int64)
         if HAS_BIAS:
-            # Issued now, consumed next block: the load latency hides behind this block's two matmuls.
-            b_next = _load_bias(bias_base, kb_ahead * BLOCK_N, seqlen_k, stride_bn, offs_n, EVEN_K)
-            kb_ahead = tl.load(idx_base + (j + 2) * stride_ij, mask=j + 2 < n_blocks, other=0).to(tl.int64)
-        acc, m_i, l_i = _attend_block(
-            q, acc, m_i, l_i, k_src, v_src, b_cur, kb * BLOCK_N, seqlen_k, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
-            HAS_BIAS, EVEN_K, USE_TMA, DOT_FP32, DOT_PRECISION,
-        )
+            st0 = _step_start(idx_base, j0, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+            b_next = _load_bias(bias_base, st0, seqlen_k, stride_bn, offs_n, EVEN_K)
+            st_ahead = _step_start(idx_base, j0 + 1, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+        for j in range(j0, j1):
+            start_n = _step_start(idx_base, j, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+            b_cur = b_next
+            if HAS_BIAS:
+                # Issued now, consumed next step: the load latency hides behind this step's two matmuls.
+                b_next = _load_bias(bias_base, st_ahead, seqlen_k, stride_bn, offs_n, EVEN_K)
+                st_ahead = _step_start(idx_base, j + 2, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+            acc, m_i, l_i = _attend_block(
+                q, acc, m_i, l_i, k_src, v_src, b_cur, start_n, seqlen_k, qk_scale,
+                stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
+                HAS_BIAS, EVEN_K, USE_TMA, DOT_FP32, DOT_PRECISION,
+            )
 
-    nonempty = l_i > 0.0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
-    o_ptrs = Out + b * stride_ob + h * stride_oh + start_m * stride_om
-    o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + b * stride_lb + h * stride_lh + (start_m + offs_m) * stride_lm, lse, mask=row_ok)
+        nonempty = l_i > 0.0
+        l_safe = tl.where(nonempty, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        # Base-2 log-sum-exp of the scaled logits; -inf for a row that saw no key.
+        lse2 = tl.where(nonempty, m_i + tl.math.log2(l_safe), float("-inf"))
+        # Fresh row and column ranges (not the q load's): reusing those would keep its offset and mask tiles
+        # alive across the loop, which spilled ~100 registers of the 128x128 tile on sm_90a.
+        rows_e = start_m + tl.arange(0, BLOCK_M)
+        cols_e = tl.arange(0, HEAD_DIM).to(tl.int64)
+        ok_e = rows_e < seqlen_q
+        if SPLIT and n_split > 1:
+            # Partial result of this share, in float32: (n_split, B * H, seqlen_q, HEAD_DIM) and
+            # (n_split, B * H, seqlen_q), contiguous. The merge kernel combines the shares.
+            part_row = (pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh) * seqlen_q + rows_e
+            tl.store(OPart + part_row[:, None] * HEAD_DIM + cols_e[None, :], out, mask=ok_e[:, None])
+            tl.store(LPart + part_row, lse2, mask=ok_e)
+        else:
+            o_ptrs = Out + b * stride_ob + h * stride_oh + rows_e[:, None] * stride_om + cols_e[None, :] * stride_od
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=ok_e[:, None])
+            tl.store(Lse + b * stride_lb + h * stride_lh + rows_e * stride_lm, lse2 * _LN2, mask=ok_e)
 
 
-def _configs() -> list[triton.Config]:
-    if INTERPRET:
-        # The interpreter cannot benchmark (no driver), and multi-config autotune fails at launch there.
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    # On an H100, 128-row query blocks want 8 warps (two warpgroups); 64-row ones may prefer 4.
-    return [triton.Config({}, num_warps=w, num_stages=st) for w in (8, 4) for st in (2, 3, 4)]
+@triton.jit(do_not_specialize=["seqlen_q", "num_heads", "max_blocks", "num_splits", "split_min"])
+def block_sparse_merge_kernel(
+    OPart, LPart, KVNum, Out, Lse,
+    seqlen_q, num_heads, max_blocks, num_splits, split_min,
+    stride_nb, stride_nh, stride_nm,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Combine the split-K shares of the rows that were split (weights exp(lse_s - lse)); others are done."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start_m = pid_m * BLOCK_M
+    row = start_m // Q_BLOCK
+    n_blocks = tl.load(KVNum + b * stride_nb + h * stride_nh + row * stride_nm)
+    n_blocks = tl.maximum(tl.minimum(n_blocks, max_blocks), 0)
+    n_split = _num_splits(n_blocks, num_splits, split_min)
+    if n_split > 1:
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < seqlen_q - start_m
+        plane = tl.num_programs(1).to(tl.int64) * seqlen_q
+        first = pid_bh * seqlen_q + start_m
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for s in range(0, n_split):
+            ls = tl.load(LPart + s * plane + first + offs_m, mask=row_ok, other=float("-inf"))
+            m = tl.maximum(m, ls)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        den = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for s in range(0, n_split):
+            ls = tl.load(LPart + s * plane + first + offs_m, mask=row_ok, other=float("-inf"))
+            w = tl.math.exp2(ls - m_safe)
+            o = tl.load(OPart + (s * plane + first) * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            acc += w[:, None] * o
+            den += w
+        nonempty = den > 0.0
+        den_safe = tl.where(nonempty, den, 1.0)
+        out = acc / den_safe[:, None]
+        lse = tl.where(nonempty, (m_safe + tl.math.log2(den_safe)) * _LN2, float("-inf"))
+        o_ptrs = Out + b * stride_ob + h * stride_oh + start_m * stride_om
+        o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(Lse + b * stride_lb + h * stride_lh + (start_m + offs_m) * stride_lm, lse, mask=row_ok)
 
 
-block_sparse_fwd_tuned = triton.autotune(
-    configs=_configs(),
-    # work_bucket (bit length of the row width) retunes when the loop length changes by 2x, not per length:
-    # short loops favour fewer stages, and a cache that grows chunk by chunk should not retune every chunk.
-    key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_BIAS", "EVEN_K", "USE_TMA", "WIDE", "DOT_PRECISION", "work_bucket"],
-)(block_sparse_fwd_kernel)
+# fmt: on
+
+
+#: Kernel tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries, each cut to the index's blocks.
+#: Compiled for sm_90a (bf16, head_dim 128, copy engine, triton 3.7): 128x128 with 8 warps takes 160 KiB of
+#: shared memory and 255 registers, one program per multiprocessor; 64x64 with 4 warps takes 80 KiB and 218
+#: registers, so two programs share a multiprocessor and one's prologue, softmax and epilogue can overlap the
+#: other's matmuls, which is what short rows (few key blocks per program) lack. 128x64 and 64x128 sit between.
+TILES: tuple[tuple[int, int, int, int], ...] = (
+    (128, 128, 8, 2),
+    (128, 128, 8, 3),
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 128, 4, 2),
+)
+#: The search space before kernel tiles were decoupled from the index blocks (0: tile = index block).
+LEGACY_TILES: tuple[tuple[int, int, int, int], ...] = tuple((0, 0, w, st) for w in (8, 4) for st in (2, 3, 4))
+#: Keys a forced configuration (``launch(config=...)``) may set.
+CONFIG_KEYS: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "split_min_blocks")
+#: Most programs one row may be split over.
+MAX_SPLIT_K = 16
+#: Automatic split-K: at most this many shares per row, each of at least SPLIT_MIN_KEYS keys.
+AUTO_MAX_SPLIT_K = 4
+SPLIT_MIN_KEYS = 4096
+#: Shared memory a program may use on an H100 (bytes).
+_SMEM_LIMIT = 227 * 1024
+
+
+def _fit_configs(configs, named_args, **kwargs):
+    """Cut each config's tile to the index blocks (0 means the block itself), drop duplicates and tiles whose
+    q tile plus double-buffered k and v tiles would not fit in shared memory; keep at least one."""
+    qb, kb, d = kwargs["Q_BLOCK"], kwargs["KV_BLOCK"], kwargs["HEAD_DIM"]
+    elt = named_args["Q"].element_size()
+    kept, seen = [], set()
+    for c in configs:
+        bm = min(c.kwargs["BLOCK_M"] or qb, qb)
+        bn = min(c.kwargs["BLOCK_N"] or kb, kb)
+        key = (bm, bn, c.num_warps, c.num_stages)
+        if key in seen or (bm + 4 * bn) * d * elt > _SMEM_LIMIT:
+            continue
+        seen.add(key)
+        kept.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=c.num_warps, num_stages=c.num_stages))
+    if not kept:
+        kept.append(triton.Config({"BLOCK_M": min(qb, 64), "BLOCK_N": min(kb, 64)}, num_warps=4, num_stages=2))
+    return kept
+
+
+def _autotuner(tiles):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tiles]
+    return triton.autotune(
+        configs=configs,
+        # work_bucket (bit length of the row width) retunes when the loop length changes by 2x, not per length:
+        # a cache that grows chunk by chunk should not retune every chunk. grid_bucket (bit length of the
+        # number of index rows) and num_splits change how the programs fill the multiprocessors.
+        key=[
+            "HEAD_DIM",
+            "Q_BLOCK",
+            "KV_BLOCK",
+            "HAS_BIAS",
+            "EVEN_K",
+            "USE_TMA",
+            "WIDE",
+            "DOT_PRECISION",
+            "SPLIT",
+            "work_bucket",
+            "grid_bucket",
+            "num_splits",
+        ],
+        prune_configs_by={"early_config_prune": _fit_configs},
+    )(block_sparse_fwd_kernel)
+
+
+block_sparse_fwd_tuned = _autotuner(TILES)
+block_sparse_fwd_legacy = _autotuner(LEGACY_TILES)
+
+#: What the last launch ran: tuning, split_k, and the kernel config (the autotuner's pick, or the forced one).
+LAST_LAUNCH: dict[str, object] = {}
+
+
+def auto_split_k(programs, width, n_sm, kv_block):
+    """Split-K factor for ``programs`` (batch * heads * index rows) on ``n_sm`` multiprocessors.
+
+    Splitting pays when the programs fill the multiprocessors in few waves, the last one partly (444 programs
+    on 132 multiprocessors: 3.4 waves, 84 % of the slots used; split in 2: 6.7 waves, 96 %), and the rows are
+    long enough for each share to keep SPLIT_MIN_KEYS keys (``width``, the index row width, bounds the blocks a
+    row can have; the kernel re-decides per row from its real count). Each extra share costs a float32 partial
+    written and read back, charged here at 3 % per share.
+    """
+    min_blocks = max(1, SPLIT_MIN_KEYS // kv_block)
+    if n_sm < 1 or programs < 1 or width < 2 * min_blocks or programs >= 6 * n_sm:
+        return 1
+
+    def score(s):
+        x = programs * s / n_sm
+        return x / math.ceil(x) - 0.03 * (s - 1)
+
+    best = 1
+    for s in range(2, AUTO_MAX_SPLIT_K + 1):
+        if width < s * min_blocks:
+            break
+        if score(s) > score(best):
+            best = s
+    return best
 
 
 def _tma_ok(x):
     """Whether x (B, H, L, D) meets the copy engine's rules: unit last stride, 16-byte aligned rows and bases."""
     e = x.element_size()
-    return (
-        x.stride(3) == 1
-        and x.data_ptr() % 16 == 0
-        and all((st * e) % 16 == 0 for st in x.stride()[:3])
-    )
+    return x.stride(3) == 1 and x.data_ptr() % 16 == 0 and all((st * e) % 16 == 0 for st in x.stride()[:3])
 
 
 def _torch_allocator(size, alignment, stream):
@@ -223,7 +419,9 @@ def _ensure_allocator():
         triton.set_allocator(_torch_allocator)
 
 
-def launch(q, k, v, bias, kv_num_blocks, kv_indices, out, lse, scale, block_m, block_n, config=None):
+def launch(
+    q, k, v, bias, kv_num_blocks, kv_indices, out, lse, scale, block_m, block_n, config=None, split_k=1, tuning="auto"
+):
     """Launch the forward on already-validated tensors.
 
     Args:
@@ -232,13 +430,34 @@ def launch(q, k, v, bias, kv_num_blocks, kv_indices, out, lse, scale, block_m, b
             expanded views with stride 0 on batch or heads).
         out: (B, H, Lq, D) in q.dtype, written; lse: (B, H, Lq) float32, written.
         scale: logit scale; block_m, block_n: the index's q and kv block sizes.
-        config: None to autotune, or a dict with any of ``num_warps``, ``num_stages``, ``USE_TMA`` to force one
-            configuration (tests, tuning sweeps).
+        config: None to autotune, or a dict of CONFIG_KEYS: ``BLOCK_M``/``BLOCK_N`` (kernel tile, a power of two
+            dividing the index block; default the block), ``num_warps``, ``num_stages``, ``USE_TMA``,
+            ``split_min_blocks`` (fewest blocks per split-K share). A tile or warp key forces one configuration.
+        split_k: split each row's key blocks over up to this many programs (partials merged by their
+            log-sum-exp); None picks a factor with :func:`auto_split_k`, keeping shares >= SPLIT_MIN_KEYS keys.
+        tuning: "auto" (kernel tiles independent of the index blocks) or "legacy" (tile = index block, the
+            search space before), when autotuning.
     """
+    import torch
+
     config = {} if config is None else dict(config)
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"config keys {unknown} are not among {CONFIG_KEYS}")
+    if tuning not in ("auto", "legacy"):
+        raise ValueError(f"tuning must be 'auto' or 'legacy', got {tuning!r}")
     batch, heads, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
-    n_q_blocks = triton.cdiv(seqlen_q, block_m)
+    width = int(kv_indices.shape[-1])
+    rows = batch * heads * triton.cdiv(seqlen_q, block_m)
+    if split_k is None:
+        n_sm = _sm_count(q.device) if q.is_cuda and not INTERPRET else 0
+        split_k = auto_split_k(rows, width, n_sm, block_n)
+        split_min = max(1, SPLIT_MIN_KEYS // block_n)
+    else:
+        split_min = 1
+    split_min = max(1, int(config.pop("split_min_blocks", split_min)))
+    split_k = max(1, min(int(split_k), width))
     if bias is None:
         bias_arg, bias_strides, has_bias = q, (0, 0, 0), False
     else:
@@ -253,11 +472,17 @@ def launch(q, k, v, bias, kv_num_blocks, kv_indices, out, lse, scale, block_m, b
     dot_fp32 = INTERPRET and str(q.dtype) == "torch.bfloat16"
     # fp32 inputs ask for fp32 products: the GPU default (tf32) would be 1e-3 off the reference.
     precision = "ieee" if str(q.dtype) == "torch.float32" else "tf32"
-    grid = (n_q_blocks, batch * heads)
+    if split_k > 1:
+        # Float32 partials of every share: (split_k, B * H, Lq, D) and (split_k, B * H, Lq).
+        o_part = torch.empty((split_k, batch * heads, seqlen_q, head_dim), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((split_k, batch * heads, seqlen_q), dtype=torch.float32, device=q.device)
+    else:
+        o_part = l_part = lse  # never touched
+    # fmt: off
     args = (
-        q, k, v, bias_arg, kv_num_blocks, kv_indices, out, lse,
-        seqlen_q, seqlen_k, heads, heads // heads_kv, kv_indices.shape[-1], scale * _LOG2E,
-        int(kv_indices.shape[-1]).bit_length(),
+        q, k, v, bias_arg, kv_num_blocks, kv_indices, out, lse, o_part, l_part,
+        seqlen_q, seqlen_k, heads, heads // heads_kv, width, scale * _LOG2E,
+        split_k, split_min, width.bit_length(), rows.bit_length(),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides,
         *kv_num_blocks.stride(), *kv_indices.stride(), *out.stride(), *lse.stride(),
     )
@@ -265,16 +490,65 @@ def launch(q, k, v, bias, kv_num_blocks, kv_indices, out, lse, scale, block_m, b
     inner = [abs(st) for t in (q, k, v, out) for st in t.stride()[2:]] + [abs(st) for st in bias_strides[2:]]
     wide = 2 * max(block_m, block_n, head_dim) * max(inner) >= 2**31
     meta = dict(
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
+        HEAD_DIM=head_dim, Q_BLOCK=block_m, KV_BLOCK=block_n, HAS_BIAS=has_bias,
         EVEN_K=seqlen_k % block_n == 0, USE_TMA=use_tma, WIDE=wide,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision, SPLIT=split_k > 1,
     )
-    if not config:
-        block_sparse_fwd_tuned[grid](*args, **meta)
-    else:
-        block_sparse_fwd_kernel[grid](
-            *args, **meta, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
+    # fmt: on
+
+    def grid(m):
+        return (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * heads, split_k)
+
+    forced = INTERPRET or any(key in config for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    if forced:
+        tile_m = _tile(config.get("BLOCK_M", block_m), block_m, "BLOCK_M")
+        tile_n = _tile(config.get("BLOCK_N", block_n), block_n, "BLOCK_N")
+        warps, stages = config.get("num_warps", 4), config.get("num_stages", 2)
+        block_sparse_fwd_kernel[grid({"BLOCK_M": tile_m})](
+            *args,
+            **meta,
+            BLOCK_M=tile_m,
+            BLOCK_N=tile_n,
+            num_warps=warps,
+            num_stages=stages,
         )
+        picked = f"BLOCK_M: {tile_m}, BLOCK_N: {tile_n}, num_warps: {warps}, num_stages: {stages}"
+    else:
+        tuner = block_sparse_fwd_legacy if tuning == "legacy" else block_sparse_fwd_tuned
+        tuner[grid](*args, **meta)
+        picked = str(tuner.best_config)
+    if split_k > 1:
+        merge_m = min(32, block_m)
+        # fmt: off
+        block_sparse_merge_kernel[(triton.cdiv(seqlen_q, merge_m), batch * heads)](
+            o_part, l_part, kv_num_blocks, out, lse,
+            seqlen_q, heads, width, split_k, split_min,
+            *kv_num_blocks.stride(), *out.stride(), *lse.stride(),
+            HEAD_DIM=head_dim, Q_BLOCK=block_m, BLOCK_M=merge_m, num_warps=4,
+        )
+        # fmt: on
+    LAST_LAUNCH.clear()
+    LAST_LAUNCH.update(
+        tuning="forced" if forced else tuning, split_k=split_k, split_min_blocks=split_min, config=picked
+    )
+
+
+def _tile(value, block, name):
+    if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= block or block % value:
+        raise ValueError(f"{name}={value!r} must be a power of two in [16, {block}] (dividing the index block)")
+    return value
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device):
+    import torch
+
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
 
 
 _CAPABILITY: dict[int, bool] = {}

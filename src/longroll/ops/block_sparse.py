@@ -8,7 +8,9 @@ Backends (``backend=``):
 
 - ``"triton"``: the fused kernel of :mod:`longroll.kernels.block_sparse_fwd` (CUDA, or CPU under
   ``TRITON_INTERPRET=1`` for tests). Reads (B, H, L, D) and (B, L, H, D) views without copies; the output
-  keeps q's memory layout.
+  keeps q's memory layout. Its tiles are autotuned apart from the index blocks (a 128-row index block may be
+  served by two 64-row programs), and a row's key blocks may be split over several programs whose partial
+  results are merged by their log-sum-exp (``split_k``).
 - ``"torch"``: a pure-torch twin that gathers the selected key blocks of a chunk of query blocks at a time
   (memory bounded by ``max_elements``) and accumulates in float32. Runs everywhere.
 - ``"auto"``: ``"triton"`` for CUDA tensors the kernel supports, ``"torch"`` otherwise.
@@ -25,8 +27,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from collections.abc import Mapping
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -42,6 +45,10 @@ TRITON_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128, 256)
 #: Index block sizes (either axis) the Triton kernel accepts; they are its tile sizes.
 TRITON_BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+#: Most programs the triton backend splits one row's key blocks over (``split_k``).
+MAX_SPLIT_K = 16
+#: Keys of ``triton_config`` (see :func:`block_sparse_attention`).
+TRITON_CONFIG_KEYS: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "tuning")
 
 
 def _kernel_module() -> ModuleType:
@@ -110,6 +117,8 @@ def block_sparse_attention(
     backend: BlockSparseBackend = "auto",
     check_ids: bool = False,
     max_elements: int = 1 << 25,
+    split_k: int | None = None,
+    triton_config: Mapping[str, Any] | None = None,
 ) -> AttentionOutput:
     """Block-sparse attention of q over (k, v) with an optional per-key logit bias.
 
@@ -124,6 +133,15 @@ def block_sparse_attention(
         backend: "auto", "triton" or "torch" (see the module docstring).
         check_ids: also check counts and ids against the index bounds (synchronises the host).
         max_elements: cap on the elements the torch backend holds per chunk.
+        split_k: triton backend only: split each row's key blocks over up to this many programs, merging their
+            partial results by log-sum-exp (1: no split). None (default) splits when the programs would fill
+            the GPU's multiprocessors in few, partly empty waves and rows are long (see
+            ``longroll.kernels.block_sparse_fwd.auto_split_k``); rows with few blocks are never split.
+        triton_config: triton backend only, for tuning sweeps and tests: ``{"tuning": "legacy"}`` autotunes
+            over the tiles used before tiles were decoupled from the index blocks; any of ``BLOCK_M``,
+            ``BLOCK_N`` (kernel tile, a power of two >= 16 dividing the index block), ``num_warps``,
+            ``num_stages`` forces one configuration; ``USE_TMA`` forces the copy-engine path on or off.
+            None autotunes.
 
     Returns:
         :class:`AttentionOutput`: out (batch, heads, seqlen_q, head_dim_v) in q.dtype and lse
@@ -144,6 +162,11 @@ def block_sparse_attention(
     scale = float(scale)
     if max_elements < 1:
         raise ValueError(f"max_elements must be positive, got {max_elements}")
+    if split_k is not None and (
+        isinstance(split_k, bool) or not isinstance(split_k, int) or not 1 <= split_k <= MAX_SPLIT_K
+    ):
+        raise ValueError(f"split_k must be None or an int in [1, {MAX_SPLIT_K}], got {split_k!r}")
+    config = _check_triton_config(triton_config, index)
     problem = _triton_problem(q, v, index)
     if backend == "auto":
         backend = "triton" if q.is_cuda and problem is None else "torch"
@@ -164,8 +187,36 @@ def block_sparse_attention(
     if check_ids:
         index.validate_ids()
     if backend == "triton":
-        return _triton(kernels, q, k, v, index, bias, scale)
+        return _triton(kernels, q, k, v, index, bias, scale, split_k, config)
     return _torch_backend(q, k, v, index, bias, scale, max_elements)
+
+
+def _check_triton_config(config: Mapping[str, Any] | None, index: BlockSparseIndex) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise ValueError(f"triton_config must be a mapping or None, got {type(config).__name__}")
+    out = dict(config)
+    unknown = sorted(set(out) - set(TRITON_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"triton_config keys {unknown} are not among {TRITON_CONFIG_KEYS}")
+    if out.get("tuning", "auto") not in ("auto", "legacy"):
+        raise ValueError(f"triton_config['tuning'] must be 'auto' or 'legacy', got {out['tuning']!r}")
+    for name, block in (("BLOCK_M", index.q_block_size), ("BLOCK_N", index.kv_block_size)):
+        if name in out:
+            t = out[name]
+            if isinstance(t, bool) or not isinstance(t, int) or not 16 <= t <= block or block % t:
+                raise ValueError(
+                    f"triton_config['{name}'] must be a power of two in [16, {block}] dividing the index block "
+                    f"{block}, got {t!r}"
+                )
+    if "num_warps" in out and out["num_warps"] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"triton_config['num_warps'] must be 1, 2, 4, 8 or 16, got {out['num_warps']!r}")
+    if "num_stages" in out and (
+        isinstance(out["num_stages"], bool) or not isinstance(out["num_stages"], int) or out["num_stages"] < 1
+    ):
+        raise ValueError(f"triton_config['num_stages'] must be a positive int, got {out['num_stages']!r}")
+    return out
 
 
 def _expanded(index: BlockSparseIndex, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +232,8 @@ def _triton(
     index: BlockSparseIndex,
     bias: torch.Tensor | None,
     scale: float,
+    split_k: int | None = None,
+    config: dict[str, Any] | None = None,
 ) -> AttentionOutput:
     b, h, lq, _ = q.shape
     # empty_like keeps q's layout when it is a permuted dense tensor, so (B, L, H, D) callers get one back.
@@ -194,7 +247,10 @@ def _triton(
         return AttentionOutput(out, lse)
     num, idx = _expanded(index, b, h)
     bias32 = None if bias is None else bias.to(torch.float32)
-    kernels.launch(q, k, v, bias32, num, idx, out, lse, scale, index.q_block_size, index.kv_block_size)
+    config = dict(config or {})
+    tuning = config.pop("tuning", "auto")
+    qb, kb = index.q_block_size, index.kv_block_size
+    kernels.launch(q, k, v, bias32, num, idx, out, lse, scale, qb, kb, config or None, split_k, tuning)
     return AttentionOutput(out, lse)
 
 
