@@ -6,15 +6,15 @@ import torch
 
 from longroll.ann import Int8Config, LSHConfig
 from longroll.cache import CacheConfig, LayerKVCache, TempCachePolicy
-from longroll.cache.graphs import CapturedCall
+from longroll.cache.graphs import CapturedCall, StaticInputs
 
 P, FPC, H, D = 24, 2, 3, 16
 
 
-def _cache(mode, ann, match_keys="pre_rope", device="cpu"):
+def _cache(mode, ann, match_keys="pre_rope", device="cpu", layer=1, graph_inputs=None):
     policy = TempCachePolicy(threshold=0.9, max_entries=5 * P, ann=ann, match_keys=match_keys)
     cfg = CacheConfig(tokens_per_frame=P, frames_per_chunk=FPC, policy=policy, commit_graphs=mode)
-    return LayerKVCache(cfg, batch=2, heads=H, head_dim=D, layer=1, device=device)
+    return LayerKVCache(cfg, batch=2, heads=H, head_dim=D, layer=layer, device=device, graph_inputs=graph_inputs)
 
 
 def _chunks(n):
@@ -53,6 +53,22 @@ def test_emulated_capture_equals_eager_commits(ann, match_keys):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the cap was reached early enough for a warm-up, a capture and replays
     assert graphed._graph is not None and eager._graph is None
+
+
+def test_layers_sharing_static_inputs_match_eager_layers():
+    shared = StaticInputs()
+    eager = [_cache("off", Int8Config(), layer=i) for i in range(2)]
+    graphed = [_cache("emulate", Int8Config(), layer=i, graph_inputs=shared) for i in range(2)]
+    for c, k, v in _chunks(8):
+        for i in range(2):  # layers commit in turn, as in a forward pass
+            for cache in (eager[i], graphed[i]):
+                cache.stage(k + i, v - i, frame_start=c * FPC)
+            torch.testing.assert_close(graphed[i].commit(), eager[i].commit(), rtol=0, atol=0)
+    for e, g in zip(eager, graphed, strict=True):
+        torch.testing.assert_close(g.buffers.v, e.buffers.v, rtol=0, atol=0)
+        torch.testing.assert_close(g.track.keys, e.track.keys, rtol=0, atol=0)
+    assert all(g._graph is not None for g in graphed)
+    assert shared.nbytes() > 0
 
 
 def test_captured_outputs_are_copies_and_inputs_are_checked():

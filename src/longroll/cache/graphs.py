@@ -19,11 +19,35 @@ log = logging.getLogger(__name__)
 TensorFn = Callable[..., Sequence[torch.Tensor]]
 
 
+class StaticInputs:
+    """Static input tensors shared by captured calls that never run concurrently (e.g. one per layer, replayed
+    in turn): one buffer per (name, shape, dtype, device), instead of one per captured call.
+
+    Each call copies its inputs in right before its replay, so sharing is safe on one stream.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[object, ...], torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The shared buffer ``name`` of ``like``'s shape, dtype and device (allocated on first use)."""
+        key = (name, tuple(like.shape), like.dtype, like.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+
 class CapturedCall:
     """``fn(*inputs)`` captured once and replayed.
 
-    Inputs are copied into static tensors before each replay; outputs are returned as fresh copies, so a caller
-    may keep them across replays. Memory written by ``fn`` outside its inputs (e.g. cache buffers) must stay at
+    Inputs are copied into static tensors before each replay. Outputs are returned as fresh copies, so a caller
+    may keep them across replays, unless ``copy_outputs`` is False: then the static outputs themselves are
+    returned and the next replay overwrites them (after its inputs were copied in, so passing an output back as
+    an input is safe). Memory read or written by ``fn`` outside its inputs (e.g. cache buffers) must stay at
     the same address for the captured call's lifetime.
 
     Args:
@@ -31,16 +55,37 @@ class CapturedCall:
         example_inputs: tensors of the shapes, dtypes and devices of every later call.
         mode: ``"cuda"`` captures a CUDA graph (capture only: nothing runs until the first call);
             ``"emulate"`` keeps the static-input/static-output discipline but calls ``fn`` on each replay.
+        static: optional buffers to use as the static inputs (None entries get a private one), e.g. from a
+            :class:`StaticInputs` shared by several calls.
+        copy_outputs: return copies of the outputs (default) or the static outputs.
     """
 
     def __init__(
-        self, fn: TensorFn, example_inputs: Sequence[torch.Tensor], mode: Literal["cuda", "emulate"] = "cuda"
+        self,
+        fn: TensorFn,
+        example_inputs: Sequence[torch.Tensor],
+        mode: Literal["cuda", "emulate"] = "cuda",
+        *,
+        static: Sequence[torch.Tensor | None] | None = None,
+        copy_outputs: bool = True,
     ) -> None:
         if mode not in ("cuda", "emulate"):
             raise ValueError(f"mode must be 'cuda' or 'emulate', got {mode!r}")
         self.fn = fn
         self.mode = mode
-        self.static_in = [x.detach().clone() for x in example_inputs]
+        self.copy_outputs = copy_outputs
+        given = list(static) if static is not None else [None] * len(example_inputs)
+        if len(given) != len(example_inputs):
+            raise ValueError(f"static must hold {len(example_inputs)} entries, got {len(given)}")
+        self.static_in = []
+        for x, buf in zip(example_inputs, given, strict=True):
+            if buf is None:
+                buf = x.detach().clone()
+            elif buf.shape != x.shape or buf.dtype != x.dtype or buf.device != x.device:
+                raise ValueError(f"static buffer {tuple(buf.shape)} {buf.dtype} does not match input {tuple(x.shape)}")
+            else:
+                buf.copy_(x)
+            self.static_in.append(buf)
         self.static_out: list[torch.Tensor] = []
         self.graph: torch.cuda.CUDAGraph | None = None
         if mode == "cuda":
@@ -57,20 +102,30 @@ class CapturedCall:
                     f"input of shape {tuple(src.shape)} {src.dtype} does not match the captured "
                     f"{tuple(dst.shape)} {dst.dtype}"
                 )
-            dst.copy_(src)
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
         if self.graph is not None:
             self.graph.replay()
+        elif self.static_out and not self.copy_outputs:
+            # Emulate the graph writing into the same static outputs.
+            for dst, new in zip(self.static_out, self.fn(*self.static_in), strict=True):
+                dst.copy_(new)
         else:
             self.static_out = list(self.fn(*self.static_in))
-        return [o.clone() for o in self.static_out]
+        return [o.clone() for o in self.static_out] if self.copy_outputs else list(self.static_out)
 
 
 def capture(
-    fn: TensorFn, example_inputs: Sequence[torch.Tensor], mode: Literal["cuda", "emulate"]
+    fn: TensorFn,
+    example_inputs: Sequence[torch.Tensor],
+    mode: Literal["cuda", "emulate"],
+    *,
+    static: Sequence[torch.Tensor | None] | None = None,
+    copy_outputs: bool = True,
 ) -> CapturedCall | None:
     """A :class:`CapturedCall`, or None (logged) when the capture fails, e.g. on an operation that syncs."""
     try:
-        return CapturedCall(fn, example_inputs, mode)
+        return CapturedCall(fn, example_inputs, mode, static=static, copy_outputs=copy_outputs)
     except RuntimeError as err:  # torch.cuda.CudaError included
         log.warning("CUDA graph capture failed, running eagerly: %s", err)
         return None

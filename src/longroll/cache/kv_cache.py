@@ -24,7 +24,7 @@ from longroll.ann import make_searcher
 from longroll.cache.budget import compact_to_budget
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWindowPolicy, TempCachePolicy
-from longroll.cache.graphs import CapturedCall, capture
+from longroll.cache.graphs import CapturedCall, StaticInputs, capture
 from longroll.cache.tempcache import Track, commit_chunk
 from longroll.ops._checks import check_float, check_rank
 
@@ -51,6 +51,8 @@ class LayerKVCache:
         layer: layer index (seeds the ANN projections).
         head_ids: global ids of the heads held here (default: ``range(heads)``); a GPU holding a shard of heads
             passes its ids and behaves exactly like the matching slice of an unsharded cache.
+        graph_inputs: static input buffers shared with other layers' captured commits (saves one set of
+            chunk-sized buffers per layer); default: private ones.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class LayerKVCache:
         device: torch.device | str = "cpu",
         layer: int = 0,
         head_ids: tuple[int, ...] | None = None,
+        graph_inputs: StaticInputs | None = None,
     ) -> None:
         for name, val in (("batch", batch), ("heads", heads), ("head_dim", head_dim)):
             if val < 1:
@@ -92,6 +95,7 @@ class LayerKVCache:
         self._graph_warm: tuple[int, int] | None = None
         self._graph_failed = False
         self._frame0: torch.Tensor | None = None
+        self._graph_inputs = graph_inputs if graph_inputs is not None else StaticInputs()
         p = config.policy
         self._searcher = (
             make_searcher(p.ann, head_dim, layer=layer, head_ids=self.head_ids, device=self.device)
@@ -278,6 +282,8 @@ class LayerKVCache:
 
         The first steady-state commit at a given ``(lo, n)`` runs eagerly (it warms up every kernel and
         library handle); the second captures, and later ones replay. The frame index enters as device memory.
+        The track lives in the captured call's static outputs (no copy per commit); the next replay copies it
+        into the shared static inputs before overwriting it.
         """
         assert self._searcher is not None and self.track is not None
         tpf, nf = self.config.tokens_per_frame, n // self.config.tokens_per_frame
@@ -307,7 +313,10 @@ class LayerKVCache:
                 track_slots, track_keys, track_active, out = body(*inputs)
                 self.track = Track(track_slots, track_keys, track_active)
                 return out
-            captured = capture(body, inputs, mode)
+            arena = self._graph_inputs
+            names = ("track_slots", "track_keys", "track_active", "k_match")
+            static = [arena.get(name, x) for name, x in zip(names, inputs, strict=False)]
+            captured = capture(body, inputs, mode, static=[*static, self._frame0], copy_outputs=False)
             if captured is None:
                 self._graph_failed = True
                 track_slots, track_keys, track_active, out = body(*inputs)
@@ -316,7 +325,7 @@ class LayerKVCache:
             self._graph = (key, captured)
         track_slots, track_keys, track_active, out = self._graph[1](*inputs)
         self.track = Track(track_slots, track_keys, track_active)
-        return out
+        return out.clone()
 
     def _start_length_readback(self) -> None:
         m = self.buffers.lengths.max()
@@ -437,11 +446,8 @@ class LayerKVCache:
         }
         if self.track is not None:
             t = self.track
-            state |= {
-                "track_slots": t.slots.contiguous(),
-                "track_keys": t.keys.contiguous(),
-                "track_active": t.active.contiguous(),
-            }
+            # Copies: a captured commit overwrites its track in place.
+            state |= {"track_slots": t.slots.clone(), "track_keys": t.keys.clone(), "track_active": t.active.clone()}
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
