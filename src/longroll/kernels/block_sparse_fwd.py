@@ -122,10 +122,14 @@ def _num_splits(n_blocks, num_splits, split_min):
     return tl.minimum(tl.maximum(ns, 1), num_splits)
 
 
+# Lengths, counts and the outer strides of the bias, index and lse only feed scalar address arithmetic: not
+# specialising on their divisibility keeps one compiled kernel per tile across cache lengths (Lk = 4,680 and
+# 131,040 used to compile apart because 131,040 divides by 16).
 @triton.jit(
     do_not_specialize=[
         "seqlen_q", "seqlen_k", "num_heads", "kv_group", "max_blocks", "num_splits", "split_min", "work_bucket",
-        "grid_bucket",
+        "grid_bucket", "stride_bb", "stride_bh", "stride_nb", "stride_nh", "stride_nm", "stride_ib", "stride_ih",
+        "stride_im", "stride_lb", "stride_lh",
     ]
 )
 def block_sparse_fwd_kernel(
@@ -243,7 +247,12 @@ def block_sparse_fwd_kernel(
             tl.store(Lse + b * stride_lb + h * stride_lh + rows_e * stride_lm, lse2 * _LN2, mask=ok_e)
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "num_heads", "max_blocks", "num_splits", "split_min"])
+@triton.jit(
+    do_not_specialize=[
+        "seqlen_q", "num_heads", "max_blocks", "num_splits", "split_min", "stride_nb", "stride_nh", "stride_nm",
+        "stride_lb", "stride_lh",
+    ]
+)
 def block_sparse_merge_kernel(
     OPart, LPart, KVNum, Out, Lse,
     seqlen_q, num_heads, max_blocks, num_splits, split_min,
