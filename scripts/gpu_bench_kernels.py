@@ -1,16 +1,32 @@
 """Correctness and speed of the block-sparse Triton forward against dense and FlexAttention baselines.
 
-GPU run (one call, H100):
+GPU run (one call, H100, about 2-3 minutes):
     PYTHONPATH=src python3 scripts/gpu_bench_kernels.py --out $OUT/kernels.json
 
-CPU smoke run (tiny shapes, Triton interpreter):
-    TRITON_INTERPRET=1 PYTHONPATH=src python3 scripts/gpu_bench_kernels.py --quick --out /tmp/k.json
+CPU smoke run (tiny shapes, Triton interpreter; checks the script end to end, times nothing meaningful):
+    PYTHONPATH=src python3 scripts/gpu_bench_kernels.py --smoke --out /tmp/kernels.json
 
-(a) bf16 kernel vs the float64 reference on small shapes (max error, next to torch's own bf16 error);
-(b) medians after warm-up at Wan2.1-1.3B shapes (B=1, H=12, D=128, Lq=4680) over cache lengths and
-densities: the kernel's TFLOP/s on kept blocks (4·H·Lq·Lk·D·density), cuDNN SDPA dense, SDPA with the bias
-as a broadcast mask, the head-dim augmentation route, and compiled FlexAttention with the same block mask and
-a score_mod adding the bias. Every measurement (or the error that stopped it) goes to the JSON.
+(a) bf16 correctness on small shapes for each kernel variant (max error against the float64 reference, next to
+    torch's own bf16 error, and the tests' tolerance rule);
+(b) at the issue's shapes (B=1, H=12, D=128, Lq=4,680, Lk 4,680-262,080, densities 0.1/0.3/0.5, random
+    index with the same count in every row, per-key bias): cuDNN SDPA dense (the yardstick), SDPA with the bias
+    as a mask, the head-dim augmentation route, and the kernel variants below, each with its TFLOP/s on kept
+    blocks (4*H*Lq*Lk*D*density), ratio to cuDNN dense, and max error against a float64 reference over a
+    subset of rows (2 heads x first/middle/last query block, the partial one included);
+(c) compiled FlexAttention with the same block mask and a score_mod adding the bias, while time remains.
+
+Kernel variants (``--variants``):
+    old          tile = index block, split 1: the search space before tiles were decoupled (triton_config
+                 {"tuning": "legacy"}); same kernel source, so it also shows what the new code costs at old tiles
+    new          the default: autotuned tiles (128/64 rows, 128/64 keys), automatic split-K
+    new_split1   autotuned tiles, no split
+    t64          forced 64x64 tile, 4 warps, 2 stages, no split (two programs per multiprocessor)
+    t128_split2  forced 128x128 tile, 8 warps, 2 stages, split 2 (split-K alone)
+
+Medians of ``triton.testing.do_bench`` (L2 flushed before each run, like the committed numbers); below
+``--graph-max-lk`` keys each method is also timed as a CUDA graph replay (``ms_graph``: no host overhead, no
+L2 flush). Every measurement, or the error that stopped it, goes to the JSON; one failing variant does not stop
+the run.
 """
 
 from __future__ import annotations
@@ -26,24 +42,39 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from functools import partial
 from typing import Any
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "old": dict(split_k=1, triton_config={"tuning": "legacy"}),
+    "new": dict(split_k=None, triton_config=None),
+    "new_split1": dict(split_k=1, triton_config=None),
+    "t64": dict(split_k=1, triton_config={"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
+    "t128_split2": dict(split_k=2, triton_config={"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}),
+}
 
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else "kernels.json"
     p.add_argument("--out", default=default_out, help="JSON path (default $OUT/kernels.json)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
+    p.add_argument("--smoke", "--quick", action="store_true", help="tiny shapes; runs on CPU under the interpreter")
     p.add_argument("--lk", type=int, nargs="+", default=[4680, 32760, 131040, 262080], help="key lengths")
-    p.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0])
+    p.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     p.add_argument("--lq", type=int, default=4680)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=128, help="index block size on both axes")
-    p.add_argument("--extra-q-block", type=int, default=64, help="also time this q block size (0: skip)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
-    p.add_argument("--budget-s", type=float, default=500.0, help="skip remaining slow baselines past this")
+    p.add_argument(
+        "--flex-lk",
+        type=int,
+        nargs="*",
+        default=[4680, 131040, 32760, 262080],
+        help="key lengths for FlexAttention, in order, while the budget lasts (each compiles anew)",
+    )
+    p.add_argument("--graph-max-lk", type=int, default=8192, help="also time as CUDA graph replays up to this Lk")
+    p.add_argument("--budget-s", type=float, default=120.0, help="start no FlexAttention compile past this")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -57,19 +88,24 @@ def bias_score_mod(bias: Any) -> Callable[..., Any]:
     return score_mod
 
 
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
 def main() -> int:
     args = _parse()
-    if args.quick:
+    if args.smoke:
         # Must precede the first triton import: the interpreter is chosen when kernels are decorated.
         import torch
 
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")
-        args.lk, args.densities, args.lq, args.heads, args.head_dim = [300], [0.3, 1.0], 200, 2, 64
-        args.block, args.extra_q_block = 64, 0
+        args.lk, args.densities, args.lq, args.heads, args.head_dim, args.block = [300, 1100], [0.3], 200, 2, 64, 64
+        args.flex_lk = [300]
     import torch
     import triton
 
+    from longroll.kernels import block_sparse_fwd
     from longroll.ops.attention import MASKED_BIAS, attention
     from longroll.ops.block_index import BlockSparseIndex
     from longroll.ops.block_sparse import block_sparse_attention, block_sparse_attention_ref
@@ -79,11 +115,11 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float16
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]),
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count if cuda else None,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
@@ -92,149 +128,205 @@ def main() -> int:
         "interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "dtype": str(dtype),
         "flops": "4*H*Lq*Lk*D*density_exact (kept query-key pairs only)",
+        "variants": {name: {k: v for k, v in spec.items()} for name, spec in VARIANTS.items() if name in args.variants},
+        "tiles": [list(t) for t in block_sparse_fwd.TILES],
         "correctness": [],
         "timings": [],
+        "phases": {},
     }
 
-    def rnd(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=dev, dtype=dt)
+    def gen(*key: int) -> torch.Generator:
+        # One generator per purpose and shape: a later phase rebuilds exactly the same inputs.
+        return torch.Generator(device="cpu").manual_seed(hash((args.seed, *key)) % (2**31))
 
-    def random_index(b: int, h: int, lq: int, lk: int, bq: int, bk: int, density: float) -> BlockSparseIndex:
+    def rnd(g: torch.Generator, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device=dev, dtype=dtype)
+
+    def random_index(g: torch.Generator, b: int, h: int, lq: int, lk: int, bq: int, bk: int, density: float):
         nqb, nkb = -(-lq // bq), -(-lk // bk)
         keep = max(1, min(nkb, round(density * nkb)))
-        order = torch.rand(b, h, nqb, nkb, generator=gen).argsort(dim=-1)[..., :keep]
+        order = torch.rand(b, h, nqb, nkb, generator=g).argsort(dim=-1)[..., :keep]
         dense = torch.zeros(b, h, nqb, nkb, dtype=torch.bool).scatter_(-1, order, True)
         return BlockSparseIndex.from_dense(dense, bq, bk, lq, lk).to(dev)
 
     def timeit(fn: Callable[[], object]) -> float:
         """Median milliseconds."""
         if cuda:
-            return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-        fn()
+            return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
         ts = []
-        for _ in range(3):
+        for _ in range(1):  # the interpreter: only proves the path runs
             t0 = time.perf_counter()
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(ts)
 
-    def tuned_config() -> str | None:
-        try:
-            from longroll.kernels import block_sparse_fwd
+    def time_graph(fn: Callable[[], object]) -> float:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
 
-            cfg = block_sparse_fwd.block_sparse_fwd_tuned.best_config
-            return None if cfg is None else str(cfg)
-        except Exception:
-            return None
+    def run_variant(name: str, q, k, v, idx, bias) -> Any:
+        spec = VARIANTS[name]
+        cfg = spec["triton_config"]
+        if cfg is not None:
+            # Forced tiles are cut to the index blocks (the smoke run's blocks are 64).
+            cfg = dict(cfg)
+            for key, block in (("BLOCK_M", idx.q_block_size), ("BLOCK_N", idx.kv_block_size)):
+                if key in cfg:
+                    cfg[key] = min(cfg[key], block)
+        return block_sparse_attention(q, k, v, idx, bias, backend="triton", split_k=spec["split_k"], triton_config=cfg)
 
-    # ---------------------------------------------------------------- (a) correctness
+    def launched() -> dict[str, Any]:
+        return dict(block_sparse_fwd.LAST_LAUNCH)
+
+    def elapsed() -> float:
+        return time.perf_counter() - t_start
+
+    # ---------------------------------------------------------------- (a) correctness on small shapes
     d_small = args.head_dim
+    # Each case names the variants it checks: the small-shape checks share compiled kernels with the timed
+    # runs (same tiles and specialisations), so they cost autotuning, not extra compiles.
+    main3 = ["old", "new", "t128_split2"]
     cases = [
-        dict(name="mha_bias", b=1, h=4, hk=4, lq=300, lk=1000, bq=128, bk=128, density=0.5, layout="bhld"),
-        dict(name="gqa_bias_blhd", b=2, h=4, hk=2, lq=257, lk=700, bq=128, bk=128, density=0.3, layout="blhd"),
-        dict(name="q64_kv128", b=1, h=2, hk=1, lq=200, lk=1025, bq=64, bk=128, density=0.4, layout="bhld"),
-        dict(name="d64_all_blocks", b=1, h=2, hk=2, lq=256, lk=512, bq=128, bk=64, density=1.0, layout="bhld"),
+        dict(name="mha_bias", b=1, h=4, hk=4, lq=300, lk=1000, bq=128, bk=128, density=0.5, layout="bhld", v=main3),
+        dict(name="gqa_bias_blhd", b=2, h=4, hk=2, lq=257, lk=700, bq=128, bk=128, density=0.3, layout="blhd", v=main3),
+        dict(name="q64_kv128", b=1, h=2, hk=1, lq=200, lk=1025, bq=64, bk=128, density=0.4, layout="bhld", v=["t64"]),
+        dict(
+            name="long_rows_split",
+            b=1,
+            h=2,
+            hk=2,
+            lq=130,
+            lk=9000,
+            bq=128,
+            bk=128,
+            density=1.0,
+            layout="bhld",
+            v=["new"],
+        ),
     ]
-    if args.quick:
+    if args.smoke:
         cases = [dict(c, lk=min(int(c["lk"]), 300), lq=min(int(c["lq"]), 130), bq=64, bk=64) for c in cases[:3]]
-    for case in cases:
-        entry: dict[str, Any] = {k: v for k, v in case.items()}
+    for ci, case in enumerate(cases):
         try:
-            d = 64 if case["name"].startswith("d64") else d_small
+            g = gen(1, ci)
+            d = d_small
             b, h, hk, lq, lk = (int(case[x]) for x in ("b", "h", "hk", "lq", "lk"))
             if case["layout"] == "blhd":
-                q = rnd(b, lq, h, d).transpose(1, 2)
-                k = rnd(b, lk, hk, d).transpose(1, 2)
-                v = rnd(b, lk, hk, d).transpose(1, 2)
+                q = rnd(g, b, lq, h, d).transpose(1, 2)
+                k = rnd(g, b, lk, hk, d).transpose(1, 2)
+                v = rnd(g, b, lk, hk, d).transpose(1, 2)
             else:
-                q, k, v = rnd(b, h, lq, d), rnd(b, hk, lk, d), rnd(b, hk, lk, d)
-            bias = (torch.rand(b, hk, lk, generator=gen) * 2.0).to(dev)
+                q, k, v = rnd(g, b, h, lq, d), rnd(g, b, hk, lk, d), rnd(g, b, hk, lk, d)
+            bias = (torch.rand(b, hk, lk, generator=g) * 2.0).to(dev)
             bias[..., ::11] = MASKED_BIAS
-            idx = random_index(b, h, lq, lk, int(case["bq"]), int(case["bk"]), float(case["density"]))
-            got = block_sparse_attention(q, k, v, idx, bias, backend="triton", check_ids=True)
+            idx = random_index(g, b, h, lq, lk, int(case["bq"]), int(case["bk"]), float(case["density"]))
             ref = block_sparse_attention_ref(q, k, v, idx, bias)
-            same = attention_ref(q, k, v, bias.masked_fill(bias <= MASKED_BIAS, float("-inf")), upcast=False,
-                                 key_mask=idx.key_mask().expand(b, h, lq, lk))
-            finite = torch.isfinite(ref.lse)
-            entry.update(
-                density_exact=idx.density(),
-                max_err_out=float((got.out.double() - ref.out.double()).abs().max()),
-                max_err_out_torch_same_dtype=float((same[0].double() - ref.out.double()).abs().max()),
-                max_err_lse=float((got.lse - ref.lse)[finite].abs().max()) if bool(finite.any()) else 0.0,
-                lse_inf_match=bool(((got.lse == float("-inf")) == ~finite).all()),
-                out_layout_strides=list(got.out.stride()),
-                config=tuned_config(),
-            )
-            # The tests' rule: within twice torch's own error at this dtype plus two rounding steps.
+            masked = bias.masked_fill(bias <= MASKED_BIAS, float("-inf"))
+            mask = idx.key_mask().expand(b, h, lq, lk)
+            same = attention_ref(q, k, v, masked, upcast=False, key_mask=mask)
+            base = float((same[0].double() - ref.out.double()).abs().max())
             r = ref.out.to(dtype)
-            eps = 2 * float((r + 0.3 - 0.3 - r).abs().max())
-            entry["tolerance"] = 2 * entry["max_err_out_torch_same_dtype"] + eps
-            entry["ok"] = bool(entry["max_err_out"] <= entry["tolerance"] and entry["lse_inf_match"])
+            tol = 2 * base + 2 * float((r + 0.3 - 0.3 - r).abs().max())
+            finite = torch.isfinite(ref.lse)
         except Exception as exc:
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-            entry["traceback"] = traceback.format_exc(limit=4)
-        report["correctness"].append(entry)
-        print(f"[check] {entry.get('name')}: out err {entry.get('max_err_out')} "
-              f"(torch {dtype} {entry.get('max_err_out_torch_same_dtype')}), lse err {entry.get('max_err_lse')}, "
-              f"ok={entry.get('ok')} {entry.get('error', '')}", flush=True)
+            report["correctness"].append(
+                dict(name=case["name"], error=_err(exc), traceback=traceback.format_exc(limit=4))
+            )
+            continue
+        for name in [x for x in case["v"] if x in args.variants]:
+            entry: dict[str, Any] = {key: val for key, val in case.items() if key != "v"}
+            entry["variant"] = name
+            try:
+                got = run_variant(name, q, k, v, idx, bias)
+                entry.update(
+                    density_exact=idx.density(),
+                    max_err_out=float((got.out.double() - ref.out.double()).abs().max()),
+                    max_err_out_torch_same_dtype=base,
+                    tolerance=tol,
+                    max_err_lse=float((got.lse - ref.lse)[finite].abs().max()) if bool(finite.any()) else 0.0,
+                    lse_inf_match=bool(((got.lse == float("-inf")) == ~finite).all()),
+                    out_layout_strides=list(got.out.stride()),
+                    launch=launched(),
+                )
+                entry["ok"] = bool(entry["max_err_out"] <= tol and entry["lse_inf_match"])
+            except Exception as exc:
+                entry["error"] = _err(exc)
+                entry["traceback"] = traceback.format_exc(limit=4)
+            report["correctness"].append(entry)
+            print(
+                f"[check] {case['name']:16s} {name:12s} out err {entry.get('max_err_out')} (torch {base:.3g}, "
+                f"tol {tol:.3g}) lse err {entry.get('max_err_lse')} ok={entry.get('ok')} {entry.get('error', '')}",
+                flush=True,
+            )
+    report["phases"]["correctness_s"] = elapsed()
 
-    # FlexAttention correctness once, on a small shape, so its timings below can be trusted.
-    flex_fn: Callable[..., Any] | None = None
-    if not args.no_flex and cuda:
-        try:
-            import torch._dynamo
-            from torch.nn.attention.flex_attention import flex_attention
-
-            torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-            flex_fn = torch.compile(flex_attention, dynamic=False)
-            b, h, lq, lk, d = 1, 4, 300, 1000, d_small
-            q, k, v = rnd(b, h, lq, d), rnd(b, h, lk, d), rnd(b, h, lk, d)
-            bias = (torch.rand(b, h, lk, generator=gen) * 2.0).to(dev)
-            idx = random_index(b, h, lq, lk, 128, 128, 0.5)
-            bm = idx.to_flex_block_mask()
-
-            score_mod = bias_score_mod(bias)
-            t0 = time.perf_counter()
-            out = flex_fn(q, k, v, score_mod=score_mod, block_mask=bm)
-            ref = block_sparse_attention_ref(q, k, v, idx, bias)
-            report["correctness"].append(dict(
-                name="flex_compiled_bias", max_err_out=float((out.double() - ref.out.double()).abs().max()),
-                compile_s=time.perf_counter() - t0,
-            ))
-            print(f"[check] flex: out err {report['correctness'][-1]['max_err_out']}", flush=True)
-        except Exception as exc:
-            report["correctness"].append(dict(name="flex_compiled_bias", error=f"{type(exc).__name__}: {exc}"))
-            print(f"[check] flex failed: {exc}", flush=True)
-            flex_fn = None
-
-    # ---------------------------------------------------------------- (b) timings
+    # ---------------------------------------------------------------- (b) timings at the issue's shapes
     def record(**kw: Any) -> dict[str, Any]:
         report["timings"].append(kw)
         return kw
 
-    def over_budget() -> bool:
-        return time.perf_counter() - t_start > args.budget_s
-
-    b, h, d, lq = 1, args.heads, args.head_dim, args.lq
-    blocks = [(args.block, args.block)]
-    if args.extra_q_block and args.extra_q_block != args.block:
-        blocks.append((args.extra_q_block, args.block))
+    b, h, d, lq, blk = 1, args.heads, args.head_dim, args.lq, args.block
     dense_tflops: dict[int, float] = {}
 
+    def make_inputs(lk: int):
+        g = gen(2, lk)
+        q, k, v = rnd(g, b, h, lq, d), rnd(g, b, h, lk, d), rnd(g, b, h, lk, d)
+        bias = (torch.rand(b, h, lk, generator=g) * 2.0).to(dev)  # log-counts of merged keys
+        return q, k, v, bias
+
+    def make_index(lk: int, dens: float) -> BlockSparseIndex:
+        return random_index(gen(3, lk, int(dens * 1000)), b, h, lq, lk, blk, blk, dens)
+
+    def row_subset(q, k, v, bias, idx: BlockSparseIndex):
+        """Heads (0, H-1) and query blocks (first, middle, last): a sub-problem small enough for float64."""
+        nqb = idx.n_q_blocks
+        heads = sorted({0, h - 1})
+        blocks = sorted({0, nqb // 2, nqb - 1})
+        rows = torch.cat([torch.arange(j * blk, min(lq, (j + 1) * blk)) for j in blocks]).to(dev)
+        hsel = torch.tensor(heads, device=dev)
+        bsel = torch.tensor(blocks, device=dev)
+        num = idx.kv_num_blocks.index_select(1, hsel).index_select(2, bsel).contiguous()
+        ids = idx.kv_indices.index_select(1, hsel).index_select(2, bsel).contiguous()
+        sub = BlockSparseIndex(num, ids, blk, blk, int(rows.numel()), idx.seqlen_k)
+        qs = q.index_select(1, hsel).index_select(2, rows)
+        ks, vs, bs = k.index_select(1, hsel), v.index_select(1, hsel), bias.index_select(1, hsel)
+        return (qs, ks, vs, sub, bs), (hsel, rows)
+
+    def error_vs_ref(out: torch.Tensor, lse: torch.Tensor, ref: Any, sel: tuple[torch.Tensor, torch.Tensor]):
+        hsel, rows = sel
+        o = out.index_select(1, hsel).index_select(2, rows).double()
+        ls = lse.index_select(1, hsel).index_select(2, rows)
+        fin = torch.isfinite(ref.lse)
+        return dict(
+            max_err_out=float((o - ref.out.double()).abs().max()),
+            max_err_lse=float((ls - ref.lse)[fin].abs().max()) if bool(fin.any()) else 0.0,
+        )
+
     def time_lk(lk: int) -> None:
-        q, k, v = rnd(b, h, lq, d), rnd(b, h, lk, d), rnd(b, h, lk, d)
-        bias = (torch.rand(b, h, lk, generator=gen) * 2.0).to(dev)  # log-counts of merged keys
+        try:
+            q, k, v, bias = make_inputs(lk)
+        except Exception as exc:
+            record(method="inputs", lk=lk, density=None, error=_err(exc))
+            return
         dense_flops = 4.0 * h * lq * lk * d
+        graph = cuda and lk <= args.graph_max_lk
 
         def run_dense(method: str, fn: Callable[[], object]) -> None:
             try:
                 ms = timeit(fn)
-                rec = record(method=method, lk=lk, density=1.0, density_exact=1.0, ms=ms,
-                             tflops=dense_flops / ms * 1e-9)
-                if method == "cudnn_dense_nobias":
+                rec = record(
+                    method=method, lk=lk, density=1.0, density_exact=1.0, ms=ms, tflops=dense_flops / ms * 1e-9
+                )
+                if graph:
+                    try:
+                        rec["ms_graph"] = time_graph(fn)
+                    except Exception as exc:
+                        rec["graph_error"] = _err(exc)
+                if method in ("cudnn_dense_nobias", "torch_dense_nobias"):
                     dense_tflops[lk] = rec["tflops"]
+                    if "ms_graph" in rec:
+                        dense_tflops[-lk] = dense_flops / rec["ms_graph"] * 1e-9
             except Exception as exc:
-                record(method=method, lk=lk, density=1.0, error=f"{type(exc).__name__}: {exc}")
+                record(method=method, lk=lk, density=1.0, error=_err(exc))
 
         if cuda:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -252,70 +344,167 @@ def main() -> int:
             run_dense("cudnn_sdpa_augmented", cudnn(lambda: attention(q, k, v, bias, backend="sdpa_augmented")))
         else:
             run_dense("torch_dense_nobias", lambda: attention(q, k, v, backend="chunked"))
-            dense_tflops[lk] = report["timings"][-1].get("tflops", float("nan"))
 
-        for bq, bk in blocks:
-            dens_list = args.densities if (bq, bk) == blocks[0] else [0.3]
-            if (bq, bk) != blocks[0] and lk != args.lk[min(1, len(args.lk) - 1)]:
-                continue
-            for dens in dens_list:
-                idx = random_index(b, h, lq, lk, bq, bk, dens)
+        for dens in args.densities:
+            try:
+                idx = make_index(lk, dens)
                 exact = idx.density()
                 flops = dense_flops * exact
-                for with_bias in (True, False) if dens == 1.0 else (True,):
-                    bb = bias if with_bias else None
-                    method = f"triton_block_sparse{'_bias' if with_bias else '_nobias'}_q{bq}_k{bk}"
-                    try:
-                        ms = timeit(partial(block_sparse_attention, q, k, v, idx, bb, backend="triton"))
-                        tf = flops / ms * 1e-9
-                        record(method=method, lk=lk, density=dens, density_exact=exact, ms=ms, tflops=tf,
-                               ratio_vs_cudnn_dense=tf / dense_tflops.get(lk, float("nan")), config=tuned_config())
-                    except Exception as exc:
-                        record(method=method, lk=lk, density=dens, error=f"{type(exc).__name__}: {exc}")
-                if flex_fn is not None and (bq, bk) == blocks[0]:
-                    method = "flex_compiled_bias"
-                    if over_budget():
-                        record(method=method, lk=lk, density=dens, error="skipped: time budget spent")
-                        continue
-                    try:
-                        bm = idx.to_flex_block_mask()
-                        score_mod = bias_score_mod(bias)
-                        t0 = time.perf_counter()
-                        flex_fn(q, k, v, score_mod=score_mod, block_mask=bm)
+                sub, sel = row_subset(q, k, v, bias, idx)
+                ref = block_sparse_attention_ref(*sub)
+                same = block_sparse_attention_ref(*sub, upcast=False)
+                base = float((same.out.double() - ref.out.double()).abs().max())
+                r = ref.out.to(dtype)
+                tol = 2 * base + 2 * float((r + 0.3 - 0.3 - r).abs().max())
+                del same
+            except Exception as exc:
+                record(method="index_or_reference", lk=lk, density=dens, error=_err(exc))
+                continue
+            for name in args.variants:
+                method = f"triton_{name}"
+                try:
+                    res = run_variant(name, q, k, v, idx, bias)  # first call: autotunes, compiles
+                    errs = error_vs_ref(res.out, res.lse, ref, sel)
+                    del res
+                    launch = launched()
+
+                    def call(name: str = name, idx: BlockSparseIndex = idx) -> object:
+                        return run_variant(name, q, k, v, idx, bias)
+
+                    ms = timeit(call)
+                    tf = flops / ms * 1e-9
+                    rec = record(
+                        method=method,
+                        lk=lk,
+                        density=dens,
+                        density_exact=exact,
+                        ms=ms,
+                        tflops=tf,
+                        ratio_vs_cudnn_dense=tf / dense_tflops.get(lk, float("nan")),
+                        max_err_out_torch_same_dtype=base,
+                        tolerance=tol,
+                        ok=bool(errs["max_err_out"] <= tol),
+                        launch=launch,
+                        **errs,
+                    )
+                    if graph:
+                        try:
+                            rec["ms_graph"] = time_graph(call)
+                            rec["ratio_vs_cudnn_dense_graph"] = (
+                                flops / rec["ms_graph"] * 1e-9 / dense_tflops.get(-lk, float("nan"))
+                            )
+                        except Exception as exc:
+                            rec["graph_error"] = _err(exc)
+                except Exception as exc:
+                    record(method=method, lk=lk, density=dens, error=_err(exc), traceback=traceback.format_exc(limit=4))
+                    if cuda:
                         torch.cuda.synchronize()
-                        compile_s = time.perf_counter() - t0
-                        ms = timeit(partial(flex_fn, q, k, v, score_mod=score_mod, block_mask=bm))
-                        tf = flops / ms * 1e-9
-                        record(method=method, lk=lk, density=dens, density_exact=exact, ms=ms, tflops=tf,
-                               ratio_vs_cudnn_dense=tf / dense_tflops.get(lk, float("nan")),
-                               first_call_s=compile_s)
-                    except Exception as exc:
-                        record(method=method, lk=lk, density=dens, error=f"{type(exc).__name__}: {exc}"[:2000])
-        print(f"[time] lk={lk} done at {time.perf_counter() - t_start:.0f}s", flush=True)
+                        torch.cuda.empty_cache()
+            del ref
+        print(f"[time] lk={lk} done at {elapsed():.0f}s", flush=True)
 
     for lk in args.lk:
         time_lk(lk)  # its tensors are freed on return
         if cuda:
             torch.cuda.empty_cache()
+    report["phases"]["timings_s"] = elapsed()
 
-    report["wall_s"] = time.perf_counter() - t_start
+    # ---------------------------------------------------------------- (c) FlexAttention while time remains
+    if not args.no_flex and cuda:
+        try:
+            import torch._dynamo
+            from torch.nn.attention.flex_attention import flex_attention
+
+            torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+            flex_fn = torch.compile(flex_attention, dynamic=False)
+        except Exception as exc:
+            record(method="flex_compiled_bias", lk=None, density=None, error=_err(exc))
+            flex_fn = None
+
+        def flex_lk(lk: int) -> None:
+            q, k, v, bias = make_inputs(lk)
+            score_mod = bias_score_mod(bias)
+            for dens in args.densities:
+                try:
+                    idx = make_index(lk, dens)
+                    exact = idx.density()
+                    bm = idx.to_flex_block_mask()
+                    t0 = time.perf_counter()
+                    out = flex_fn(q, k, v, score_mod=score_mod, block_mask=bm)
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - t0
+                    sub, sel = row_subset(q, k, v, bias, idx)
+                    errs = error_vs_ref(out, torch.zeros_like(out[..., 0]), block_sparse_attention_ref(*sub), sel)
+                    del out
+                    ms = timeit(lambda bm=bm: flex_fn(q, k, v, score_mod=score_mod, block_mask=bm))
+                    tf = 4.0 * h * lq * lk * d * exact / ms * 1e-9
+                    record(
+                        method="flex_compiled_bias",
+                        lk=lk,
+                        density=dens,
+                        density_exact=exact,
+                        ms=ms,
+                        tflops=tf,
+                        ratio_vs_cudnn_dense=tf / dense_tflops.get(lk, float("nan")),
+                        first_call_s=first,
+                        max_err_out=errs["max_err_out"],
+                    )
+                except Exception as exc:
+                    record(method="flex_compiled_bias", lk=lk, density=dens, error=_err(exc))
+            print(f"[flex] lk={lk} done at {elapsed():.0f}s", flush=True)
+
+        for lk in [x for x in args.flex_lk if x in args.lk] if flex_fn is not None else []:
+            if elapsed() > args.budget_s:
+                for dens in args.densities:
+                    record(method="flex_compiled_bias", lk=lk, density=dens, error="skipped: time budget spent")
+                continue
+            flex_lk(lk)
+            torch.cuda.empty_cache()
+    report["phases"]["flex_s"] = elapsed()
+
+    report["wall_s"] = elapsed()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, default=str)
 
     print(f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['dtype']}")
-    print(f"{'method':40s} {'Lk':>7s} {'dens':>6s} {'ms':>9s} {'TFLOP/s':>8s} {'/cuDNN':>7s}")
+    print(
+        f"{'method':28s} {'Lk':>7s} {'dens':>5s} {'ms':>8s} {'TFLOP/s':>7s} {'/cuDNN':>6s} {'graph/':>6s} "
+        f"{'err':>8s} {'split':>5s} config"
+    )
     for r in report["timings"]:
         if "error" in r:
-            print(f"{r['method']:40s} {r['lk']:7d} {r['density']:6.2f}   ERROR {r['error'][:60]}")
+            print(f"{r['method']:28s} {r['lk'] or 0:7d} {r['density'] or 0:5.2f}   ERROR {r['error'][:70]}")
             continue
         ratio = r.get("ratio_vs_cudnn_dense", float("nan"))
-        print(f"{r['method']:40s} {r['lk']:7d} {r['density_exact']:6.3f} {r['ms']:9.3f} {r['tflops']:8.1f} "
-              f"{'' if math.isnan(ratio) else f'{ratio:7.2f}'}")
+        gratio = r.get("ratio_vs_cudnn_dense_graph", float("nan"))
+        launch = r.get("launch", {})
+        cfg = str(launch.get("config", "")).replace("num_", "").replace("BLOCK_", "")[:44]
+        err = r.get("max_err_out")
+        ratio_s = "" if math.isnan(ratio) else f"{ratio:6.2f}"
+        gratio_s = "" if math.isnan(gratio) else f"{gratio:6.2f}"
+        err_s = "" if err is None else f"{err:8.2e}"
+        print(
+            f"{r['method']:28s} {r['lk']:7d} {r['density_exact']:5.3f} {r['ms']:8.3f} {r['tflops']:7.1f} "
+            f"{ratio_s:>6s} {gratio_s:>6s} {err_s:>8s} {launch.get('split_k', ''):>5} {cfg}"
+        )
+    summary: dict[str, dict[str, float]] = {}
+    for r in report["timings"]:
+        if r["method"].startswith("triton_") and "ratio_vs_cudnn_dense" in r:
+            summary.setdefault(f"{r['lk']}/{r['density']}", {})[r["method"][7:]] = round(r["ratio_vs_cudnn_dense"], 3)
+    report["summary_ratio_vs_cudnn_dense"] = summary
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print("\nratio to cuDNN dense (Lk/density: variant=ratio):")
+    for key, vals in summary.items():
+        print(f"  {key:14s} " + "  ".join(f"{n}={x:.2f}" for n, x in vals.items()))
     bad = [c for c in report["correctness"] if c.get("ok") is False or "error" in c]
-    print(f"correctness: {len(report['correctness']) - len(bad)}/{len(report['correctness'])} ok; "
-          f"wrote {args.out}")
+    bad_t = [t for t in report["timings"] if t.get("ok") is False]
+    print(
+        f"correctness: {len(report['correctness']) - len(bad)}/{len(report['correctness'])} small cases ok, "
+        f"{len(bad_t)} timed runs over tolerance; wall {report['wall_s']:.0f}s; wrote {args.out}"
+    )
     return 0
 
 
