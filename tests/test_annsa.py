@@ -294,3 +294,37 @@ def test_bad_inputs_raise_naming_the_argument():
         planner.select(data[0], (view.k, view.v, None))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="config"):
         AnnSAPlanner("lsh")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "ann", [LSHConfig(bits=3, probes=1), LSHConfig(bits=4, tables=2), Int8Config()], ids=["lsh", "lsh2", "int8"]
+)
+def test_captured_selection_equals_eager_selection(ann):
+    """graphs='emulate' runs the capture machinery (eager warm-up, capture, replays with static inputs) on the
+    CPU; over several steps of several plans it must select exactly what the eager planner selects."""
+    tpf, fpc, chunks = 97, 1, 6
+    data = _data(tpf, fpc, chunks)
+    cache = _cache(_policy("full", tpf, fpc), tpf, fpc, 2, data)
+    cfg = AnnSAConfig(ann=ann, backend="torch")
+    eager, graphed = AnnSAPlanner(cfg), AnnSAPlanner(cfg, graphs="emulate")
+    _, k, v = data
+    n = tpf * fpc
+    g = torch.Generator().manual_seed(3)
+    for c in range(2, chunks):
+        eager.plan(cache)
+        graphed._plan = eager._plan  # the same plan (plan() reorders the cache: run it once)
+        cache.stage(k[:, :, c * n : (c + 1) * n], v[:, :, c * n : (c + 1) * n], frame_start=c * fpc)
+        for _ in range(3):  # denoising steps: new queries each time
+            q = torch.randn(1, 4, n, 32, generator=g) * 3
+            a, b = eager.select(q, cache.view()), graphed.select(q, cache.view())
+            torch.testing.assert_close(b.block_mask, a.block_mask, rtol=0, atol=0)
+            torch.testing.assert_close(b.q_order, a.q_order, rtol=0, atol=0)
+            torch.testing.assert_close(b.index.kv_indices, a.index.kv_indices, rtol=0, atol=0)
+            torch.testing.assert_close(b.index.kv_num_blocks, a.index.kv_num_blocks, rtol=0, atol=0)
+        cache.commit()
+    assert graphed._graph is not None
+
+
+def test_graphs_setting_is_validated():
+    with pytest.raises(ValueError, match="graphs"):
+        AnnSAPlanner(AnnSAConfig(), graphs="always")

@@ -161,3 +161,19 @@ def test_annca_keeps_selecting_where_it_is_sparse():
     q, k, v = (torch.randn(1, heads, n, d, generator=g) for n in (FPC * P, 512, 512))
     proc.cross_attention(0, q, k, v)
     assert proc.annca_selecting[0] is True
+
+
+@pytest.mark.parametrize("policy", ["tempcache", "all", "all_int8"])
+def test_captured_steps_give_the_eager_rollout(policy):
+    """cuda_graphs='emulate' runs the capture machinery of the commit and the AnnSA selection (warm-up,
+    capture, replay with static inputs shared by every layer) on the CPU: the rollout must not change."""
+    model = _model()
+    ctx = torch.randn(1, 5, CFG.text_dim, generator=torch.Generator().manual_seed(2))
+    cfg = RolloutConfig(8 * FPC, FPC, (CFG.in_channels, LH, LW), SamplerConfig(timesteps=(1000, 750, 500, 250)))
+    eager = RolloutEngine(model, _processor(policy, cuda_graphs="off"), cfg).run(ctx).latents
+    proc = _processor(policy, cuda_graphs="emulate")
+    graphed = RolloutEngine(model, proc, cfg).run(ctx).latents
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    assert any(c._graph is not None for c in proc.caches), "the commit was never captured"
+    if proc.planners[0] is not None:
+        assert any(p._graph is not None for p in proc.planners if p is not None), "the selection was never captured"

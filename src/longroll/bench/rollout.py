@@ -77,8 +77,8 @@ class RolloutBenchConfig:
         decode: also decode every chunk with a random-weight Wan2.1 VAE (``diffusers.AutoencoderKLWan``, the
             streaming decoder of :class:`~longroll.pipeline.vae.LatentDecoder`) and time it, for end-to-end
             figures (DiT + decode per chunk).
-        commit_graphs: the caches' ``commit_graphs`` setting (``auto``, ``off``); see
-            :class:`~longroll.cache.config.CacheConfig`.
+        cuda_graphs: CUDA-graph capture of the launch-bound steps (``auto``, ``off``); see
+            :class:`~longroll.policies.cached.CachedProcessor`.
     """
 
     preset: str = "tiny"
@@ -99,7 +99,7 @@ class RolloutBenchConfig:
     components: bool = False
     history_frames: tuple[int, ...] = ()
     decode: bool = False
-    commit_graphs: str = "auto"
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -133,8 +133,8 @@ class RolloutBenchConfig:
                 f"got {list(hist)}"
             )
         object.__setattr__(self, "history_frames", hist)
-        if self.commit_graphs not in ("auto", "off"):
-            raise ValueError(f"commit_graphs must be 'auto' or 'off', got {self.commit_graphs!r}")
+        if self.cuda_graphs not in ("auto", "off"):
+            raise ValueError(f"cuda_graphs must be 'auto' or 'off', got {self.cuda_graphs!r}")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -238,7 +238,7 @@ class _Bench:
             dtype=self.dtype,
             device=self.device,
             timer=ComponentTimer(self.device) if c.components else None,
-            commit_graphs="auto" if c.commit_graphs == "auto" else "off",
+            cuda_graphs="auto" if c.cuda_graphs == "auto" else "off",
         )
 
     def _rollout(

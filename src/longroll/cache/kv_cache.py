@@ -447,7 +447,12 @@ class LayerKVCache:
         if self.track is not None:
             t = self.track
             # Copies: a captured commit overwrites its track in place.
-            state |= {"track_slots": t.slots.clone(), "track_keys": t.keys.clone(), "track_active": t.active.clone()}
+            fmt = torch.contiguous_format
+            state |= {
+                "track_slots": t.slots.clone(memory_format=fmt),
+                "track_keys": t.keys.clone(memory_format=fmt),
+                "track_active": t.active.clone(memory_format=fmt),
+            }
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from longroll.cache.config import CacheConfig
+from longroll.cache.graphs import StaticInputs
 from longroll.cache.kv_cache import LayerKVCache
 from longroll.ops.attention import attention
 from longroll.ops.block_index import BlockSparseIndex
@@ -66,8 +67,9 @@ class CachedProcessor:
         timer: optional :class:`ComponentTimer` that receives the time of self-attention (``attention``), ANN
             block selection (``ann_select``), cache commits (``cache_commit``), AnnSA planning (``ann_plan``) and
             cross-attention (``cross_attention``).
-        commit_graphs: the caches' :attr:`~longroll.cache.config.CacheConfig.commit_graphs` (CUDA-graph capture
-            of TempCache's steady-state commit).
+        cuda_graphs: CUDA-graph capture of the launch-bound steps (TempCache's steady-state commit, AnnSA's
+            per-step block selection): ``"auto"`` on CUDA devices, ``"off"``, or ``"emulate"`` (the capture
+            machinery without a graph, for tests). Every layer's captured calls share one set of static inputs.
     """
 
     def __init__(
@@ -85,24 +87,36 @@ class CachedProcessor:
         head_ids: tuple[int, ...] | None = None,
         check_finite: bool = False,
         timer: ComponentTimer | None = None,
-        commit_graphs: Literal["auto", "off", "emulate"] = "auto",
+        cuda_graphs: Literal["auto", "off", "emulate"] = "auto",
     ) -> None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.policy = policy
         cfg = CacheConfig(
-            tokens_per_frame, frames_per_chunk, policy.cache, check_finite=check_finite, commit_graphs=commit_graphs
+            tokens_per_frame, frames_per_chunk, policy.cache, check_finite=check_finite, commit_graphs=cuda_graphs
         )
+        self.graph_inputs = StaticInputs()
         self.caches = [
             LayerKVCache(
-                cfg, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, layer=i, head_ids=head_ids
+                cfg,
+                batch=batch,
+                heads=heads,
+                head_dim=head_dim,
+                dtype=dtype,
+                device=device,
+                layer=i,
+                head_ids=head_ids,
+                graph_inputs=self.graph_inputs,
             )
             for i in range(num_layers)
         ]
         self.pass_info: PassInfo | None = None
         self.timer = timer
         self.tokens_per_frame = tokens_per_frame
-        self.planners = [AnnSAPlanner(policy.annsa) if policy.annsa else None for _ in range(num_layers)]
+        self.planners = [
+            AnnSAPlanner(policy.annsa, graphs=cuda_graphs, graph_inputs=self.graph_inputs) if policy.annsa else None
+            for _ in range(num_layers)
+        ]
         self._planned = [False] * num_layers
         ids = tuple(range(heads)) if head_ids is None else head_ids
         self.annca = [
@@ -138,7 +152,7 @@ class CachedProcessor:
         **options: Any,
     ) -> CachedProcessor:
         """A processor with one cache per layer of ``model``, holding all its heads; ``options`` are the other
-        keyword arguments of the constructor (``head_ids``, ``check_finite``, ``timer``, ``commit_graphs``)."""
+        keyword arguments of the constructor (``head_ids``, ``check_finite``, ``timer``, ``cuda_graphs``)."""
         return cls(
             policy,
             num_layers=model.num_layers,

@@ -36,10 +36,11 @@ The sink-window cache policy evicts by slot position (a ring buffer), so its cac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ from longroll.ann.buckets import (
 from longroll.ann.config import AnnConfig, Int8Config, LSHConfig
 from longroll.ann.lsh import SignLSH
 from longroll.cache import CacheView, LayerKVCache, SinkWindowPolicy
+from longroll.cache.graphs import CapturedCall, StaticInputs, capture
 from longroll.ops._checks import check_bias, check_qkv, check_rank
 from longroll.ops.attention import MASKED_BIAS
 from longroll.ops.block_index import BlockSparseIndex
@@ -225,10 +227,23 @@ class AnnSAPlanner:
             out = planner.run(q, cache.view()).out
     """
 
-    def __init__(self, config: AnnSAConfig) -> None:
+    def __init__(
+        self,
+        config: AnnSAConfig,
+        *,
+        graphs: Literal["auto", "off", "emulate"] = "off",
+        graph_inputs: StaticInputs | None = None,
+    ) -> None:
         if not isinstance(config, AnnSAConfig):
             raise ValueError(f"config must be an AnnSAConfig, got {type(config).__name__}")
+        if graphs not in ("auto", "off", "emulate"):
+            raise ValueError(f"graphs must be 'auto', 'off' or 'emulate', got {graphs!r}")
         self.config = config
+        self._graphs = graphs
+        self._graph_inputs = graph_inputs if graph_inputs is not None else StaticInputs()
+        self._graph: tuple[tuple[object, ...], CapturedCall] | None = None
+        self._graph_warm: tuple[object, ...] | None = None
+        self._graph_failed = False
         self._plan: _Plan | None = None
         self._searcher: SignLSH | None = None
         self._searcher_key: tuple[object, ...] | None = None
@@ -328,14 +343,27 @@ class AnnSAPlanner:
         plan, hist_end = self._check(q, view, staged_tokens)
         cfg = self.config
         lq, seqlen_k = q.shape[2], view.k.shape[2]
+        if self._graphs == "off" or (self._graphs == "auto" and q.device.type != "cuda") or self._graph_failed:
+            num, idx, order, mask = self._select(q, view.k, plan, hist_end)
+        else:
+            num, idx, order, mask = self._select_captured(q, view.k, plan, hist_end)
+        index = BlockSparseIndex(num, idx, cfg.q_block_size, cfg.kv_block_size, lq, seqlen_k)
+        return AnnSASelection(index, order, mask)
+
+    def _select(
+        self, q: torch.Tensor, k: torch.Tensor, plan: _Plan, hist_end: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The selection as tensors: kv_num_blocks, kv_indices, q_order, block_mask (see AnnSASelection)."""
+        cfg = self.config
+        lq, seqlen_k = q.shape[2], k.shape[2]
         nkb = _cdiv(seqlen_k, cfg.kv_block_size)
         if isinstance(cfg.ann, LSHConfig):
-            order, mask = self._select_lsh(q, view, plan, hist_end, nkb)
+            order, mask = self._select_lsh(q, k, plan, hist_end, nkb)
         else:
-            order, mask = self._select_int8(q, view, plan, hist_end, nkb)
+            order, mask = self._select_int8(q, k, plan, hist_end, nkb)
         self._fill_forced(mask, plan.sink, hist_end, seqlen_k, True)
         index = BlockSparseIndex.from_dense(mask, cfg.q_block_size, cfg.kv_block_size, lq, seqlen_k)
-        return AnnSASelection(index, order, mask)
+        return index.kv_num_blocks, index.kv_indices, order, mask
 
     def run(
         self,
@@ -394,14 +422,44 @@ class AnnSAPlanner:
             )
         return plan, hist_end
 
+    def _select_captured(
+        self, q: torch.Tensor, k: torch.Tensor, plan: _Plan, hist_end: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_select` through a captured call: eager the first time a geometry is seen, captured the second,
+        replayed afterwards. The queries and the plan's tensors are copied into static inputs (the queries into
+        a buffer shared by every layer); the keys are read in place, so their storage is part of the key."""
+        names, tensors = _plan_tensors(plan)
+        key = (
+            tuple(q.shape), q.dtype, tuple(k.shape), k.data_ptr(), hist_end, plan.bound, plan.sink, names,
+            tuple(t.shape for t in tensors),
+        )  # fmt: skip
+        if self._graph is not None and self._graph[0] == key:
+            a, b, c, d = self._graph[1](q, *tensors)
+            return a, b, c, d
+        if self._graph_warm != key:
+            self._graph_warm = key
+            return self._select(q, k, plan, hist_end)
+
+        def body(qs: torch.Tensor, *pt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return self._select(qs, k, _with_tensors(plan, names, pt), hist_end)
+
+        static = [self._graph_inputs.get("q", q), *([None] * len(tensors))]
+        captured = capture(body, [q, *tensors], "emulate" if self._graphs == "emulate" else "cuda", static=static)
+        if captured is None:
+            self._graph_failed = True
+            return self._select(q, k, plan, hist_end)
+        self._graph = (key, captured)
+        a, b, c, d = captured(q, *tensors)
+        return a, b, c, d
+
     def _select_lsh(
-        self, q: torch.Tensor, view: CacheView, plan: _Plan, hist_end: int, nkb: int
+        self, q: torch.Tensor, k: torch.Tensor, plan: _Plan, hist_end: int, nkb: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, lsh = self.config, plan.searcher
         assert lsh is not None
         assert plan.offsets is not None
         b, h, lq, d = q.shape
-        hk = view.k.shape[1]
+        hk = k.shape[1]
         bits, tables = lsh.config.bits, lsh.config.tables
         # Query head h uses the projections of kv head h // (H / Hk): hash the heads of a group together.
         qc = lsh.codes(q.reshape(b, hk, -1, d)).view(b, h, lq, tables)
@@ -417,13 +475,13 @@ class AnnSAPlanner:
         if plan.block_codes is not None:
             hist += block_hits(hits, expand_kv_heads(plan.block_codes[:, :, :nh], h))
         score = F.pad(hist, (0, nkb - nh))
-        if not cfg.attend_own_chunk and view.k.shape[2] > hist_end:
+        if not cfg.attend_own_chunk and k.shape[2] > hist_end:
             s0 = (hist_end // bk) * bk
-            pos = torch.arange(s0, view.k.shape[2], device=q.device) >= hist_end
-            cent, ok = block_means(view.k[:, :, s0:], pos.expand(b, hk, -1), bk)
+            pos = torch.arange(s0, k.shape[2], device=q.device) >= hist_end
+            cent, ok = block_means(k[:, :, s0:], pos.expand(b, hk, -1), bk)
             codes = torch.where(ok[..., None], lsh.codes(cent), 1 << bits)
             score[..., s0 // bk :] += block_hits(hits, expand_kv_heads(codes, h))
-        return order, self._cap(score, plan.sink, hist_end, view.k.shape[2])
+        return order, self._cap(score, plan.sink, hist_end, k.shape[2])
 
     def _group_hits(self, lq: int, lsh: LSHConfig, device: torch.device) -> GroupHits:
         key = (lq, lsh.bits, lsh.probes, lsh.tables, self.config.q_block_size, str(device))
@@ -443,14 +501,14 @@ class AnnSAPlanner:
         return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, top.values > 0)
 
     def _select_int8(
-        self, q: torch.Tensor, view: CacheView, plan: _Plan, hist_end: int, nkb: int
+        self, q: torch.Tensor, k: torch.Tensor, plan: _Plan, hist_end: int, nkb: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         assert plan.anchors is not None
         assert plan.centroids is not None
         assert plan.block_ok is not None
         b, h, lq, d = q.shape
-        hk, seqlen_k = view.k.shape[1], view.k.shape[2]
+        hk, seqlen_k = k.shape[1], k.shape[2]
         bk = cfg.kv_block_size
         codes = nearest_anchor(q.reshape(b, hk, -1, d), plan.anchors).view(b, h, lq)
         order = torch.sort(codes, dim=-1, stable=True).indices
@@ -467,15 +525,15 @@ class AnnSAPlanner:
         elif seqlen_k > hist_end:
             s0 = (hist_end // bk) * bk
             pos = torch.arange(s0, seqlen_k, device=q.device) >= hist_end
-            cent, ok_staged = block_means(view.k[:, :, s0:], pos.expand(b, hk, -1), bk)
+            cent, ok_staged = block_means(k[:, :, s0:], pos.expand(b, hk, -1), bk)
             enc = int8_encode(cent)
             parts.append((enc.codes, enc.scale, ok_staged))
             start = torch.cat([start, torch.arange(cent.shape[2], device=q.device) + s0 // bk])
         codes, scales, oks = (expand_kv_heads(torch.cat(x, 2), h) for x in zip(*parts, strict=True))
-        k = cfg.top_k_blocks
+        topk = cfg.top_k_blocks
         if cfg.max_density is not None:
-            k = min(k, max(1, math.ceil(cfg.max_density * nkb)))
-        picked = int8_block_topk(qmeans, Int8Codes(codes, scales), oks, k)  # (B, H, nqb, n_cand)
+            topk = min(topk, max(1, math.ceil(cfg.max_density * nkb)))
+        picked = int8_block_topk(qmeans, Int8Codes(codes, scales), oks, topk)  # (B, H, nqb, n_cand)
         if len(parts) == 1:
             return order, F.pad(picked, (0, nkb - nh))
         # The boundary block may appear twice (history and staged parts): add, then test.
@@ -490,6 +548,36 @@ class AnnSAPlanner:
             x[..., : _cdiv(sink, bk)] = value
         if self.config.attend_own_chunk and seqlen_k > hist_end:
             x[..., hist_end // bk :] = value
+
+
+_PLAN_FIELDS = ("offsets", "cover", "block_codes", "anchors", "centroids", "block_ok")
+
+
+def _plan_tensors(plan: _Plan) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
+    """The plan's tensors, flattened (Int8Codes as codes then scale), with their field names."""
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+    for name in _PLAN_FIELDS:
+        value = getattr(plan, name)
+        if isinstance(value, Int8Codes):
+            names += [f"{name}.codes", f"{name}.scale"]
+            tensors += [value.codes, value.scale]
+        elif value is not None:
+            names.append(name)
+            tensors.append(value)
+    return tuple(names), tuple(tensors)
+
+
+def _with_tensors(plan: _Plan, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> _Plan:
+    """A copy of ``plan`` whose tensors are ``tensors`` (in :func:`_plan_tensors` order)."""
+    given = dict(zip(names, tensors, strict=True))
+    fields: dict[str, object] = {}
+    for name in _PLAN_FIELDS:
+        if f"{name}.codes" in given:
+            fields[name] = Int8Codes(given[f"{name}.codes"], given[f"{name}.scale"])
+        elif name in given:
+            fields[name] = given[name]
+    return dataclasses.replace(plan, **fields)  # type: ignore[arg-type]
 
 
 def _grouped_matmul(hits: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
