@@ -328,3 +328,28 @@ def test_captured_selection_equals_eager_selection(ann):
 def test_graphs_setting_is_validated():
     with pytest.raises(ValueError, match="graphs"):
         AnnSAPlanner(AnnSAConfig(), graphs="always")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("ann", [LSHConfig(bits=6, probes=1), Int8Config()], ids=["lsh", "int8"])
+def test_cuda_graph_selection_equals_eager_on_gpu(ann):
+    tpf, n_hist = 1560, 9
+    g = torch.Generator(device="cuda").manual_seed(0)
+    policy = TempCachePolicy(max_entries=n_hist * tpf, sink_frames=1)
+    cache = LayerKVCache(CacheConfig(tpf, 3, policy, check_finite=False), batch=1, heads=4, head_dim=128,
+                         dtype=torch.bfloat16, device="cuda")  # fmt: skip
+    cfg = AnnSAConfig(ann=ann)
+    eager, graphed = AnnSAPlanner(cfg, graphs="off"), AnnSAPlanner(cfg, graphs="auto")
+    for c in range(6):
+        k = torch.randn(1, 4, 3 * tpf, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+        cache.stage(k, torch.randn_like(k), frame_start=3 * c)
+        if c >= 3:  # the cache is at its cap: static shapes, so the selection is captured and replayed
+            for _ in range(3):
+                q = torch.randn(1, 4, 3 * tpf, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+                a, b = eager.select(q, cache.view()), graphed.select(q, cache.view())
+                torch.testing.assert_close(b.block_mask, a.block_mask, rtol=0, atol=0)
+                torch.testing.assert_close(b.index.kv_indices, a.index.kv_indices, rtol=0, atol=0)
+        cache.commit()
+        eager.plan(cache)
+        graphed._plan = eager._plan
+    assert graphed._graph is not None and not graphed._graph_failed
