@@ -305,10 +305,11 @@ def block_sparse_merge_kernel(
 
 
 #: Kernel tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries, each cut to the index's blocks.
-#: Compiled for sm_90a (bf16, head_dim 128, copy engine, triton 3.7): 128x128 with 8 warps takes 160 KiB of
-#: shared memory and 255 registers, one program per multiprocessor; 64x64 with 4 warps takes 80 KiB and 218
-#: registers, so two programs share a multiprocessor and one's prologue, softmax and epilogue can overlap the
-#: other's matmuls, which is what short rows (few key blocks per program) lack. 128x64 and 64x128 sit between.
+#: Compiled offline for sm_90a (bf16, head_dim 128, bias, copy engine, triton 3.7.1): 128x128 with 8 warps
+#: takes 160 KiB of shared memory and 255 registers (no spills), one program per multiprocessor; 64x64 with 4
+#: warps takes 80 KiB and 198-241 registers, so two programs share a multiprocessor and one's prologue, softmax
+#: and epilogue can overlap the other's matmuls, which is what short rows (few key blocks per program) lack.
+#: 128x64 (96 KiB, 192-210 registers) and 64x128 (144 KiB) run one program per multiprocessor.
 TILES: tuple[tuple[int, int, int, int], ...] = (
     (128, 128, 8, 2),
     (128, 128, 8, 3),
