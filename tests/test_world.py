@@ -171,6 +171,10 @@ def test_episodes_are_deterministic_and_shaped():
     assert frames.shape == (5, 20, 3, 64, 64) and frames.dtype == torch.uint8
     assert torch.equal(frames[:, 3:5], a.render(frames=slice(3, 5)))
     assert a.poses.shape == (5, 20, 2)
+    head = a.truncate(6)
+    assert head.num_frames == 6 and torch.equal(head.render(), frames[:, :6])
+    with pytest.raises(ValueError, match="num_frames"):
+        a.truncate(21)
 
 
 def test_moves_shift_the_view_by_one_step():

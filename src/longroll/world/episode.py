@@ -137,6 +137,12 @@ class Episodes:
             self, **{k: getattr(self, k)[index] for k in ("world_ids", "seeds", "start_xy", "t0", "actions")}
         )
 
+    def truncate(self, num_frames: int) -> Episodes:
+        """The first ``num_frames`` frames of every episode (same worlds, starts and clocks)."""
+        if not isinstance(num_frames, int) or not 1 <= num_frames <= self.num_frames:
+            raise ValueError(f"num_frames must be an int in [1, {self.num_frames}], got {num_frames!r}")
+        return replace(self, actions=self.actions[:, :num_frames], config=replace(self.config, num_frames=num_frames))
+
     def prompts(self) -> list[str]:
         """The prompt of each episode's world."""
         from longroll.world.map import WorldAttributes

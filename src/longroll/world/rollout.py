@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -20,7 +21,7 @@ from longroll.cache.config import SinkWindowPolicy
 from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, preset
+from longroll.policies.config import EQUAL_MEMORY_FRAMES, PolicyConfig, preset
 from longroll.world.episode import NOVEL, RECENT, STALE, Episodes, tile_categories
 from longroll.world.latents import frames_to_latents, latents_to_uint8
 from longroll.world.model import WorldModelSpec, WorldWanModel
@@ -71,10 +72,34 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return model.patch_embedding.weight.dtype  # type: ignore[union-attr, return-value]
 
 
+def world_policy(spec: WorldModelSpec, name: str, memory_frames: int = EQUAL_MEMORY_FRAMES) -> PolicyConfig:
+    """The cache policy preset ``name`` at the world model's geometry (64 tokens per frame, 3-frame chunks)."""
+    return preset(name, tokens_per_frame=spec.tokens_per_frame, frames_per_chunk=spec.frames_per_chunk,
+                  memory_frames=memory_frames)  # fmt: skip
+
+
+def world_processor(
+    model: WorldWanModel,
+    policy: PolicyConfig,
+    *,
+    batch: int,
+    device: torch.device | str,
+    cls: type[CachedProcessor] = CachedProcessor,
+    **options: Any,
+) -> CachedProcessor:
+    """An empty processor of ``cls`` (a :class:`CachedProcessor` or a subclass, e.g. one that probes attention)
+    with one cache per layer of ``model``, in the weights' dtype; ``options`` go to the constructor."""
+    spec = model.spec
+    return cls.for_model(
+        policy, model.config, tokens_per_frame=spec.tokens_per_frame, frames_per_chunk=spec.frames_per_chunk,
+        dtype=_model_dtype(model), device=device, batch=batch, **options,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def rollout_world(
     model: WorldWanModel,
-    policy_name: str,
+    policy_name: str | PolicyConfig,
     episodes: Episodes,
     *,
     steps: int | None = None,
@@ -84,12 +109,15 @@ def rollout_world(
     memory_frames: int = EQUAL_MEMORY_FRAMES,
     mode: Literal["few_step", "euler"] = "few_step",
     seed: int = 0,
+    processor: CachedProcessor | None = None,
+    on_chunk: Callable[[int, torch.Tensor, ChunkStats], None] | None = None,
 ) -> WorldRollout:
     """Roll the world model out over a batch of episodes.
 
     Args:
         model: the world model, already on ``device`` (any dtype; latents and caches use the weights' dtype).
-        policy_name: a cache policy preset (``dense``, ``sink_window``, ``budget``, ``tempcache``, ...).
+        policy_name: a cache policy preset (``dense``, ``sink_window``, ``budget``, ``tempcache``, ...) or a
+            :class:`PolicyConfig`; ignored when ``processor`` is given.
         episodes: B episodes of F frames; F - context_frames must be a multiple of frames_per_chunk.
         steps: denoising steps per chunk (default: the spec's schedule, 4 steps).
         device: where to run.
@@ -98,6 +126,9 @@ def rollout_world(
         memory_frames: memory of the bounded policies in frames (sink-window: 3 sinks + the rest as window).
         mode: sampler mode (``few_step`` re-noises between steps, ``euler`` integrates the ODE).
         seed: noise seed (chunk c uses seed + c, identical across policies).
+        processor: an empty processor to run instead of a new one (see :func:`world_processor`), e.g. a
+            subclass that measures attention; its batch must be the episodes'.
+        on_chunk: called after each generated chunk, as by :meth:`RolloutEngine.run`.
     """
     spec = model.spec
     eps = episodes.to(device)
@@ -110,12 +141,14 @@ def rollout_world(
     if context is None:
         context = load_prompt_embeddings().context(eps.world_ids)
     context = context.to(device=device, dtype=dtype)
-    cfg = model.config
-    tpf = spec.tokens_per_frame
-    policy = preset(policy_name, tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=memory_frames)
-    processor = CachedProcessor.for_model(
-        policy, cfg, tokens_per_frame=tpf, frames_per_chunk=fpc, dtype=dtype, device=device, batch=eps.batch
-    )
+    if processor is None:
+        policy = world_policy(spec, policy_name, memory_frames) if isinstance(policy_name, str) else policy_name
+        processor = world_processor(model, policy, batch=eps.batch, device=device)
+    elif processor.caches[0].batch != eps.batch or processor.caches[0].committed_frames:
+        raise ValueError(
+            f"processor must be empty and hold a batch of {eps.batch}, got batch {processor.caches[0].batch} with "
+            f"{processor.caches[0].committed_frames} committed frames"
+        )
     rollout_cfg = RolloutConfig(
         num_frames=generated, frames_per_chunk=fpc, latent_shape=spec.latent_shape,
         sampler=world_sampler(spec, steps, mode), seed=seed,
@@ -125,10 +158,11 @@ def rollout_world(
     t0 = time.perf_counter()
     with model.bind_poses(poses):
         result = RolloutEngine(model, processor, rollout_cfg).run(
-            context, actions=eps.actions, initial_latents=initial, dtype=dtype
+            context, actions=eps.actions, initial_latents=initial, dtype=dtype, on_chunk=on_chunk
         )
     seconds = time.perf_counter() - t0
-    return WorldRollout(latents_to_uint8(result.latents), result.latents, result.stats, seconds, policy.name, f0)
+    name = processor.policy.name
+    return WorldRollout(latents_to_uint8(result.latents), result.latents, result.stats, seconds, name, f0)
 
 
 # ----------------------------------------------------------------------------------------------------------
