@@ -19,7 +19,7 @@ from longroll.pipeline.loader import load_pipeline, load_transformer  # noqa: E4
 from longroll.pipeline.sampler import SamplerConfig  # noqa: E402
 from longroll.pipeline.text import TextEncoder  # noqa: E402
 from longroll.pipeline.vae import LatentDecoder, latents_to_uint8  # noqa: E402
-from longroll.pipeline.video import side_by_side, write_mp4  # noqa: E402
+from longroll.pipeline.video import side_by_side, tile_clips, write_mp4  # noqa: E402
 
 CFG = WanConfig.from_preset("tiny")
 WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "runs", "on", "the", "beach", "at", "sunset"]
@@ -210,6 +210,22 @@ def test_side_by_side_shapes() -> None:
     assert (out[:, 10:, :20] == 50).all()
     assert (out[:, 10:22, 22:] == 200).all() and (out[:, 22:, 22:] == 0).all()
     assert side_by_side(a, b).shape == (3, 16, 34, 3)
+
+
+def test_tile_clips_scales_and_labels_each_clip() -> None:
+    clips = [np.full((5, 4, 4, 3), v, np.uint8) for v in (10, 20, 30)]
+    clips[1][:, 0, 0] = 99
+    out = tile_clips(clips, ("a", "b", "c"), gap=1, label_height=6, scale=2)
+    assert out.shape == (5, 6 + 8, 3 * 8 + 2, 3)
+    assert (out[:, 6:, :8] == 10).all() and (out[:, 6:, 8] == 0).all()
+    assert (out[:, 6:8, 9:11] == 99).all() and (out[:, 8:, 11:17] == 20).all()  # pixel (0, 0) -> a 2x2 block
+    assert (out[:, 6:, 18:] == 30).all()
+    with pytest.raises(ValueError, match="3 captions"):
+        tile_clips(clips, ("a", "b"))
+    with pytest.raises(ValueError, match="scale"):
+        tile_clips(clips, scale=0)
+    with pytest.raises(ValueError, match="at least one"):
+        tile_clips([])
 
 
 # --------------------------------------------------------------------------------------------- generate

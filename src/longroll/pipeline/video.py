@@ -142,7 +142,7 @@ def side_by_side(
     gap: int = 4,
     label_height: int = 14,
 ) -> np.ndarray:
-    """Two clips next to each other, e.g. dense attention vs a bounded policy.
+    """Two clips next to each other, e.g. dense attention vs a bounded policy (:func:`tile_clips` of two).
 
     Args:
         a, b: (T_a, H_a, W_a, 3) and (T_b, H_b, W_b, 3) uint8; the result keeps the first min(T_a, T_b) frames
@@ -154,18 +154,53 @@ def side_by_side(
     Returns:
         (min(T_a, T_b), max(H_a, H_b) [+ label_height], W_a + gap + W_b, 3) uint8.
     """
-    a, b = _check_frames(a, "a"), _check_frames(b, "b")
     if labels is not None and len(labels) != 2:
         raise ValueError(f"labels must hold two captions, got {len(labels)}")
+    return tile_clips((a, b), labels, gap=gap, label_height=label_height)
+
+
+def tile_clips(
+    clips: Sequence[np.ndarray],
+    labels: Sequence[str] | None = None,
+    *,
+    gap: int = 4,
+    label_height: int = 14,
+    scale: int = 1,
+) -> np.ndarray:
+    """Clips next to each other in one row, each under an optional caption.
+
+    Args:
+        clips: n >= 1 arrays (T_i, H_i, W_i, 3) uint8; the result keeps the first min(T_i) frames and pads
+            shorter clips at the bottom to the tallest height.
+        labels: n captions drawn in a strip above each clip, or None for no strip.
+        gap: black columns between clips.
+        label_height: height of the caption strip in pixels.
+        scale: integer upscaling of every clip (nearest neighbour: pixels stay exact blocks), before captions.
+
+    Returns:
+        (min T_i, scale * max H_i [+ label_height], scale * sum W_i + gap * (n - 1), 3) uint8.
+    """
+    arrays = [_check_frames(c, f"clips[{i}]") for i, c in enumerate(clips)]
+    if not arrays:
+        raise ValueError("clips must hold at least one clip")
+    if labels is not None and len(labels) != len(arrays):
+        raise ValueError(f"labels must hold {len(arrays)} captions, got {len(labels)}")
     if gap < 0 or label_height < 1:
         raise ValueError(f"gap must be >= 0 and label_height >= 1, got {gap}, {label_height}")
-    t = min(a.shape[0], b.shape[0])
-    h = max(a.shape[1], b.shape[1])
-    panels = [np.pad(x[:t], ((0, 0), (0, h - x.shape[1]), (0, 0), (0, 0))) for x in (a, b)]
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ValueError(f"scale must be a positive int, got {scale!r}")
+    if scale > 1:
+        arrays = [x.repeat(scale, axis=1).repeat(scale, axis=2) for x in arrays]
+    t = min(x.shape[0] for x in arrays)
+    h = max(x.shape[1] for x in arrays)
+    panels = [np.pad(x[:t], ((0, 0), (0, h - x.shape[1]), (0, 0), (0, 0))) for x in arrays]
     if labels is not None:
         strips = [_label_strip(text, p.shape[2], label_height) for text, p in zip(labels, panels, strict=True)]
         panels = [
             np.concatenate([np.broadcast_to(s, (t, *s.shape)), p], axis=1) for s, p in zip(strips, panels, strict=True)
         ]
     spacer = np.zeros((t, panels[0].shape[1], gap, 3), dtype=np.uint8)
-    return np.concatenate([panels[0], spacer, panels[1]], axis=2)
+    row: list[np.ndarray] = []
+    for i, p in enumerate(panels):
+        row += [spacer, p] if i else [p]
+    return np.concatenate(row, axis=2)
