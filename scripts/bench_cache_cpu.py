@@ -10,8 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from longroll.bench.cache_policies import CacheBenchConfig, as_table, report_header, run, to_json
-from longroll.bench.demo import plot
+from longroll.bench.cache_policies import CacheBenchConfig, as_table, plot, report_header, run, to_json
 from longroll.eval.synthetic import SceneConfig
 
 

@@ -82,6 +82,9 @@ def test_bench_rollout_stops_dense_early(tmp_path: Path) -> None:
         (["bench", "rollout", "--preset", "huge"], "preset must be one of"),
         (["bench", "rollout", "--height", "100"], "multiple of 16"),
         (["frobnicate"], "invalid choice"),
+        (["eval", "--policies", "dense,radial"], "not evaluated on the world model"),
+        (["eval", "--families", "loops", "--checkpoint", "MODEL"], "families must be"),
+        (["demo", "--policy", "dense"], "invalid choice: 'dense'"),
         ([], "required"),
     ],
 )

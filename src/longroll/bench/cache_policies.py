@@ -9,9 +9,12 @@ kept verbatim) and the density (entries attended / entries of the full cache).
 from __future__ import annotations
 
 import datetime
+import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -23,6 +26,8 @@ from longroll.models.wan.model import WanRotaryEmbedding, apply_rope
 from longroll.ops.attention import attention
 from longroll.ops.probes import attention_recall, relative_l2
 from longroll.pipeline.generate import current_command, environment_info
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -216,3 +221,41 @@ def report_header() -> dict[str, object]:
         "command": current_command(),
         "environment": environment_info("cpu"),
     }
+
+
+def plot(results: list[PolicyResult], path: Path) -> None:
+    """Attention time, cache MiB and relative error vs frames, one line per policy (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in results:
+        x = [p.frames for p in r.probes]
+        axes[0].plot(x, [p.attention_ms for p in r.probes], marker="o", label=r.name)
+        axes[1].plot(x, [p.bytes / 2**20 for p in r.probes], marker="o", label=r.name)
+        axes[2].plot(x, [p.rel_l2 for p in r.probes], marker="o", label=r.name)
+    for ax, title in zip(
+        axes, ("attention ms (one layer, CPU)", "cache MiB (one layer)", "rel. L2 vs full cache"), strict=True
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("generated latent frames")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_cache_bench(out_dir: Path, frames: int = 48) -> tuple[str, list[Path]]:
+    """``longroll bench cache``: every cache policy on the synthetic scene, on the CPU; returns the summary table
+    and the files written (``cache_policies.json`` and ``cache_policies.png`` under ``out_dir``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = CacheBenchConfig(frames=frames)
+    results = run(cfg)
+    files = [out_dir / "cache_policies.json", out_dir / "cache_policies.png"]
+    files[0].write_text(json.dumps(report_header() | {"config": repr(cfg), "results": to_json(results)}, indent=1))
+    plot(results, files[1])
+    log.info("wrote %s", out_dir)
+    return as_table(results), files

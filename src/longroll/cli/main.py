@@ -1,4 +1,4 @@
-"""The ``longroll`` command line: ``generate``, ``bench rollout``, ``info`` and ``demo``.
+"""The ``longroll`` command line: ``demo``, ``eval``, ``generate``, ``bench rollout``, ``bench cache`` and ``info``.
 
 Errors a user can cause (bad arguments, missing files, checkpoints that do not fit) end with one line on
 stderr and exit code 2, without a traceback; ``--debug`` re-raises them instead. Heavy imports (diffusers,
@@ -165,6 +165,73 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/bench_rollout", help="folder for bench_rollout.json/.png")
     _add_sampler_args(p)
     p.set_defaults(handler=_cmd_bench_rollout)
+    c = bsub.add_parser(
+        "cache", parents=[common], help="every cache policy on a synthetic video-like scene with Wan's RoPE (CPU)"
+    )
+    c.add_argument("--frames", type=int, default=48, help="latent frames rolled out (even, >= 4; default 48)")
+    c.add_argument("--out", default="out/bench_cache", help="folder for cache_policies.json/.png")
+    c.set_defaults(handler=_cmd_bench_cache)
+
+
+def _world_policy_list(text: str) -> tuple[str, ...]:
+    names = _policy_list(text)
+    if "radial" in names:
+        raise argparse.ArgumentTypeError("policy 'radial' is not evaluated on the world model")
+    return names
+
+
+def _add_world(sub: Any, common: argparse.ArgumentParser) -> None:
+    demo = sub.add_parser(
+        "demo", parents=[common], help="the bundled world model rolled out with dense attention and with longroll"
+    )
+    demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    demo.add_argument("--device", help="default: cuda if available, else cpu")
+    demo.add_argument(
+        "--frames", type=_positive_int, default=48, help="frames of the episode, 3 given + a multiple of 3 (default 48)"
+    )
+    demo.add_argument(
+        "--policy",
+        choices=[p for p in PRESET_NAMES if p != "dense"],
+        default="all_int8",
+        help="the longroll policy compared with dense (default all_int8: TempCache + AnnSA + AnnCA, int8 ANN)",
+    )
+    demo.add_argument(
+        "--memory-frames",
+        type=_positive_int,
+        default=EQUAL_MEMORY_FRAMES,
+        help=f"cache memory of the longroll policy, frames (default {EQUAL_MEMORY_FRAMES})",
+    )
+    demo.add_argument("--checkpoint", help="world-model checkpoint (default: the bundled one)")
+    demo.set_defaults(handler=_cmd_demo)
+
+    ev = sub.add_parser(
+        "eval", parents=[common], help="every cache policy on held-out world-model episodes -> JSON + plots"
+    )
+    ev.add_argument(
+        "--policies",
+        type=_world_policy_list,
+        default=None,
+        help="comma-separated presets (default dense,sink_window,budget,tempcache,annsa,annca,all)",
+    )
+    ev.add_argument(
+        "--families", default="mixture,revisit", help="trajectory families, comma-separated (default mixture,revisit)"
+    )
+    ev.add_argument("--episodes", type=_positive_int, default=2, help="held-out episodes per family (default 2)")
+    ev.add_argument(
+        "--frames", type=_positive_int, default=48, help="frames per episode, 3 given + a multiple of 3 (default 48)"
+    )
+    ev.add_argument(
+        "--memory-frames",
+        type=_positive_int,
+        default=EQUAL_MEMORY_FRAMES,
+        help=f"cache memory of the bounded policies, frames (default {EQUAL_MEMORY_FRAMES})",
+    )
+    ev.add_argument("--steps", type=_positive_int, help="denoising steps per chunk (default: the model's 4)")
+    ev.add_argument("--probe-every", type=_positive_int, default=1, help="probe attention every n-th chunk")
+    ev.add_argument("--device", help="default: cuda if available, else cpu")
+    ev.add_argument("--checkpoint", help="world-model checkpoint (default: the bundled one)")
+    ev.add_argument("--out", default="out/eval", help="output folder (default out/eval)")
+    ev.set_defaults(handler=_cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,11 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", parents=[common], help="versions, device and working attention backends")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(handler=_cmd_info)
-    demo = sub.add_parser("demo", parents=[common], help="run the packaged demo")
-    demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    demo.add_argument("--device", help="default: cuda if available, else cpu")
-    demo.add_argument("--frames", type=int, default=48, help="latent frames rolled out (default 48)")
-    demo.set_defaults(handler=_cmd_demo)
+    _add_world(sub, common)
     return parser
 
 
@@ -405,17 +468,56 @@ def _cmd_info(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace, command: str) -> int:
-    try:
-        from longroll.bench.demo import run_demo
-    except ImportError as e:
-        print(f"longroll: error: the demo is not available in this installation ({e})", file=sys.stderr)
-        return EXIT_USAGE
+def _cmd_bench_cache(args: argparse.Namespace, command: str) -> int:
+    from longroll.bench.cache_policies import run_cache_bench
+
     if args.frames < 4 or args.frames % 2:
         raise ValueError(f"--frames must be an even number >= 4, got {args.frames}")
-    table, files = run_demo(Path(args.out), args.device, frames=args.frames)
+    table, files = run_cache_bench(Path(args.out), frames=args.frames)
     print(table)
     print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, command: str) -> int:
+    from longroll.bench.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(frames=args.frames, policy=args.policy, memory_frames=args.memory_frames)
+    result = run_demo(args.out, cfg, device=args.device, checkpoint=args.checkpoint, command=command)
+    print(result.table)
+    print(f"took {result.report['seconds_total']:.1f} s; wrote " + ", ".join(str(f) for f in result.files))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, command: str) -> int:
+    import torch
+
+    from longroll.eval.world import DEFAULT_POLICIES, WorldEvalConfig, as_table, evaluate_world, write_report
+    from longroll.pipeline.loader import default_device
+    from longroll.world.model import load_world_model, shipped_checkpoint_path
+
+    families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    cfg = WorldEvalConfig(
+        policies=args.policies or DEFAULT_POLICIES,
+        families=families,  # type: ignore[arg-type]  # validated by WorldEvalConfig
+        episodes=args.episodes,
+        frames=args.frames,
+        memory_frames=args.memory_frames,
+        steps=args.steps,
+        probe_every=args.probe_every,
+    )
+    device = default_device() if args.device is None else torch.device(args.device)
+    ckpt = shipped_checkpoint_path() if args.checkpoint is None else Path(args.checkpoint)
+    model = load_world_model(ckpt, device=device, dtype=torch.float32)
+    t0 = time.perf_counter()
+    report = evaluate_world(
+        model, cfg, device=device, checkpoint=ckpt, command=command, progress=lambda line: print(line, flush=True)
+    )
+    report["seconds_total"] = time.perf_counter() - t0
+    files = write_report(report, args.out)
+    print(as_table(report))
+    print(f"took {report['seconds_total']:.0f} s on {report['environment']['device_name']}; wrote "
+          + ", ".join(str(f) for f in files))  # fmt: skip
     return 0
 
 
