@@ -211,7 +211,7 @@ def _add_world(sub: Any, common: argparse.ArgumentParser) -> None:
         "--policies",
         type=_world_policy_list,
         default=None,
-        help="comma-separated presets (default dense,sink_window,budget,tempcache,annsa,annca,all)",
+        help="comma-separated presets (default dense,sink_window,budget,tempcache,annsa,annca,all,all_int8)",
     )
     ev.add_argument(
         "--families", default="mixture,revisit", help="trajectory families, comma-separated (default mixture,revisit)"

@@ -54,7 +54,7 @@ from longroll.world.training import EVAL_SEED
 log = logging.getLogger(__name__)
 
 #: Policies of a default evaluation (dense first: every other one is compared with it).
-DEFAULT_POLICIES: tuple[str, ...] = ("dense", "sink_window", "budget", "tempcache", "annsa", "annca", "all")
+DEFAULT_POLICIES: tuple[str, ...] = ("dense", "sink_window", "budget", "tempcache", "annsa", "annca", "all", "all_int8")
 #: Fingerprint projection seed for matching cached keys to the shadow cache's (see :func:`match_keys`).
 _FINGERPRINT_SEED = 7
 
@@ -202,14 +202,18 @@ class ProbedProcessor(CachedProcessor):
         self.records.append(ProbeRecord("self", self._info().frame_start, layer, recall, density))
 
     def layer_summary(self, kind: str = "self") -> dict[str, list[float] | None]:
-        """Mean recall and density per layer over the probed chunks (None where a layer was never probed)."""
+        """Per layer: mean recall and density over the probed chunks (``recall``, ``density``) and at the last
+        probed chunk, the longest history (``recall_last``, ``density_last``); None where never probed."""
         out: dict[str, list[float] | None] = {}
+        records = [r for r in self.records if r.kind == kind]
+        last = max((r.frame for r in records), default=-1)
         for metric in ("recall", "density"):
-            per_layer: list[float] = []
-            for layer in range(len(self.caches)):
-                vals = [getattr(r, metric) for r in self.records if r.kind == kind and r.layer == layer]
-                per_layer.append(statistics.fmean(vals) if vals else math.nan)
-            out[metric] = None if all(math.isnan(x) for x in per_layer) else per_layer
+            for suffix, pick in (("", records), ("_last", [r for r in records if r.frame == last])):
+                per_layer: list[float] = []
+                for layer in range(len(self.caches)):
+                    vals = [getattr(r, metric) for r in pick if r.layer == layer]
+                    per_layer.append(statistics.fmean(vals) if vals else math.nan)
+                out[metric + suffix] = None if all(math.isnan(x) for x in per_layer) else per_layer
         return out
 
 
@@ -482,7 +486,7 @@ def _mean_or_nan(values: Sequence[float] | None) -> float:
 
 
 def summarize(report: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """One row per policy: its key metrics, per family where they differ (the README table)."""
+    """One row per policy: its key metrics, per family where they differ (the README tables)."""
     fams = report["families"]
     policies = list(next(iter(fams.values()))["policies"])
     rows: dict[str, dict[str, float]] = {}
@@ -494,7 +498,7 @@ def summarize(report: dict[str, Any]) -> dict[str, dict[str, float]]:
                 row[f"{family}/{key}"] = p[key]
         per_family = [data["policies"][name] for data in fams.values()]
         for kind in ("self", "cross"):
-            for metric in ("recall", "density"):
+            for metric in ("recall", "density", "recall_last", "density_last"):
                 row[f"{kind}_{metric}"] = _mean_or_nan(
                     [_mean_or_nan(p["layers"][kind][metric]) for p in per_family if p["layers"][kind][metric]]
                 )
@@ -505,31 +509,41 @@ def summarize(report: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def as_table(report: dict[str, Any]) -> str:
-    """The summary as a Markdown table (None and NaN shown as '-')."""
+    """The summary as two Markdown tables, fidelity and attention/cost, separated by a blank line ('-' for
+    None and NaN; an empty PSNR vs dense means identical to dense)."""
 
     def fmt(x: Any, spec: str) -> str:
         return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
+    def table(head: list[str], rows: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
     fams = list(report["families"])
+    summary = report["summary"]
     head = ["policy"]
     for fam in fams:
-        head += [f"{fam}: PSNR vs dense", f"{fam}: SSIM vs dense", f"{fam}: PSNR vs GT", f"{fam}: first 16 known"]
-    if "revisit" in fams:
-        head.append("revisit: stale tiles")
-    head += ["self recall", "self density", "cross recall", "cross density", "ms/chunk", "cache MiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in report["summary"].items():
+        head += [f"{fam}: PSNR vs dense", f"{fam}: SSIM vs dense", f"{fam}: PSNR vs GT", f"{fam}: first 16, known"]
+        if fam == "revisit":
+            head.append("revisit: revisited (stale) tiles")
+    rows = []
+    for name, row in summary.items():
         cells = [name]
         for fam in fams:
-            cells += [fmt(row[f"{fam}/psnr_vs_dense"], ".2f"), fmt(row[f"{fam}/ssim_vs_dense"], ".4f"),
+            cells += [fmt(row[f"{fam}/psnr_vs_dense"], ".2f"), fmt(row[f"{fam}/ssim_vs_dense"], ".3f"),
                       fmt(row[f"{fam}/psnr"], ".2f"), fmt(row[f"{fam}/psnr_first16_known"], ".2f")]  # fmt: skip
-        if "revisit" in fams:
-            cells.append(fmt(row["revisit/psnr_stale"], ".2f"))
-        cells += [fmt(row["self_recall"], ".3f"), fmt(row["self_density"], ".3f"), fmt(row["cross_recall"], ".3f"),
-                  fmt(row["cross_density"], ".3f"), fmt(row["ms_per_chunk_median"], ".0f"),
-                  fmt(row["cache_mib"], ".1f")]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            if fam == "revisit":
+                cells.append(fmt(row["revisit/psnr_stale"], ".2f"))
+        rows.append(cells)
+    fidelity = table(head, rows)
+    head = ["policy", "self recall: mean / last chunk", "self density: mean / last chunk", "cross recall",
+            "cross density", "ms/chunk (median)", "cache MiB"]  # fmt: skip
+    rows = [
+        [name, f"{fmt(r['self_recall'], '.3f')} / {fmt(r['self_recall_last'], '.3f')}",
+         f"{fmt(r['self_density'], '.3f')} / {fmt(r['self_density_last'], '.3f')}", fmt(r["cross_recall"], ".3f"),
+         fmt(r["cross_density"], ".3f"), fmt(r["ms_per_chunk_median"], ".0f"), fmt(r["cache_mib"], ".1f")]
+        for name, r in summary.items()
+    ]  # fmt: skip
+    return "\n".join(fidelity) + "\n\n" + "\n".join(table(head, rows))
 
 
 # ----------------------------------------------------------------------------------------------------------
