@@ -100,5 +100,6 @@ def test_cuda_graph_commit_equals_eager_on_gpu():
         for cache in (eager, graphed):
             cache.stage(k.cuda(), v.cuda(), frame_start=c * FPC, k_match=k.cuda())
         torch.testing.assert_close(graphed.commit(), eager.commit(), rtol=0, atol=0)
-        torch.testing.assert_close(graphed.buffers.v, eager.buffers.v)
+        # The last slot is the trash slot: masked writes land there in any order.
+        torch.testing.assert_close(graphed.buffers.v[:, :, :-1], eager.buffers.v[:, :, :-1])
     assert graphed._graph is not None and not graphed._graph_failed
