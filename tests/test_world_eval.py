@@ -143,6 +143,8 @@ def test_evaluate_world_report_and_files(model, tmp_path):
         for p in fam["policies"].values():
             assert math.isfinite(p["psnr"]) and len(p["psnr_per_frame"]) == 6 and len(p["chunk_seconds"]) == 2
             assert len(p["layers"]["self"]["recall"]) == model.config.num_layers
+            assert len(p["per_episode"]["psnr"]) == len(p["per_episode"]["psnr_stale"]) == 1
+            assert p["per_episode"]["psnr"][0] == pytest.approx(p["psnr"])
         assert fam["policies"]["annca"]["layers"]["cross"]["recall"] is not None
     assert set(report["summary"]) == {"dense", "sink_window", "annca"}
     files = write_report(report, tmp_path)

@@ -244,7 +244,8 @@ def run_demo(
                        "width": int(video.shape[2]), "fps": cfg.fps}  # fmt: skip
     on_cuda = dev.type == "cuda"
     _plot(report, files[1], "ms", "ms per chunk (DiT: denoising steps + commit)", f"per-chunk latency, {dev.type}")
-    mem_title = "KV cache memory" + (" (dashed: peak allocated)" if on_cuda else "")
+    # Cache bytes are the allocated buffers of all layers (dense grows them by steps as the history grows).
+    mem_title = "KV cache buffers, all layers" + (" (dashed: peak allocated)" if on_cuda else "")
     _plot(report, files[2], "cache_mib", "MiB", mem_title, peak=on_cuda)
     report["seconds_total"] = time.perf_counter() - t_start
     files[3].write_text(json.dumps(report, indent=1) + "\n")

@@ -31,7 +31,7 @@ import os
 import platform
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from longroll.policies.cached import CachedProcessor
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, PolicyConfig
 from longroll.sparse.annca import annca_recall
 from longroll.world.episode import FAMILIES, EpisodeConfig, Episodes, Family, sample_episodes
-from longroll.world.model import WorldWanModel
+from longroll.world.model import WorldModelSpec, WorldWanModel
 from longroll.world.rollout import WorldRollout, rollout_world, score_rollout, world_policy, world_processor
 from longroll.world.training import EVAL_SEED
 
@@ -249,6 +249,24 @@ def per_frame_psnr(frames: torch.Tensor, reference: torch.Tensor, start: int) ->
     return [math.inf if float(m) == 0 else -10.0 * math.log10(float(m)) for m in mse]
 
 
+def per_episode_scores(
+    episodes: Episodes, rollout: WorldRollout, ground_truth: torch.Tensor, spec: WorldModelSpec, memory_frames: int
+) -> dict[str, list[float]]:
+    """PSNR against the ground truth of each episode on its own: overall and on revisited (stale) tiles.
+
+    Args:
+        ground_truth: (B, F, 3, H, W) uint8 frames of ``episodes``.
+    """
+    out: dict[str, list[float]] = {"psnr": [], "psnr_stale": []}
+    for i in range(episodes.batch):
+        one = replace(rollout, frames=rollout.frames[i : i + 1], latents=rollout.latents[i : i + 1])
+        s = score_rollout(episodes.select(slice(i, i + 1)), one, spec, memory_frames=memory_frames,
+                          ground_truth=ground_truth[i : i + 1])  # fmt: skip
+        for key in out:
+            out[key].append(float(s[key]))  # type: ignore[arg-type]
+    return out
+
+
 def chunk_summary(stats: Sequence[ChunkStats]) -> dict[str, float]:
     """Per-chunk DiT latency (first, last, median, in ms) and the last chunk's cache size (MiB)."""
     ms = [1e3 * s.seconds for s in stats]
@@ -427,7 +445,10 @@ def evaluate_family(
                             memory_frames=cfg.memory_frames, processor=proc)  # fmt: skip
         if dense_frames is None:
             dense_frames = out.frames
-        scores = score_rollout(episodes, out, spec, memory_frames=cfg.memory_frames, ground_truth=gt)
+        scores: dict[str, Any] = dict(
+            score_rollout(episodes, out, spec, memory_frames=cfg.memory_frames, ground_truth=gt)
+        )
+        scores["per_episode"] = per_episode_scores(episodes, out, gt, spec, cfg.memory_frames)
         f0 = out.context_frames
         layers = {"self": proc.layer_summary("self"), "cross": proc.layer_summary("cross")}
         run = PolicyRun(name, out, scores, compare_frames(out.frames, dense_frames, f0),
