@@ -188,13 +188,18 @@ def test_worth_selecting_follows_the_hit_density():
     )
     always = AnnCAConfig(ann=everything, max_hit_density=None)
     assert AnnCA(always, head_dim=32, layer=0, head_ids=range(4)).worth_selecting(q, prompt, tokens_per_frame=P)
-    # Many bits over few queries: a small fraction of the prompt is hit.
-    sparse = AnnCAConfig(ann=LSHConfig(bits=16), max_hit_density=0.5)
+    # Many bits over few queries: a small fraction of the prompt is hit (recall not checked).
+    sparse = AnnCAConfig(ann=LSHConfig(bits=4), max_hit_density=0.5, min_recall=None)
     few = _queries(frames=1)[:, :, :4]
     assert AnnCA(sparse, head_dim=32, layer=0, head_ids=range(4)).worth_selecting(few, prompt, tokens_per_frame=4)
+    # ... but those hits miss most of the attention mass of random queries.
+    strict = AnnCAConfig(ann=LSHConfig(bits=4), max_hit_density=0.5, min_recall=0.9)
+    assert not AnnCA(strict, head_dim=32, layer=0, head_ids=range(4)).worth_selecting(few, prompt, tokens_per_frame=4)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5])
-def test_max_hit_density_is_validated(bad):
+def test_gate_thresholds_are_validated(bad):
     with pytest.raises(ValueError, match="max_hit_density"):
         AnnCAConfig(max_hit_density=bad)
+    with pytest.raises(ValueError, match="min_recall"):
+        AnnCAConfig(min_recall=bad)

@@ -157,10 +157,20 @@ def test_annca_keeps_selecting_where_it_is_sparse():
     proc.begin_pass(PassInfo(0, 3, 4, commit=False))
     g = torch.Generator().manual_seed(0)
     heads, d = CFG.num_heads, CFG.head_dim
-    # 16 queries per frame over 256 buckets hit few of 512 distinct keys.
-    q, k, v = (torch.randn(1, heads, n, d, generator=g) for n in (FPC * P, 512, 512))
+    k, v = (torch.randn(1, heads, 512, d, generator=g) for _ in range(2))
+    # Queries along 3 of 512 distinct keys: they hit few buckets, and the attention mass is on those keys.
+    q = 4.0 * k[:, :, torch.arange(FPC * P) % 3]
     proc.cross_attention(0, q, k, v)
     assert proc.annca_selecting[0] is True
+    # The decision belongs to the prompt: the same prompt after a reset keeps it without measuring again.
+    proc.reset_prompt()
+    proc.cross_attention(0, torch.randn(1, heads, FPC * P, d, generator=g), k, v)
+    assert proc.annca_selecting[0] is True
+    # A new prompt is measured: random queries hit few buckets too, but most of their (diffuse) attention mass
+    # lies elsewhere.
+    proc.reset_prompt()
+    proc.cross_attention(0, torch.randn(1, heads, FPC * P, d, generator=g), k + 1.0, v)
+    assert proc.annca_selecting[0] is False
 
 
 @pytest.mark.parametrize("policy", ["tempcache", "all", "all_int8"])

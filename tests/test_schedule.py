@@ -77,3 +77,13 @@ def test_bad_inputs_raise_naming_the_argument():
         calibrate_layers({}, max_density=0.0)
     with pytest.raises(ValueError, match="samples"):
         calibrate_layers({0: (float("nan"), 0.1)})
+
+
+def test_sparse_block_size_follows_the_frame():
+    from longroll.policies.config import preset, sparse_block_size
+
+    assert [sparse_block_size(t) for t in (1, 16, 64, 100, 255, 256, 1560)] == [16, 16, 32, 32, 64, 128, 128]
+    assert preset("all", tokens_per_frame=64, frames_per_chunk=3).annsa.kv_block_size == 32
+    assert preset("all_int8", tokens_per_frame=1560, frames_per_chunk=3).annsa.q_block_size == 128
+    with pytest.raises(ValueError, match="tokens_per_frame"):
+        sparse_block_size(0)

@@ -53,6 +53,14 @@ class ModelGeometry(Protocol):
     def head_dim(self) -> int: ...
 
 
+def _fingerprint(k: torch.Tensor) -> tuple[float, float]:
+    """Two float64 sums that tell prompts apart: k (B, Hk, M, D). One host sync."""
+    x = k.double()
+    w = torch.arange(1, x.shape[-2] + 1, dtype=torch.float64, device=x.device)[:, None]
+    pair = torch.stack([x.sum(), (x * w).sum()]).tolist()
+    return float(pair[0]), float(pair[1])
+
+
 class CachedProcessor:
     """Self-attention over [cached history ; current chunk] with a commit policy per layer.
 
@@ -124,7 +132,10 @@ class CachedProcessor:
             for i in range(num_layers)
         ]
         self._prompts: list[CollapsedPrompt | None] = [None] * num_layers
-        # Per layer, for the current prompt: None = not yet measured, else whether AnnCA selection pays.
+        # Per layer: (fingerprint of the prompt's keys, whether AnnCA selection pays for that prompt), measured
+        # once per prompt; kept across reset_prompt() and saved with the state, so that a resumed rollout makes
+        # the decisions of the uninterrupted one.
+        self._gate: list[tuple[tuple[float, float], bool] | None] = [None] * num_layers
         self._select_prompt: list[bool | None] = [None] * num_layers
         self._radial: tuple[int, BlockSparseIndex] | None = None
 
@@ -209,10 +220,14 @@ class CachedProcessor:
             if prompt is None or prompt.k.shape[0] != k.shape[0]:
                 # Exact duplicate collapse (one host sync) once per prompt and layer, not per step.
                 prompt = self._prompts[layer] = collapse_duplicates(k, v)
-                self._select_prompt[layer] = None
-            if self._select_prompt[layer] is None:
-                # One host sync per prompt and layer: keep selecting only where it is measurably sparse.
-                self._select_prompt[layer] = ca.worth_selecting(q, prompt, tokens_per_frame=self.tokens_per_frame)
+                fp = _fingerprint(k)
+                gate = self._gate[layer]
+                self._select_prompt[layer] = gate[1] if gate is not None and gate[0] == fp else None
+                if self._select_prompt[layer] is None:
+                    # Keep selecting only where it measurably pays (host syncs, once per prompt and layer).
+                    decision = ca.worth_selecting(q, prompt, tokens_per_frame=self.tokens_per_frame)
+                    self._select_prompt[layer] = decision
+                    self._gate[layer] = (fp, decision)
             if not self._select_prompt[layer]:
                 return ca.dense(q, prompt)
             return ca.run(q, prompt, tokens_per_frame=self.tokens_per_frame).out
@@ -255,15 +270,24 @@ class CachedProcessor:
         return sum(c.mean_entries() for c in self.caches) / len(self.caches)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every layer's cache state, flat (``layer{i}.{name}``), ready for safetensors."""
-        return {f"layer{i}.{k}": v for i, c in enumerate(self.caches) for k, v in c.state_dict().items()}
+        """Every layer's cache state, flat (``layer{i}.{name}``), and AnnCA's per-prompt decisions
+        (``layer{i}.annca_gate``: prompt fingerprint and decision), ready for safetensors."""
+        state = {f"layer{i}.{k}": v for i, c in enumerate(self.caches) for k, v in c.state_dict().items()}
+        for i, gate in enumerate(self._gate):
+            if gate is not None:
+                state[f"layer{i}.annca_gate"] = torch.tensor([*gate[0], float(gate[1])], dtype=torch.float64)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict` output; AnnSA plans are rebuilt from the restored caches (the saved
         layout is already bucket-sorted, so re-planning keeps it)."""
         for i, c in enumerate(self.caches):
             prefix = f"layer{i}."
-            c.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            c.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k != f"{prefix}annca_gate"}
+            )
+            gate = state.get(f"{prefix}annca_gate")
+            self._gate[i] = None if gate is None else ((float(gate[0]), float(gate[1])), bool(gate[2]))
         self.replan()
 
     def replan(self) -> None:

@@ -81,7 +81,9 @@ def preset(
     }
     tc_lsh = table["tempcache_lsh"].cache
     tc_int8 = table["tempcache"].cache
-    sa_lsh, sa_int8 = AnnSAConfig(ann=LSHConfig(bits=6, probes=1)), AnnSAConfig(ann=Int8Config())
+    blk = sparse_block_size(tokens_per_frame)
+    sa_lsh = AnnSAConfig(ann=LSHConfig(bits=6, probes=1), q_block_size=blk, kv_block_size=blk)
+    sa_int8 = AnnSAConfig(ann=Int8Config(), q_block_size=blk, kv_block_size=blk)
     # A fixed pack width keeps AnnCA free of host syncs; 256 exceeds any real prompt once Wan's 512 zero pads
     # have collapsed into one key, so nothing is truncated in practice.
     ca_lsh = AnnCAConfig(ann=LSHConfig(bits=8), max_kept=256)
@@ -97,6 +99,20 @@ def preset(
     if name not in table:
         raise ValueError(f"policy must be one of {sorted(table)}, got {name!r}")
     return table[name]
+
+
+def sparse_block_size(tokens_per_frame: int) -> int:
+    """AnnSA's query and key block size for a frame size: 128 (the kernel's fastest tile on the H100) from 256
+    tokens per frame, else the largest power of two <= half a frame (at least 16).
+
+    With 128-key blocks a 64-token frame (the world model) fits two frames in one block and selection ends up
+    near-dense (measured: density 0.89 of the history); 32-key blocks gave density 0.62 at recall 0.82.
+    """
+    if tokens_per_frame < 1:
+        raise ValueError(f"tokens_per_frame must be >= 1, got {tokens_per_frame}")
+    if tokens_per_frame >= 256:
+        return 128
+    return max(16, 1 << ((tokens_per_frame // 2).bit_length() - 1)) if tokens_per_frame >= 2 else 16
 
 
 PRESET_NAMES: tuple[str, ...] = (
