@@ -35,7 +35,6 @@ import dataclasses
 import gc
 import json
 import logging
-import math
 import struct
 import sys
 import time
@@ -46,6 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from longroll.pipeline.generate import json_safe
 from longroll.world.episode import FAMILIES, EpisodeConfig, sample_episodes
 from longroll.world.model import (
     WorldModelSpec,
@@ -258,15 +258,6 @@ def write_samples(path: Path, rollouts: dict[str, torch.Tensor], every: int = 3)
     write_png(path, np.concatenate(rows[:-1], axis=0))
 
 
-def _finite(x: Any) -> Any:
-    """JSON-safe copy: NaN and inf become None."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(eval_model, device, episodes, 9 if args.smoke else 48, samplers=not args.smoke)
     write_samples(args.out / "samples.png", report.pop("_rollouts"))
     report["run"] = facts
-    (args.out / "eval.json").write_text(json.dumps(_finite(report), indent=2))
-    log.info("acceptance: %s", json.dumps(_finite(report["acceptance"])))
+    (args.out / "eval.json").write_text(json.dumps(json_safe(report), indent=2))
+    log.info("acceptance: %s", json.dumps(json_safe(report["acceptance"])))
     log.info("total %.1f s", time.perf_counter() - START)
     return 0
 

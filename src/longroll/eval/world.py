@@ -41,7 +41,7 @@ from longroll.cache.config import CacheConfig, FullPolicy
 from longroll.cache.kv_cache import LayerKVCache
 from longroll.eval.metrics import ssim
 from longroll.ops.probes import attention_recall
-from longroll.pipeline.generate import current_command, environment_info
+from longroll.pipeline.generate import current_command, environment_info, json_safe
 from longroll.pipeline.rollout import ChunkStats
 from longroll.policies.cached import CachedProcessor
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, PolicyConfig
@@ -349,15 +349,6 @@ def _check_frames(model: WorldWanModel, frames: int) -> None:
         )
 
 
-def _finite(x: Any) -> Any:
-    """JSON-safe copy: NaN and inf become None."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def device_name(device: torch.device | str) -> str:
@@ -498,7 +489,7 @@ def evaluate_world(
             "policies": {r.policy: r.to_json() for r in runs},
         }
     report["summary"] = summarize(report)
-    return _finite(report)
+    return json_safe(report)
 
 
 def _mean_or_nan(values: Sequence[float] | None) -> float:

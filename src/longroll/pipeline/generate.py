@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -46,6 +47,17 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work so that host clocks measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def json_safe(x: Any) -> Any:
+    """A JSON-safe copy of nested dicts/lists/tuples: non-finite floats (NaN, inf) become None."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def environment_info(device: torch.device | str) -> dict[str, Any]:
