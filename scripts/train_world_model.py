@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="episodes per step (default 32; smoke 2)")
     p.add_argument("--frames", type=int, default=None, help="frames per training episode (default 48; smoke 12)")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (200; smoke 2)")
+    p.add_argument(
+        "--init", type=Path, default=None,
+        help="continue from this checkpoint (file, shard folder, or 'shipped') instead of a fresh initialisation",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-episodes", type=int, default=None, help="held-out episodes per family (16; smoke 1)")
     p.add_argument("--reserve-s", type=float, default=None, help="seconds kept for eval and files (45; smoke 5)")
@@ -114,7 +119,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     frames = args.frames or (12 if args.smoke else 48)
     return TrainConfig(
         batch_size=batch, num_frames=frames, lr=args.lr, seed=args.seed,
-        warmup_steps=2 if args.smoke else 200, log_every=1 if args.smoke else 50,
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else (2 if args.smoke else 200),
+        log_every=1 if args.smoke else 50,
     )  # fmt: skip
 
 
@@ -271,7 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = train_config(args)
     spec = WorldModelSpec(train_frames=cfg.num_frames)
     prompts = load_prompt_embeddings()
-    model = init_world_model(WorldWanModel(world_wan_config(), spec))
+
+    def initial_model() -> WorldWanModel:
+        if args.init is None:
+            return init_world_model(WorldWanModel(world_wan_config(), spec))
+        # Continue training: float32 weights of the given checkpoint (its own config and spec).
+        start = load_world_model(None if str(args.init) == "shipped" else args.init, device="cpu")
+        log.info("continuing from %s", args.init)
+        return start
+
+    model = initial_model()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2f M parameters; train config: %s", n_params / 1e6, dataclasses.asdict(cfg))
     reserve = args.reserve_s if args.reserve_s is not None else (5.0 if args.smoke else 45.0)
@@ -293,13 +308,14 @@ def main(argv: list[str] | None = None) -> int:
             # the except block, so that the traceback no longer holds the failed step's tensors).
             cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size // 2)
             log.warning("out of memory; restarting with batch_size=%d", cfg.batch_size)
-            model = init_world_model(WorldWanModel(world_wan_config(), spec))
+            model = initial_model()
             gc.collect()
             torch.cuda.empty_cache()
             budget = max(0.0, args.minutes * 60 - reserve - (time.perf_counter() - START))
     log.info("trained %d steps in %.1f s (stopped by %s)", result.steps, result.seconds, result.stopped_by)
 
     facts = {"steps": result.steps, "train_seconds": result.seconds, "stopped_by": result.stopped_by,
+             "init": None if args.init is None else str(args.init),
              "parameters": n_params, "device": str(device), "torch": torch.__version__,
              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}  # fmt: skip
     # Two shards: the device machine returns files of at most 16 MB, the float16 checkpoint is about 28.7 MB.
