@@ -145,7 +145,7 @@ class ProbedProcessor(CachedProcessor):
         self.records: list[ProbeRecord] = []
 
     def _probing(self) -> bool:
-        info = self._info()
+        info = self.current_pass
         fpc = self.caches[0].config.frames_per_chunk
         chunk = info.frame_start // fpc
         return not info.commit and info.step == info.num_steps - 1 and chunk % self.probe_every == 0
@@ -154,7 +154,7 @@ class ProbedProcessor(CachedProcessor):
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre_rope: torch.Tensor
     ) -> torch.Tensor:
         """As :meth:`CachedProcessor.self_attention`; q, k, v: (B, H, Lq, D) -> (B, H, Lq, D)."""
-        info = self._info()
+        info = self.current_pass
         shadow = self.shadows[layer]
         shadow.stage(k, v, frame_start=info.frame_start)
         out = super().self_attention(layer, q, k, v, k_pre_rope)
@@ -167,9 +167,9 @@ class ProbedProcessor(CachedProcessor):
     def cross_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """As :meth:`CachedProcessor.cross_attention`; q: (B, H, Lq, D), k, v: (B, H, L_ctx, D)."""
         out = super().cross_attention(layer, q, k, v)
-        ca, prompt = self.annca[layer], self._prompts[layer]
-        if ca is not None and prompt is not None and self._probing() and self._sparse(layer):
-            frame = self._info().frame_start
+        ca, prompt = self.annca[layer], self.collapsed_prompt(layer)
+        if ca is not None and prompt is not None and self._probing() and self.is_sparse(layer):
+            frame = self.current_pass.frame_start
             if self.annca_selecting[layer] is False:
                 # The processor found selection not worth it for this prompt: exact attention ran.
                 self.records.append(ProbeRecord("cross", frame, layer, 1.0, 1.0))
@@ -188,7 +188,7 @@ class ProbedProcessor(CachedProcessor):
         ids = torch.arange(0, lq, self.query_stride, device=q.device)
         valid = cache.buffers.count[:, :, : view.k.shape[2]] > 0  # (B, H, Lv)
         planner = self.planners[layer]
-        if planner is not None and self._planned[layer] and self._sparse(layer):
+        if planner is not None and self.is_planned(layer) and self.is_sparse(layer):
             # The selection is a deterministic function of q and the planned cache: the one the step used.
             sel = planner.select(q, view, staged_tokens=cache.staged_tokens)
             computed = sel.key_mask(ids) & valid[:, :, None, :]
@@ -199,7 +199,7 @@ class ProbedProcessor(CachedProcessor):
         keep &= (slot >= 0)[:, :, None, :]
         recall = attention_recall(q[:, :, ids], ref.k, keep, bias=ref.bias)
         density = float(computed.float().sum(-1).mean()) / ref.k.shape[2]
-        self.records.append(ProbeRecord("self", self._info().frame_start, layer, recall, density))
+        self.records.append(ProbeRecord("self", self.current_pass.frame_start, layer, recall, density))
 
     def layer_summary(self, kind: str = "self") -> dict[str, list[float] | None]:
         """Per layer: mean recall and density over the probed chunks (``recall``, ``density``) and at the last

@@ -140,6 +140,23 @@ class CachedProcessor:
         self._radial: tuple[int, BlockSparseIndex] | None = None
 
     @property
+    def current_pass(self) -> PassInfo:
+        """The pass set by :meth:`begin_pass` (raises before the first one)."""
+        return self._info()
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether ``layer`` runs its sparse paths in the current pass (the schedule's decision)."""
+        return self._sparse(layer)
+
+    def is_planned(self, layer: int) -> bool:
+        """Whether ``layer``'s AnnSA planner holds a plan of the committed cache."""
+        return self._planned[layer]
+
+    def collapsed_prompt(self, layer: int) -> CollapsedPrompt | None:
+        """``layer``'s collapsed prompt for AnnCA (None before its first cross-attention of the prompt)."""
+        return self._prompts[layer]
+
+    @property
     def annca_selecting(self) -> tuple[bool | None, ...]:
         """Per layer, whether AnnCA selection runs for the current prompt (None: not measured yet or no AnnCA)."""
         return tuple(self._select_prompt)
