@@ -16,12 +16,19 @@ CPU smoke run (tiny shapes, Triton interpreter; checks the script end to end, ti
 (c) compiled FlexAttention with the same block mask and a score_mod adding the bias, while time remains.
 
 Kernel variants (``--variants``):
-    old          tile = index block, split 1: the search space before tiles were decoupled (triton_config
+    old          grid, tile = index block, split 1: the search space before tiles were decoupled (triton_config
                  {"tuning": "legacy"}); same kernel source, so it also shows what the new code costs at old tiles
-    new          the default: autotuned tiles (128/64 rows, 128/64 keys), automatic split-K
-    new_split1   autotuned tiles, no split
-    t64          forced 64x64 tile, 4 warps, 2 stages, no split (two programs per multiprocessor)
-    t128_split2  forced 128x128 tile, 8 warps, 2 stages, split 2 (split-K alone)
+    new          grid schedule, autotuned tiles (128/64 rows, 128/64 keys), automatic split-K
+    new_split1   grid, autotuned tiles, no split
+    t64          grid, forced 64x64 tile, 4 warps, 2 stages, no split (two programs per multiprocessor)
+    t128_split2  grid, forced 128x128 tile, 8 warps, 2 stages, split 2 (split-K alone)
+    persistent   persistent schedule (one program per multiprocessor slot sharing all rows), autotuned tiles
+    p128         persistent, forced 128x128 tile, 8 warps, 2 stages (132 programs on an H100)
+    p64          persistent, forced 64x64 tile, 4 warps, 2 stages (264 programs, two per multiprocessor)
+    auto         the default (schedule="auto", split_k=None): persistent under 8 waves of programs, else grid
+
+``--skew`` gives rows unequal counts (each row keeps 0.25-1.75x the density's share of blocks, mean about the
+density), as real selections do; the default gives every row the same count.
 
 Medians of ``triton.testing.do_bench`` (L2 flushed before each run, like the committed numbers); below
 ``--graph-max-lk`` keys each method is also timed as a CUDA graph replay (``ms_graph``: no host overhead, no
@@ -44,13 +51,20 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+T128: dict[str, Any] = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+T64: dict[str, Any] = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "old": dict(split_k=1, triton_config={"tuning": "legacy"}),
-    "new": dict(split_k=None, triton_config=None),
-    "new_split1": dict(split_k=1, triton_config=None),
-    "t64": dict(split_k=1, triton_config={"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
-    "t128_split2": dict(split_k=2, triton_config={"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}),
+    "old": dict(split_k=1, schedule="grid", triton_config={"tuning": "legacy"}),
+    "new": dict(split_k=None, schedule="grid", triton_config=None),
+    "new_split1": dict(split_k=1, schedule="grid", triton_config=None),
+    "t64": dict(split_k=1, schedule="grid", triton_config=T64),
+    "t128_split2": dict(split_k=2, schedule="grid", triton_config=T128),
+    "persistent": dict(split_k=None, schedule="persistent", triton_config=None),
+    "p128": dict(split_k=None, schedule="persistent", triton_config=T128),
+    "p64": dict(split_k=None, schedule="persistent", triton_config=T64),
+    "auto": dict(split_k=None, schedule="auto", triton_config=None),
 }
+DEFAULT_VARIANTS = ["new", "new_split1", "t64", "persistent", "p128", "p64", "auto"]
 
 
 def _parse() -> argparse.Namespace:
@@ -64,7 +78,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=128, help="index block size on both axes")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    p.add_argument("--skew", action="store_true", help="unequal block counts per row (see above)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument(
         "--flex-lk",
@@ -128,6 +143,7 @@ def main() -> int:
         "interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "dtype": str(dtype),
         "flops": "4*H*Lq*Lk*D*density_exact (kept query-key pairs only)",
+        "index": "skewed counts per row (0.25-1.75x)" if args.skew else "same count in every row",
         "variants": {name: {k: v for k, v in spec.items()} for name, spec in VARIANTS.items() if name in args.variants},
         "tiles": [list(t) for t in block_sparse_fwd.TILES],
         "correctness": [],
@@ -142,12 +158,16 @@ def main() -> int:
     def rnd(g: torch.Generator, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device=dev, dtype=dtype)
 
-    def random_index(g: torch.Generator, b: int, h: int, lq: int, lk: int, bq: int, bk: int, density: float):
+    def random_index(
+        g: torch.Generator, b: int, h: int, lq: int, lk: int, bq: int, bk: int, density: float, skew: bool = False
+    ):
         nqb, nkb = -(-lq // bq), -(-lk // bk)
-        keep = max(1, min(nkb, round(density * nkb)))
-        order = torch.rand(b, h, nqb, nkb, generator=g).argsort(dim=-1)[..., :keep]
-        dense = torch.zeros(b, h, nqb, nkb, dtype=torch.bool).scatter_(-1, order, True)
-        return BlockSparseIndex.from_dense(dense, bq, bk, lq, lk).to(dev)
+        rank = torch.rand(b, h, nqb, nkb, generator=g).argsort(dim=-1).argsort(dim=-1)
+        share = torch.full((b, h, nqb, 1), density)
+        if skew:
+            share = share * (0.25 + 1.5 * torch.rand(b, h, nqb, 1, generator=g))
+        keep = (share * nkb).round().clamp(1, nkb)
+        return BlockSparseIndex.from_dense(rank < keep, bq, bk, lq, lk).to(dev)
 
     def timeit(fn: Callable[[], object]) -> float:
         """Median milliseconds."""
@@ -172,7 +192,9 @@ def main() -> int:
             for key, block in (("BLOCK_M", idx.q_block_size), ("BLOCK_N", idx.kv_block_size)):
                 if key in cfg:
                     cfg[key] = min(cfg[key], block)
-        return block_sparse_attention(q, k, v, idx, bias, backend="triton", split_k=spec["split_k"], triton_config=cfg)
+        return block_sparse_attention(
+            q, k, v, idx, bias, backend="triton", split_k=spec["split_k"], schedule=spec["schedule"], triton_config=cfg
+        )
 
     def launched() -> dict[str, Any]:
         return dict(block_sparse_fwd.LAST_LAUNCH)
@@ -184,7 +206,7 @@ def main() -> int:
     d_small = args.head_dim
     # Each case names the variants it checks: the small-shape checks share compiled kernels with the timed
     # runs (same tiles and specialisations), so they cost autotuning, not extra compiles.
-    main3 = ["old", "new", "t128_split2"]
+    main3 = ["old", "new", "t128_split2", "persistent", "p128"]
     cases = [
         dict(name="mha_bias", b=1, h=4, hk=4, lq=300, lk=1000, bq=128, bk=128, density=0.5, layout="bhld", v=main3),
         dict(name="gqa_bias_blhd", b=2, h=4, hk=2, lq=257, lk=700, bq=128, bk=128, density=0.3, layout="blhd", v=main3),
@@ -200,11 +222,25 @@ def main() -> int:
             bk=128,
             density=1.0,
             layout="bhld",
-            v=["new"],
+            v=["new", "persistent", "p128", "p64"],
+        ),
+        dict(
+            name="skewed_rows_gqa",
+            b=2,
+            h=4,
+            hk=2,
+            lq=1000,
+            lk=5000,
+            bq=128,
+            bk=128,
+            density=0.3,
+            layout="blhd",
+            skew=True,
+            v=["new", "persistent", "p128", "p64", "auto"],
         ),
     ]
     if args.smoke:
-        cases = [dict(c, lk=min(int(c["lk"]), 300), lq=min(int(c["lq"]), 130), bq=64, bk=64) for c in cases[:3]]
+        cases = [dict(c, lk=min(int(c["lk"]), 300), lq=min(int(c["lq"]), 130), bq=64, bk=64) for c in cases]
     for ci, case in enumerate(cases):
         try:
             g = gen(1, ci)
@@ -218,7 +254,9 @@ def main() -> int:
                 q, k, v = rnd(g, b, h, lq, d), rnd(g, b, hk, lk, d), rnd(g, b, hk, lk, d)
             bias = (torch.rand(b, hk, lk, generator=g) * 2.0).to(dev)
             bias[..., ::11] = MASKED_BIAS
-            idx = random_index(g, b, h, lq, lk, int(case["bq"]), int(case["bk"]), float(case["density"]))
+            idx = random_index(
+                g, b, h, lq, lk, int(case["bq"]), int(case["bk"]), float(case["density"]), bool(case.get("skew"))
+            )
             ref = block_sparse_attention_ref(q, k, v, idx, bias)
             masked = bias.masked_fill(bias <= MASKED_BIAS, float("-inf"))
             mask = idx.key_mask().expand(b, h, lq, lk)
@@ -274,7 +312,7 @@ def main() -> int:
         return q, k, v, bias
 
     def make_index(lk: int, dens: float) -> BlockSparseIndex:
-        return random_index(gen(3, lk, int(dens * 1000)), b, h, lq, lk, blk, blk, dens)
+        return random_index(gen(3, lk, int(dens * 1000)), b, h, lq, lk, blk, blk, dens, args.skew)
 
     def row_subset(q, k, v, bias, idx: BlockSparseIndex):
         """Heads (0, H-1) and query blocks (first, middle, last): a sub-problem small enough for float64."""
@@ -471,7 +509,7 @@ def main() -> int:
     print(f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['dtype']}")
     print(
         f"{'method':28s} {'Lk':>7s} {'dens':>5s} {'ms':>8s} {'TFLOP/s':>7s} {'/cuDNN':>6s} {'graph/':>6s} "
-        f"{'err':>8s} {'split':>5s} config"
+        f"{'err':>8s} {'sched/split':>6s} config"
     )
     for r in report["timings"]:
         if "error" in r:
@@ -485,9 +523,10 @@ def main() -> int:
         ratio_s = "" if math.isnan(ratio) else f"{ratio:6.2f}"
         gratio_s = "" if math.isnan(gratio) else f"{gratio:6.2f}"
         err_s = "" if err is None else f"{err:8.2e}"
+        sched = f"{str(launch.get('schedule', ''))[:4]}/{launch.get('split_k', '')}"
         print(
             f"{r['method']:28s} {r['lk']:7d} {r['density_exact']:5.3f} {r['ms']:8.3f} {r['tflops']:7.1f} "
-            f"{ratio_s:>6s} {gratio_s:>6s} {err_s:>8s} {launch.get('split_k', ''):>5} {cfg}"
+            f"{ratio_s:>6s} {gratio_s:>6s} {err_s:>8s} {sched:>6s} {cfg}"
         )
     summary: dict[str, dict[str, float]] = {}
     for r in report["timings"]:

@@ -260,6 +260,62 @@ def test_split_min_blocks_splits_only_long_rows():
     _check(res._replace(out=out, lse=lse), q, k, v, idx, bias)
 
 
+@pytest.mark.parametrize(
+    ("tile", "programs"),
+    [((64, 128), 3), ((32, 64), 5), ((64, 64), 1), ((64, 32), 64)],  # 64 programs: more than there are steps
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_persistent_schedule(tile, programs, dtype, use_bias):
+    # A fixed set of programs shares all rows' steps: rows cut by a share boundary (at its start, its end, or
+    # both when a row spans several programs) are merged by lse; empty rows are written by whoever owns
+    # their position; programs with no steps at all do nothing.
+    from longroll.kernels.block_sparse_fwd import LAST_LAUNCH
+
+    lq, lk = 97, 1025
+    q, k, v, bias = _inputs(lq, lk, dtype, h=2, hk=1, layout="blhd")
+    bias = bias if use_bias else None
+    idx = _index(1, 2, lq, lk, 64, 128, 0.5)  # odd lengths, partial last blocks, one empty row, GQA
+    cfg = {"BLOCK_M": tile[0], "BLOCK_N": tile[1], "num_programs": programs}
+    res = block_sparse_attention(q, k, v, idx, bias, backend="triton", schedule="persistent", triton_config=cfg)
+    _check(res, q, k, v, idx, bias)
+    assert res.out.stride() == q.stride()
+    assert LAST_LAUNCH["schedule"] == "persistent"
+    grid = block_sparse_attention(q, k, v, idx, bias, backend="triton", schedule="grid", triton_config=cfg)
+    assert torch.allclose(res.out.float(), grid.out.float(), atol=2 * dtype_atol(grid.out, dtype))
+
+
+@pytest.mark.parametrize("programs", [2, 7])
+def test_persistent_schedule_edge_rows(programs):
+    # Empty rows at the start, between and at the end of the work; a row of one block; a row of every block;
+    # keys masked by the bias in a whole share (lse -inf, weight 0 in the merge); and an index with no block.
+    lq, lk = 300, 300
+    q, k, v, bias = _inputs(lq, lk, torch.float32, h=2, hk=2)
+    bias[..., 64:128] = MASKED_BIAS
+    num = torch.tensor([[[0, 1, 0, 5, 0], [5, 0, 2, 0, 0]]], dtype=torch.int32)
+    head0 = [[0] * 5, [1, 0, 0, 0, 0], [0] * 5, [0, 1, 2, 3, 4], [0] * 5]
+    head1 = [[4, 3, 2, 1, 0], [0] * 5, [1, 2, 0, 0, 0], [0] * 5, [0] * 5]
+    ids = torch.tensor([[head0, head1]], dtype=torch.int32)
+    idx = BlockSparseIndex(num, ids, q_block_size=64, kv_block_size=64, seqlen_q=lq, seqlen_k=lk)
+    cfg = {"num_programs": programs}
+    res = block_sparse_attention(q, k, v, idx, bias, backend="triton", check_ids=True, schedule="persistent",
+                                 triton_config=cfg)
+    _check(res, q, k, v, idx, bias)
+    none = BlockSparseIndex(torch.zeros_like(num), ids, 64, 64, lq, lk)
+    res = block_sparse_attention(q, k, v, none, bias, backend="triton", schedule="persistent", triton_config=cfg)
+    assert torch.all(res.out == 0) and torch.all(torch.isneginf(res.lse))
+
+
+def test_auto_schedule_heuristic():
+    from longroll.kernels.block_sparse_fwd import PERSISTENT_MAX_WAVES, auto_schedule, schedule_for
+
+    assert auto_schedule(444, 132) == "persistent"  # 12 heads x 37 rows: 3.4 waves
+    assert auto_schedule(PERSISTENT_MAX_WAVES * 132, 132) == "grid"  # many waves hide the tail
+    assert auto_schedule(444, 0) == "grid"  # no GPU
+    q = torch.empty(1, 12, 4680, 128)
+    assert schedule_for(q, 128) == "grid"  # CPU tensors (the interpreter) take the grid
+
+
 def test_auto_split_k_heuristic():
     from longroll.kernels.block_sparse_fwd import auto_split_k
 
@@ -406,6 +462,9 @@ def test_rejects_dtype_and_device_mismatch(backend):
         ({"triton_config": {"tuning": "fast"}}, r"triton_config\['tuning'\] must be 'auto' or 'legacy'"),
         ({"triton_config": {"num_warps": 3}}, r"triton_config\['num_warps'\]"),
         ({"triton_config": "legacy"}, "triton_config must be a mapping"),
+        ({"triton_config": {"num_programs": 0}}, r"triton_config\['num_programs'\] must be a positive int, got 0"),
+        ({"schedule": "stream"}, r"schedule must be one of \('auto', 'grid', 'persistent'\), got 'stream'"),
+        ({"schedule": "persistent", "split_k": 2}, "split_k=2 applies to the grid schedule"),
     ],
 )
 def test_rejects_bad_split_and_config(kwargs, match):

@@ -122,6 +122,76 @@ def _num_splits(n_blocks, num_splits, split_min):
     return tl.minimum(tl.maximum(ns, 1), num_splits)
 
 
+@triton.jit
+def _attend_steps(
+    q_base, k_base, v_base, bias_base, idx_base, start_m, j0, j1, seqlen_q, seqlen_k, qk_scale,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_ij,
+    HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, WIDE: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax state (acc, m, l) of BLOCK_M query rows from start_m over steps [j0, j1) of their row.
+
+    The bases point at one (batch, head) of q and one (batch, kv head) of k, v and the bias, and at the row of
+    kv_indices; step j is tile j % SUB of the row's entry j // SUB (SUB = KV_BLOCK // BLOCK_N).
+    """
+    SUB: tl.constexpr = KV_BLOCK // BLOCK_N
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
+    row_ok = offs_m < seqlen_q - start_m
+    q_ptrs = q_base + start_m * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_src = k_base
+    v_src = v_base
+    if USE_TMA:
+        # One (seqlen_k, HEAD_DIM) descriptor per (batch, kv head): any outer layout works, and rows past
+        # seqlen_k read as zeros instead of the next head's keys.
+        k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # The bias is fetched one step ahead (and its key offset two ahead) by hand: the pipeliner does not
+    # stage such a small load, and waiting on it every block cost 12-16 % of the throughput on an H100.
+    b_next = tl.zeros([BLOCK_N], dtype=tl.float32)
+    st_ahead = tl.zeros([], dtype=tl.int64)
+    if HAS_BIAS:
+        st0 = _step_start(idx_base, j0, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+        b_next = _load_bias(bias_base, st0, seqlen_k, stride_bn, offs_n, EVEN_K)
+        st_ahead = _step_start(idx_base, j0 + 1, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+    for j in range(j0, j1):
+        start_n = _step_start(idx_base, j, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+        b_cur = b_next
+        if HAS_BIAS:
+            # Issued now, consumed next step: the load latency hides behind this step's two matmuls.
+            b_next = _load_bias(bias_base, st_ahead, seqlen_k, stride_bn, offs_n, EVEN_K)
+            st_ahead = _step_start(idx_base, j + 2, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+        acc, m_i, l_i = _attend_block(
+            q, acc, m_i, l_i, k_src, v_src, b_cur, start_n, seqlen_k, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
+            HAS_BIAS, EVEN_K, USE_TMA, DOT_FP32, DOT_PRECISION,
+        )
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _normalise(acc, m_i, l_i):
+    """Output rows acc / l and their base-2 log-sum-exp; -inf (and 0 out) for a row that saw no key."""
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(nonempty, m_i + tl.math.log2(l_safe), float("-inf"))
+
+
 # Lengths, counts and the outer strides of the bias, index and lse only feed scalar address arithmetic: not
 # specialising on their divisibility keeps one compiled kernel per tile across cache lengths (Lk = 4,680 and
 # 131,040 used to compile apart because 131,040 divides by 16).
@@ -172,64 +242,16 @@ def block_sparse_fwd_kernel(
         per = (n_blocks + n_split - 1) // n_split
         lo = tl.minimum(pid_s * per, n_blocks)
         hi = tl.minimum(lo + per, n_blocks)
-        j0 = lo * SUB
-        j1 = hi * SUB
+        acc, m_i, l_i = _attend_steps(
+            Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
+            V + b * stride_vb + hk * stride_vh, Bias + b * stride_bb + hk * stride_bh,
+            KVIdx + b * stride_ib + h * stride_ih + row * stride_im,
+            start_m, lo * SUB, hi * SUB, seqlen_q, seqlen_k, qk_scale,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_ij,
+            HEAD_DIM, KV_BLOCK, BLOCK_M, BLOCK_N, HAS_BIAS, EVEN_K, USE_TMA, WIDE, DOT_FP32, DOT_PRECISION,
+        )
 
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        if WIDE:
-            offs_m = offs_m.to(tl.int64)
-            offs_n = offs_n.to(tl.int64)
-            offs_d = offs_d.to(tl.int64)
-        row_ok = offs_m < seqlen_q - start_m
-        q_ptrs = Q + b * stride_qb + h * stride_qh + start_m * stride_qm
-        q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None],
-                    other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-
-        k_src = K + b * stride_kb + hk * stride_kh
-        v_src = V + b * stride_vb + hk * stride_vh
-        if USE_TMA:
-            # One (seqlen_k, HEAD_DIM) descriptor per (batch, kv head): any outer layout works, and rows past
-            # seqlen_k read as zeros instead of the next head's keys.
-            k_src = tl.make_tensor_descriptor(k_src, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                                              block_shape=[BLOCK_N, HEAD_DIM])
-            v_src = tl.make_tensor_descriptor(v_src, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-                                              block_shape=[BLOCK_N, HEAD_DIM])
-        bias_base = Bias + b * stride_bb + hk * stride_bh
-        idx_base = KVIdx + b * stride_ib + h * stride_ih + row * stride_im
-
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        # The bias is fetched one step ahead (and its key offset two ahead) by hand: the pipeliner does not
-        # stage such a small load, and waiting on it every block cost 12-16 % of the throughput on an H100.
-        b_next = tl.zeros([BLOCK_N], dtype=tl.float32)
-        st_ahead = tl.zeros([], dtype=tl.int64)
-        if HAS_BIAS:
-            st0 = _step_start(idx_base, j0, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
-            b_next = _load_bias(bias_base, st0, seqlen_k, stride_bn, offs_n, EVEN_K)
-            st_ahead = _step_start(idx_base, j0 + 1, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
-        for j in range(j0, j1):
-            start_n = _step_start(idx_base, j, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
-            b_cur = b_next
-            if HAS_BIAS:
-                # Issued now, consumed next step: the load latency hides behind this step's two matmuls.
-                b_next = _load_bias(bias_base, st_ahead, seqlen_k, stride_bn, offs_n, EVEN_K)
-                st_ahead = _step_start(idx_base, j + 2, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
-            acc, m_i, l_i = _attend_block(
-                q, acc, m_i, l_i, k_src, v_src, b_cur, start_n, seqlen_k, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
-                HAS_BIAS, EVEN_K, USE_TMA, DOT_FP32, DOT_PRECISION,
-            )
-
-        nonempty = l_i > 0.0
-        l_safe = tl.where(nonempty, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        # Base-2 log-sum-exp of the scaled logits; -inf for a row that saw no key.
-        lse2 = tl.where(nonempty, m_i + tl.math.log2(l_safe), float("-inf"))
+        out, lse2 = _normalise(acc, m_i, l_i)
         # Fresh row and column ranges (not the q load's): reusing those would keep its offset and mask tiles
         # alive across the loop, which spilled ~100 registers of the 128x128 tile on sm_90a.
         rows_e = start_m + tl.arange(0, BLOCK_M)
@@ -301,6 +323,207 @@ def block_sparse_merge_kernel(
         tl.store(Lse + b * stride_lb + h * stride_lh + (start_m + offs_m) * stride_lm, lse, mask=row_ok)
 
 
+@triton.jit
+def _row_steps(KVNum, first, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+               Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr):
+    """Steps (BLOCK_N-key tiles) of work rows first .. first + CHUNK - 1 (int64; 0 past num_rows), and which
+    of them exist. Work row r is the BLOCK_M query rows of tile r % m_tiles of (batch, head) r // m_tiles."""
+    r = first + tl.arange(0, CHUNK)
+    ok = r < num_rows
+    bh = r // m_tiles
+    qrow = ((r % m_tiles) * BLOCK_M) // Q_BLOCK
+    ptrs = KVNum + (bh // num_heads).to(tl.int64) * stride_nb + (bh % num_heads) * stride_nh + qrow * stride_nm
+    n = tl.load(ptrs, mask=ok, other=0)
+    return (tl.maximum(tl.minimum(n, max_blocks), 0) * SUB).to(tl.int64), ok
+
+
+@triton.jit
+def _total_steps(KVNum, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+                 Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr):
+    total = tl.zeros([], dtype=tl.int64)
+    for first in range(0, num_rows, CHUNK):
+        steps, _ = _row_steps(KVNum, first, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh,
+                              stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK)
+        total += tl.sum(steps)
+    return total
+
+
+@triton.jit
+def _rows_ending_before(KVNum, pos, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+                        Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr):
+    """Over the rows laid end to end: how many begin before ``pos``, and the largest begin and end among them
+    (0 if none). Begins and ends never decrease along the rows, so these name the last row begun before pos."""
+    count = tl.zeros([], dtype=tl.int64)
+    last_begin = tl.zeros([], dtype=tl.int64)
+    last_end = tl.zeros([], dtype=tl.int64)
+    run = tl.zeros([], dtype=tl.int64)
+    for first in range(0, num_rows, CHUNK):
+        steps, ok = _row_steps(KVNum, first, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh,
+                               stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK)
+        ends = run + tl.cumsum(steps, 0)
+        begins = ends - steps
+        before = ok & (begins < pos)
+        count += tl.sum(before.to(tl.int64))
+        last_begin = tl.maximum(last_begin, tl.max(tl.where(before, begins, 0)))
+        last_end = tl.maximum(last_end, tl.max(tl.where(before, ends, 0)))
+        run += tl.sum(steps)
+    return count, last_begin, last_end
+
+
+# The persistent schedule: the grid is a fixed number of programs (about one per multiprocessor slot), and
+# the work, every row's steps laid end to end in row order, is cut into equal contiguous ranges, one per
+# program. A program walks the rows its range meets: a row it covers whole is written directly; a row cut by
+# a range boundary leaves float32 partials (a program has at most two: the row it starts inside and the row
+# it stops inside), which block_sparse_persistent_merge_kernel combines. No wave runs partly empty and long rows
+# share programs with short ones: what the grid schedule loses when a few waves of uneven rows fill the GPU.
+@triton.jit(
+    do_not_specialize=[
+        "seqlen_q", "seqlen_k", "num_heads", "kv_group", "max_blocks", "num_bh", "work_bucket", "grid_bucket",
+        "stride_bb", "stride_bh", "stride_nb", "stride_nh", "stride_nm", "stride_ib", "stride_ih",
+        "stride_im", "stride_lb", "stride_lh",
+    ]
+)
+def block_sparse_fwd_persistent_kernel(
+    Q, K, V, Bias, KVNum, KVIdx, Out, Lse, OPart, LPart,
+    seqlen_q, seqlen_k, num_heads, kv_group, max_blocks, qk_scale,
+    num_bh, work_bucket, grid_bucket,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bn,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im, stride_ij,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, WIDE: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+):
+    SUB: tl.constexpr = KV_BLOCK // BLOCK_N
+    pid = tl.program_id(0).to(tl.int64)
+    n_prog = tl.num_programs(0).to(tl.int64)
+    m_tiles = tl.cdiv(seqlen_q, BLOCK_M).to(tl.int64)
+    num_rows = num_bh * m_tiles
+    total = _total_steps(KVNum, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+                         Q_BLOCK, BLOCK_M, SUB, CHUNK)
+    start = pid * total // n_prog
+    end = (pid + 1) * total // n_prog
+    # First row: the one cut by `start` if any, else the first that begins at or after it. Empty rows belong
+    # to the program whose range holds their position (the last program takes those at the very end).
+    r_first, prev_begin, prev_end = _rows_ending_before(
+        KVNum, start, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+        Q_BLOCK, BLOCK_M, SUB, CHUNK,
+    )
+    straddle = (r_first > 0) & (prev_end > start)
+    r = tl.where(straddle, r_first - 1, r_first)
+    c0 = tl.where(straddle, prev_begin, prev_end)
+    last = pid == n_prog - 1
+    go = (r < num_rows) & ((c0 < end) | (last & (c0 == total)))
+    while go:
+        bh = r // m_tiles
+        b = bh // num_heads
+        h = bh % num_heads
+        hk = h // kv_group
+        start_m = (r % m_tiles) * BLOCK_M
+        qrow = start_m // Q_BLOCK
+        n_blocks = tl.load(KVNum + b * stride_nb + h * stride_nh + qrow * stride_nm)
+        c1 = c0 + tl.maximum(tl.minimum(n_blocks, max_blocks), 0).to(tl.int64) * SUB
+        lo = tl.maximum(c0, start)
+        hi = tl.minimum(c1, end)
+        acc, m_i, l_i = _attend_steps(
+            Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
+            V + b * stride_vb + hk * stride_vh, Bias + b * stride_bb + hk * stride_bh,
+            KVIdx + b * stride_ib + h * stride_ih + qrow * stride_im,
+            start_m, lo - c0, hi - c0, seqlen_q, seqlen_k, qk_scale,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_ij,
+            HEAD_DIM, KV_BLOCK, BLOCK_M, BLOCK_N, HAS_BIAS, EVEN_K, USE_TMA, WIDE, DOT_FP32, DOT_PRECISION,
+        )
+        out, lse2 = _normalise(acc, m_i, l_i)
+        rows_e = start_m + tl.arange(0, BLOCK_M)
+        cols_e = tl.arange(0, HEAD_DIM).to(tl.int64)
+        ok_e = rows_e < seqlen_q
+        if (lo == c0) & (hi == c1):
+            o_ptrs = Out + b * stride_ob + h * stride_oh + rows_e[:, None] * stride_om + cols_e[None, :] * stride_od
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=ok_e[:, None])
+            tl.store(Lse + b * stride_lb + h * stride_lh + rows_e * stride_lm, lse2 * _LN2, mask=ok_e)
+        else:
+            # Partials: (n_prog, 2, BLOCK_M, HEAD_DIM) and (n_prog, 2, BLOCK_M) float32, contiguous. Slot 0
+            # holds a row begun before this program's range, slot 1 one begun in it (at most one of each).
+            part = (pid * 2 + tl.where(lo > c0, 0, 1)) * BLOCK_M + tl.arange(0, BLOCK_M)
+            tl.store(OPart + part[:, None] * HEAD_DIM + cols_e[None, :], out)
+            tl.store(LPart + part, lse2)
+        r += 1
+        c0 = c1
+        go = (r < num_rows) & ((c0 < end) | (last & (c0 == total)))
+
+
+@triton.jit(
+    do_not_specialize=[
+        "seqlen_q", "num_heads", "max_blocks", "num_bh", "stride_nb", "stride_nh", "stride_nm", "stride_lb",
+        "stride_lh",
+    ]
+)
+def block_sparse_persistent_merge_kernel(
+    OPart, LPart, KVNum, Out, Lse,
+    seqlen_q, num_heads, max_blocks, num_bh,
+    stride_nb, stride_nh, stride_nm,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Combine the partials of the row that program pid of the persistent launch began and could not finish
+    (the row holding the last step of its range, when that row runs on past the range); one grid program per
+    persistent program, most with nothing to do."""
+    SUB: tl.constexpr = KV_BLOCK // BLOCK_N
+    pid = tl.program_id(0).to(tl.int64)
+    n_prog = tl.num_programs(0).to(tl.int64)
+    m_tiles = tl.cdiv(seqlen_q, BLOCK_M).to(tl.int64)
+    num_rows = num_bh * m_tiles
+    total = _total_steps(KVNum, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+                         Q_BLOCK, BLOCK_M, SUB, CHUNK)
+    start = pid * total // n_prog
+    end = (pid + 1) * total // n_prog
+    # The row holding step end - 1 is the last one begun before `end`.
+    r, c0, c1 = _rows_ending_before(
+        KVNum, end, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+        Q_BLOCK, BLOCK_M, SUB, CHUNK,
+    )
+    r -= 1
+    if (end > start) & (c0 >= start) & (c1 > end):
+        # Programs pid .. owner of the row's last step hold its shares: pid's in slot 1 (begun in its range),
+        # the others' in slot 0.
+        p_last = (c1 * n_prog - 1) // total
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for p in range(pid, p_last + 1):
+            slot = tl.where(p == pid, 1, 0)
+            m = tl.maximum(m, tl.load(LPart + (p * 2 + slot) * BLOCK_M + offs_m))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        den = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for p in range(pid, p_last + 1):
+            slot = tl.where(p == pid, 1, 0)
+            part = (p * 2 + slot) * BLOCK_M + offs_m
+            w = tl.math.exp2(tl.load(LPart + part) - m_safe)
+            acc += w[:, None] * tl.load(OPart + part[:, None] * HEAD_DIM + offs_d[None, :])
+            den += w
+        nonempty = den > 0.0
+        den_safe = tl.where(nonempty, den, 1.0)
+        out = acc / den_safe[:, None]
+        lse = tl.where(nonempty, (m_safe + tl.math.log2(den_safe)) * _LN2, float("-inf"))
+        bh = r // m_tiles
+        b = bh // num_heads
+        h = bh % num_heads
+        rows_e = (r % m_tiles) * BLOCK_M + offs_m
+        ok_e = rows_e < seqlen_q
+        o_ptrs = Out + b * stride_ob + h * stride_oh + rows_e[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=ok_e[:, None])
+        tl.store(Lse + b * stride_lb + h * stride_lh + rows_e * stride_lm, lse, mask=ok_e)
+
+
 # fmt: on
 
 
@@ -322,12 +545,24 @@ TILES: tuple[tuple[int, int, int, int], ...] = (
 #: The search space before kernel tiles were decoupled from the index blocks (0: tile = index block).
 LEGACY_TILES: tuple[tuple[int, int, int, int], ...] = tuple((0, 0, w, st) for w in (8, 4) for st in (2, 3, 4))
 #: Keys a forced configuration (``launch(config=...)``) may set.
-CONFIG_KEYS: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "split_min_blocks")
+CONFIG_KEYS: tuple[str, ...] = (
+    "BLOCK_M",
+    "BLOCK_N",
+    "num_warps",
+    "num_stages",
+    "USE_TMA",
+    "split_min_blocks",
+    "num_programs",
+)
 #: Most programs one row may be split over.
 MAX_SPLIT_K = 16
 #: Automatic split-K: at most this many shares per row, each of at least SPLIT_MIN_KEYS keys.
 AUTO_MAX_SPLIT_K = 4
 SPLIT_MIN_KEYS = 4096
+#: Work rows a persistent program reads per pass when it locates its share of the rows.
+_CHUNK = 1024
+#: Launch schedules: one program per row tile ("grid"), or a fixed set of programs sharing all rows' steps.
+SCHEDULES: tuple[str, ...] = ("grid", "persistent")
 #: Shared memory a program may use on an H100 (bytes).
 _SMEM_LIMIT = 227 * 1024
 
@@ -351,8 +586,9 @@ def _fit_configs(configs, named_args, **kwargs):
     return kept
 
 
-def _autotuner(tiles):
+def _autotuner(tiles, kernel=None):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tiles]
+    persistent = kernel is block_sparse_fwd_persistent_kernel
     return triton.autotune(
         configs=configs,
         # work_bucket (bit length of the row width) retunes when the loop length changes by 2x, not per length:
@@ -367,17 +603,17 @@ def _autotuner(tiles):
             "USE_TMA",
             "WIDE",
             "DOT_PRECISION",
-            "SPLIT",
+            *([] if persistent else ["SPLIT", "num_splits"]),
             "work_bucket",
             "grid_bucket",
-            "num_splits",
         ],
         prune_configs_by={"early_config_prune": _fit_configs},
-    )(block_sparse_fwd_kernel)
+    )(kernel or block_sparse_fwd_kernel)
 
 
 block_sparse_fwd_tuned = _autotuner(TILES)
 block_sparse_fwd_legacy = _autotuner(LEGACY_TILES)
+block_sparse_fwd_persistent_tuned = _autotuner(TILES, block_sparse_fwd_persistent_kernel)
 
 #: What the last launch ran: tuning, split_k, and the kernel config (the autotuner's pick, or the forced one).
 LAST_LAUNCH: dict[str, object] = {}
@@ -409,6 +645,29 @@ def auto_split_k(programs, width, n_sm, kv_block):
     return best
 
 
+#: auto_schedule picks the persistent schedule below this many waves of 128-row programs.
+PERSISTENT_MAX_WAVES = 8
+
+
+def auto_schedule(rows, n_sm):
+    """"persistent" when ``rows`` 128-row programs of the grid schedule would fill ``n_sm`` multiprocessors in
+    few waves, else "grid" (also without a GPU: ``n_sm`` 0).
+
+    A few waves leave the last one partly empty (444 programs on 132 multiprocessors: 3.4 waves, the fourth
+    40 % full) and rows of unequal length leave multiprocessors idle at the end; the persistent schedule
+    spreads every row's steps evenly over one program per multiprocessor slot. Many waves hide both.
+    """
+    return "persistent" if 0 < rows < PERSISTENT_MAX_WAVES * n_sm else "grid"
+
+
+def schedule_for(q, block_m):
+    """:func:`auto_schedule` for q (B, H, Lq, D) cut in index blocks of ``block_m`` rows."""
+    if not q.is_cuda or INTERPRET:
+        return "grid"
+    batch, heads, seqlen_q = q.shape[0], q.shape[1], q.shape[2]
+    return auto_schedule(batch * heads * triton.cdiv(seqlen_q, min(block_m, 128)), _sm_count(q.device))
+
+
 def _tma_ok(x):
     """Whether x (B, H, L, D) meets the copy engine's rules: unit last stride, 16-byte aligned rows and bases."""
     e = x.element_size()
@@ -429,8 +688,28 @@ def _ensure_allocator():
         triton.set_allocator(_torch_allocator)
 
 
+def persistent_programs(n_sm, block_m):
+    """Programs of a persistent launch: one per multiprocessor at 128-row tiles, more for smaller tiles (two
+    64-row programs share a multiprocessor)."""
+    return max(1, n_sm) * max(1, 128 // block_m)
+
+
 def launch(
-    q, k, v, bias, kv_num_blocks, kv_indices, out, lse, scale, block_m, block_n, config=None, split_k=1, tuning="auto"
+    q,
+    k,
+    v,
+    bias,
+    kv_num_blocks,
+    kv_indices,
+    out,
+    lse,
+    scale,
+    block_m,
+    block_n,
+    config=None,
+    split_k=1,
+    tuning="auto",
+    schedule="grid",
 ):
     """Launch the forward on already-validated tensors.
 
@@ -442,11 +721,15 @@ def launch(
         scale: logit scale; block_m, block_n: the index's q and kv block sizes.
         config: None to autotune, or a dict of CONFIG_KEYS: ``BLOCK_M``/``BLOCK_N`` (kernel tile, a power of two
             dividing the index block; default the block), ``num_warps``, ``num_stages``, ``USE_TMA``,
-            ``split_min_blocks`` (fewest blocks per split-K share). A tile or warp key forces one configuration.
-        split_k: split each row's key blocks over up to this many programs (partials merged by their
-            log-sum-exp); None picks a factor with :func:`auto_split_k`, keeping shares >= SPLIT_MIN_KEYS keys.
+            ``split_min_blocks`` (fewest blocks per split-K share), ``num_programs`` (persistent schedule:
+            programs launched). A tile or warp key forces one configuration.
+        split_k: grid schedule: split each row's key blocks over up to this many programs (partials merged by
+            their log-sum-exp); None picks a factor with :func:`auto_split_k`, keeping shares >= SPLIT_MIN_KEYS
+            keys.
         tuning: "auto" (kernel tiles independent of the index blocks) or "legacy" (tile = index block, the
             search space before), when autotuning.
+        schedule: "grid" (one program per kernel tile of rows, optionally split-K) or "persistent" (a fixed
+            number of programs share all rows' steps evenly; rows cut by a share boundary are merged).
     """
     import torch
 
@@ -456,17 +739,23 @@ def launch(
         raise ValueError(f"config keys {unknown} are not among {CONFIG_KEYS}")
     if tuning not in ("auto", "legacy"):
         raise ValueError(f"tuning must be 'auto' or 'legacy', got {tuning!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     batch, heads, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     width = int(kv_indices.shape[-1])
     rows = batch * heads * triton.cdiv(seqlen_q, block_m)
-    if split_k is None:
-        n_sm = _sm_count(q.device) if q.is_cuda and not INTERPRET else 0
+    n_sm = _sm_count(q.device) if q.is_cuda and not INTERPRET else 0
+    persistent = schedule == "persistent"
+    if persistent:
+        split_k, split_min = 1, 1
+    elif split_k is None:
         split_k = auto_split_k(rows, width, n_sm, block_n)
         split_min = max(1, SPLIT_MIN_KEYS // block_n)
     else:
         split_min = 1
     split_min = max(1, int(config.pop("split_min_blocks", split_min)))
+    num_programs = config.pop("num_programs", None)
     split_k = max(1, min(int(split_k), width))
     if bias is None:
         bias_arg, bias_strides, has_bias = q, (0, 0, 0), False
@@ -482,19 +771,28 @@ def launch(
     dot_fp32 = INTERPRET and str(q.dtype) == "torch.bfloat16"
     # fp32 inputs ask for fp32 products: the GPU default (tf32) would be 1e-3 off the reference.
     precision = "ieee" if str(q.dtype) == "torch.float32" else "tf32"
-    if split_k > 1:
+    # The interpreter has no multiprocessors: two stand-ins keep several programs and cut rows under test.
+    slots = n_sm if n_sm else 2
+    if persistent:
+        # Float32 partials, two per program: (programs, 2, BLOCK_M, D) and (programs, 2, BLOCK_M); sized for
+        # the most programs * BLOCK_M any tile may launch (persistent_programs keeps it at slots * 128 rows).
+        most = int(num_programs) * block_m if num_programs else slots * max(block_m, 128)
+        o_part = torch.empty((2 * most, head_dim), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((2 * most,), dtype=torch.float32, device=q.device)
+    elif split_k > 1:
         # Float32 partials of every share: (split_k, B * H, Lq, D) and (split_k, B * H, Lq).
         o_part = torch.empty((split_k, batch * heads, seqlen_q, head_dim), dtype=torch.float32, device=q.device)
         l_part = torch.empty((split_k, batch * heads, seqlen_q), dtype=torch.float32, device=q.device)
     else:
         o_part = l_part = lse  # never touched
     # fmt: off
-    args = (
-        q, k, v, bias_arg, kv_num_blocks, kv_indices, out, lse, o_part, l_part,
-        seqlen_q, seqlen_k, heads, heads // heads_kv, width, scale * _LOG2E,
-        split_k, split_min, width.bit_length(), rows.bit_length(),
+    strides = (
         *q.stride(), *k.stride(), *v.stride(), *bias_strides,
         *kv_num_blocks.stride(), *kv_indices.stride(), *out.stride(), *lse.stride(),
+    )
+    head = (
+        q, k, v, bias_arg, kv_num_blocks, kv_indices, out, lse, o_part, l_part,
+        seqlen_q, seqlen_k, heads, heads // heads_kv, width, scale * _LOG2E,
     )
     # In-tile offsets are 32-bit unless a tile could span 2**31 elements (huge row or feature strides).
     inner = [abs(st) for t in (q, k, v, out) for st in t.stride()[2:]] + [abs(st) for st in bias_strides[2:]]
@@ -502,31 +800,55 @@ def launch(
     meta = dict(
         HEAD_DIM=head_dim, Q_BLOCK=block_m, KV_BLOCK=block_n, HAS_BIAS=has_bias,
         EVEN_K=seqlen_k % block_n == 0, USE_TMA=use_tma, WIDE=wide,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision, SPLIT=split_k > 1,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
     )
     # fmt: on
 
-    def grid(m):
-        return (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * heads, split_k)
+    def programs(m):
+        return int(num_programs) if num_programs else persistent_programs(slots, m["BLOCK_M"])
+
+    if persistent:
+        meta["CHUNK"] = _CHUNK
+        tail = (batch * heads, width.bit_length(), rows.bit_length(), *strides)
+
+        def grid(m):
+            return (programs(m),)
+
+    else:
+        meta["SPLIT"] = split_k > 1
+        tail = (split_k, split_min, width.bit_length(), rows.bit_length(), *strides)
+
+        def grid(m):
+            return (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * heads, split_k)
 
     forced = INTERPRET or any(key in config for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
     if forced:
         tile_m = _tile(config.get("BLOCK_M", block_m), block_m, "BLOCK_M")
         tile_n = _tile(config.get("BLOCK_N", block_n), block_n, "BLOCK_N")
         warps, stages = config.get("num_warps", 4), config.get("num_stages", 2)
-        block_sparse_fwd_kernel[grid({"BLOCK_M": tile_m})](
-            *args,
-            **meta,
-            BLOCK_M=tile_m,
-            BLOCK_N=tile_n,
-            num_warps=warps,
-            num_stages=stages,
+        kernel = block_sparse_fwd_persistent_kernel if persistent else block_sparse_fwd_kernel
+        kernel[grid({"BLOCK_M": tile_m})](
+            *head, *tail, **meta, BLOCK_M=tile_m, BLOCK_N=tile_n, num_warps=warps, num_stages=stages
         )
         picked = f"BLOCK_M: {tile_m}, BLOCK_N: {tile_n}, num_warps: {warps}, num_stages: {stages}"
     else:
-        tuner = block_sparse_fwd_legacy if tuning == "legacy" else block_sparse_fwd_tuned
-        tuner[grid](*args, **meta)
+        if persistent:
+            tuner = block_sparse_fwd_persistent_tuned
+        else:
+            tuner = block_sparse_fwd_legacy if tuning == "legacy" else block_sparse_fwd_tuned
+        tuner[grid](*head, *tail, **meta)
+        tile_m, tile_n = tuner.best_config.kwargs["BLOCK_M"], tuner.best_config.kwargs["BLOCK_N"]
         picked = str(tuner.best_config)
+    if persistent:
+        # fmt: off
+        block_sparse_persistent_merge_kernel[grid({"BLOCK_M": tile_m})](
+            o_part, l_part, kv_num_blocks, out, lse,
+            seqlen_q, heads, width, batch * heads,
+            *kv_num_blocks.stride(), *out.stride(), *lse.stride(),
+            HEAD_DIM=head_dim, Q_BLOCK=block_m, KV_BLOCK=block_n, BLOCK_M=tile_m, BLOCK_N=tile_n, CHUNK=_CHUNK,
+            num_warps=4,
+        )
+        # fmt: on
     if split_k > 1:
         merge_m = min(32, block_m)
         # fmt: off
@@ -539,7 +861,11 @@ def launch(
         # fmt: on
     LAST_LAUNCH.clear()
     LAST_LAUNCH.update(
-        tuning="forced" if forced else tuning, split_k=split_k, split_min_blocks=split_min, config=picked
+        tuning="forced" if forced else tuning,
+        schedule=schedule,
+        split_k=split_k,
+        split_min_blocks=split_min,
+        config=picked,
     )
 
 

@@ -9,8 +9,10 @@ Backends (``backend=``):
 - ``"triton"``: the fused kernel of :mod:`longroll.kernels.block_sparse_fwd` (CUDA, or CPU under
   ``TRITON_INTERPRET=1`` for tests). Reads (B, H, L, D) and (B, L, H, D) views without copies; the output
   keeps q's memory layout. Its tiles are autotuned apart from the index blocks (a 128-row index block may be
-  served by two 64-row programs), and a row's key blocks may be split over several programs whose partial
-  results are merged by their log-sum-exp (``split_k``).
+  served by two 64-row programs). Two schedules (``schedule``): "grid" runs one program per tile of query
+  rows, and may split a row's key blocks over several programs whose partial results are merged by their
+  log-sum-exp (``split_k``); "persistent" runs a fixed set of programs, about one per multiprocessor slot,
+  that share every row's key blocks evenly, merging the rows a share boundary cuts.
 - ``"torch"``: a pure-torch twin that gathers the selected key blocks of a chunk of query blocks at a time
   (memory bounded by ``max_elements``) and accumulates in float32. Runs everywhere.
 - ``"auto"``: ``"triton"`` for CUDA tensors the kernel supports, ``"torch"`` otherwise.
@@ -40,6 +42,8 @@ from longroll.ops.types import MASKED_BIAS, AttentionOutput
 
 BlockSparseBackend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+BlockSparseSchedule = Literal["auto", "grid", "persistent"]
+SCHEDULES: tuple[str, ...] = ("auto", "grid", "persistent")
 #: Head dims (of q, k and v alike) the Triton kernel is built for.
 TRITON_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128, 256)
 #: Index block sizes (either axis) the Triton kernel accepts; they are its tile sizes.
@@ -48,7 +52,15 @@ TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.f
 #: Most programs the triton backend splits one row's key blocks over (``split_k``).
 MAX_SPLIT_K = 16
 #: Keys of ``triton_config`` (see :func:`block_sparse_attention`).
-TRITON_CONFIG_KEYS: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "tuning")
+TRITON_CONFIG_KEYS: tuple[str, ...] = (
+    "BLOCK_M",
+    "BLOCK_N",
+    "num_warps",
+    "num_stages",
+    "USE_TMA",
+    "tuning",
+    "num_programs",
+)
 
 
 def _kernel_module() -> ModuleType:
@@ -118,6 +130,7 @@ def block_sparse_attention(
     check_ids: bool = False,
     max_elements: int = 1 << 25,
     split_k: int | None = None,
+    schedule: BlockSparseSchedule = "auto",
     triton_config: Mapping[str, Any] | None = None,
 ) -> AttentionOutput:
     """Block-sparse attention of q over (k, v) with an optional per-key logit bias.
@@ -136,11 +149,16 @@ def block_sparse_attention(
         split_k: triton backend only: split each row's key blocks over up to this many programs, merging their
             partial results by log-sum-exp (1: no split). None (default) splits when the programs would fill
             the GPU's multiprocessors in few, partly empty waves and rows are long (see
-            ``longroll.kernels.block_sparse_fwd.auto_split_k``); rows with few blocks are never split.
+            ``longroll.kernels.block_sparse_fwd.auto_split_k``); rows with few blocks are never split. Applies
+            to the grid schedule only.
+        schedule: triton backend only: "grid", "persistent", or "auto": with ``split_k`` None, the kernel
+            module's ``auto_schedule`` (persistent when the grid's programs would fill the GPU in few waves);
+            with ``split_k`` given, "grid".
         triton_config: triton backend only, for tuning sweeps and tests: ``{"tuning": "legacy"}`` autotunes
             over the tiles used before tiles were decoupled from the index blocks; any of ``BLOCK_M``,
             ``BLOCK_N`` (kernel tile, a power of two >= 16 dividing the index block), ``num_warps``,
-            ``num_stages`` forces one configuration; ``USE_TMA`` forces the copy-engine path on or off.
+            ``num_stages`` forces one configuration; ``USE_TMA`` forces the copy-engine path on or off;
+            ``num_programs`` sets the persistent schedule's program count.
             None autotunes.
 
     Returns:
@@ -166,6 +184,10 @@ def block_sparse_attention(
         isinstance(split_k, bool) or not isinstance(split_k, int) or not 1 <= split_k <= MAX_SPLIT_K
     ):
         raise ValueError(f"split_k must be None or an int in [1, {MAX_SPLIT_K}], got {split_k!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "persistent" and split_k not in (None, 1):
+        raise ValueError(f"split_k={split_k} applies to the grid schedule; schedule='persistent' balances rows itself")
     config = _check_triton_config(triton_config, index)
     problem = _triton_problem(q, v, index)
     if backend == "auto":
@@ -187,7 +209,7 @@ def block_sparse_attention(
     if check_ids:
         index.validate_ids()
     if backend == "triton":
-        return _triton(kernels, q, k, v, index, bias, scale, split_k, config)
+        return _triton(kernels, q, k, v, index, bias, scale, split_k, config, schedule)
     return _torch_backend(q, k, v, index, bias, scale, max_elements)
 
 
@@ -210,6 +232,10 @@ def _check_triton_config(config: Mapping[str, Any] | None, index: BlockSparseInd
                     f"triton_config['{name}'] must be a power of two in [16, {block}] dividing the index block "
                     f"{block}, got {t!r}"
                 )
+    if "num_programs" in out and (
+        isinstance(out["num_programs"], bool) or not isinstance(out["num_programs"], int) or out["num_programs"] < 1
+    ):
+        raise ValueError(f"triton_config['num_programs'] must be a positive int, got {out['num_programs']!r}")
     if "num_warps" in out and out["num_warps"] not in (1, 2, 4, 8, 16):
         raise ValueError(f"triton_config['num_warps'] must be 1, 2, 4, 8 or 16, got {out['num_warps']!r}")
     if "num_stages" in out and (
@@ -234,6 +260,7 @@ def _triton(
     scale: float,
     split_k: int | None = None,
     config: dict[str, Any] | None = None,
+    schedule: str = "auto",
 ) -> AttentionOutput:
     b, h, lq, _ = q.shape
     # empty_like keeps q's layout when it is a permuted dense tensor, so (B, L, H, D) callers get one back.
@@ -250,7 +277,9 @@ def _triton(
     config = dict(config or {})
     tuning = config.pop("tuning", "auto")
     qb, kb = index.q_block_size, index.kv_block_size
-    kernels.launch(q, k, v, bias32, num, idx, out, lse, scale, qb, kb, config or None, split_k, tuning)
+    if schedule == "auto":
+        schedule = kernels.schedule_for(q, qb) if split_k is None else "grid"
+    kernels.launch(q, k, v, bias32, num, idx, out, lse, scale, qb, kb, config or None, split_k, tuning, schedule)
     return AttentionOutput(out, lse)
 
 
