@@ -13,9 +13,7 @@ commit pass, random weights, equal memory of 15 latent frames for every bounded 
 - ``history``: dense (or any policy) measured at sampled cache lengths (random K/V prefilled), for a linear
   fit that extrapolates past memory;
 - ``short``: a few chunks of the given policies with components and the streaming VAE decode (end-to-end);
-- ``graphs``: TempCache-based policies with and without CUDA graphs (commit, AnnSA selection);
-- ``schedule``: the block-sparse kernel's grid schedule (forced) against its automatic choice (persistent at
-  these shapes), same policies, same process.
+- ``graphs``: TempCache-based policies with and without CUDA graphs (commit, AnnSA selection).
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ from longroll.bench.rollout import bench_rollout
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phase", choices=("long", "history", "short", "graphs", "schedule"), required=True)
+    p.add_argument("--phase", choices=("long", "history", "short", "graphs"), required=True)
     p.add_argument("--policies", default="sink_window", help="comma-separated policy presets")
     p.add_argument("--frames", type=int, default=None, help="latent frames generated (per phase default)")
     p.add_argument("--history", default="15,60,120,180,225", help="history phase: cache lengths in latent frames")
@@ -54,18 +52,6 @@ def main(argv: list[str] | None = None) -> int:
             num_frames=args.frames or 30, include_dense=False, components=True, decode=True, out_dir=args.out,
             **common,
         )  # fmt: skip
-    elif args.phase == "schedule":
-        from longroll.kernels import block_sparse_fwd
-
-        auto_waves = block_sparse_fwd.PERSISTENT_MAX_WAVES
-        for name, waves in (("grid", 0), ("auto", auto_waves)):
-            # auto_schedule reads the threshold at every call: 0 waves sends every launch to the grid schedule.
-            block_sparse_fwd.PERSISTENT_MAX_WAVES = waves
-            report = bench_rollout(
-                num_frames=args.frames or 30, include_dense=False, components=True, out_dir=f"{args.out}/{name}",
-                **common,
-            )  # fmt: skip
-        block_sparse_fwd.PERSISTENT_MAX_WAVES = auto_waves
     else:
         for graphs in ("off", "auto"):
             report = bench_rollout(

@@ -260,6 +260,16 @@ def test_split_min_blocks_splits_only_long_rows():
     _check(res._replace(out=out, lse=lse), q, k, v, idx, bias)
 
 
+@pytest.mark.parametrize("schedule", ["grid", "persistent"])
+def test_warp_specialized_loop(schedule):
+    # The warp-specialised key loop (bias fetched in its own step) is the same math; the interpreter runs it.
+    q, k, v, bias = _inputs(97, 1025, torch.float16, h=2, hk=1)
+    idx = _index(1, 2, 97, 1025, 64, 128, 0.5)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "WARP_SPECIALIZE": True}
+    res = block_sparse_attention(q, k, v, idx, bias, backend="triton", schedule=schedule, triton_config=cfg)
+    _check(res, q, k, v, idx, bias)
+
+
 @pytest.mark.parametrize(
     ("tile", "programs"),
     [((64, 128), 3), ((32, 64), 5), ((64, 64), 1), ((64, 32), 64)],  # 64 programs: more than there are steps
@@ -304,16 +314,6 @@ def test_persistent_schedule_edge_rows(programs):
     none = BlockSparseIndex(torch.zeros_like(num), ids, 64, 64, lq, lk)
     res = block_sparse_attention(q, k, v, none, bias, backend="triton", schedule="persistent", triton_config=cfg)
     assert torch.all(res.out == 0) and torch.all(torch.isneginf(res.lse))
-
-
-def test_auto_schedule_heuristic():
-    from longroll.kernels.block_sparse_fwd import PERSISTENT_MAX_WAVES, auto_schedule, schedule_for
-
-    assert auto_schedule(444, 132) == "persistent"  # 12 heads x 37 rows: 3.4 waves
-    assert auto_schedule(PERSISTENT_MAX_WAVES * 132, 132) == "grid"  # many waves hide the tail
-    assert auto_schedule(444, 0) == "grid"  # no GPU
-    q = torch.empty(1, 12, 4680, 128)
-    assert schedule_for(q, 128) == "grid"  # CPU tensors (the interpreter) take the grid
 
 
 def test_auto_split_k_heuristic():
@@ -463,7 +463,8 @@ def test_rejects_dtype_and_device_mismatch(backend):
         ({"triton_config": {"num_warps": 3}}, r"triton_config\['num_warps'\]"),
         ({"triton_config": "legacy"}, "triton_config must be a mapping"),
         ({"triton_config": {"num_programs": 0}}, r"triton_config\['num_programs'\] must be a positive int, got 0"),
-        ({"schedule": "stream"}, r"schedule must be one of \('auto', 'grid', 'persistent'\), got 'stream'"),
+        ({"triton_config": {"WARP_SPECIALIZE": 1}}, r"triton_config\['WARP_SPECIALIZE'\] must be a bool, got 1"),
+        ({"schedule": "stream"}, r"schedule must be one of \('grid', 'persistent'\), got 'stream'"),
         ({"schedule": "persistent", "split_k": 2}, "split_k=2 applies to the grid schedule"),
     ],
 )

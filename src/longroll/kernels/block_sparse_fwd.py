@@ -128,7 +128,7 @@ def _attend_steps(
     stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_ij,
     HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, WIDE: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """Online-softmax state (acc, m, l) of BLOCK_M query rows from start_m over steps [j0, j1) of their row.
 
@@ -163,24 +163,38 @@ def _attend_steps(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # The bias is fetched one step ahead (and its key offset two ahead) by hand: the pipeliner does not
     # stage such a small load, and waiting on it every block cost 12-16 % of the throughput on an H100.
-    b_next = tl.zeros([BLOCK_N], dtype=tl.float32)
-    st_ahead = tl.zeros([], dtype=tl.int64)
-    if HAS_BIAS:
-        st0 = _step_start(idx_base, j0, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
-        b_next = _load_bias(bias_base, st0, seqlen_k, stride_bn, offs_n, EVEN_K)
-        st_ahead = _step_start(idx_base, j0 + 1, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
-    for j in range(j0, j1):
-        start_n = _step_start(idx_base, j, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
-        b_cur = b_next
+    if WARP_SPEC:
+        # The compiler splits the loop into a load partition and compute partitions (Hopper and newer);
+        # loads are left to it, so the bias is fetched in the step that uses it.
+        for j in tl.range(j0, j1, warp_specialize=True):
+            start_n = _step_start(idx_base, j, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+            b_cur = tl.zeros([BLOCK_N], dtype=tl.float32)
+            if HAS_BIAS:
+                b_cur = _load_bias(bias_base, start_n, seqlen_k, stride_bn, offs_n, EVEN_K)
+            acc, m_i, l_i = _attend_block(
+                q, acc, m_i, l_i, k_src, v_src, b_cur, start_n, seqlen_k, qk_scale,
+                stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
+                HAS_BIAS, EVEN_K, USE_TMA, DOT_FP32, DOT_PRECISION,
+            )
+    else:
+        b_next = tl.zeros([BLOCK_N], dtype=tl.float32)
+        st_ahead = tl.zeros([], dtype=tl.int64)
         if HAS_BIAS:
-            # Issued now, consumed next step: the load latency hides behind this step's two matmuls.
-            b_next = _load_bias(bias_base, st_ahead, seqlen_k, stride_bn, offs_n, EVEN_K)
-            st_ahead = _step_start(idx_base, j + 2, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
-        acc, m_i, l_i = _attend_block(
-            q, acc, m_i, l_i, k_src, v_src, b_cur, start_n, seqlen_k, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
-            HAS_BIAS, EVEN_K, USE_TMA, DOT_FP32, DOT_PRECISION,
-        )
+            st0 = _step_start(idx_base, j0, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+            b_next = _load_bias(bias_base, st0, seqlen_k, stride_bn, offs_n, EVEN_K)
+            st_ahead = _step_start(idx_base, j0 + 1, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+        for j in range(j0, j1):
+            start_n = _step_start(idx_base, j, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+            b_cur = b_next
+            if HAS_BIAS:
+                # Issued now, consumed next step: the load latency hides behind this step's two matmuls.
+                b_next = _load_bias(bias_base, st_ahead, seqlen_k, stride_bn, offs_n, EVEN_K)
+                st_ahead = _step_start(idx_base, j + 2, j1, stride_ij, SUB, KV_BLOCK, BLOCK_N)
+            acc, m_i, l_i = _attend_block(
+                q, acc, m_i, l_i, k_src, v_src, b_cur, start_n, seqlen_k, qk_scale,
+                stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
+                HAS_BIAS, EVEN_K, USE_TMA, DOT_FP32, DOT_PRECISION,
+            )
     return acc, m_i, l_i
 
 
@@ -217,7 +231,7 @@ def block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, WIDE: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     # int64 from the start: batch * stride and block * KV_BLOCK * stride overflow int32 at long caches.
     pid_m = tl.program_id(0).to(tl.int64)
@@ -249,6 +263,7 @@ def block_sparse_fwd_kernel(
             start_m, lo * SUB, hi * SUB, seqlen_q, seqlen_k, qk_scale,
             stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_ij,
             HEAD_DIM, KV_BLOCK, BLOCK_M, BLOCK_N, HAS_BIAS, EVEN_K, USE_TMA, WIDE, DOT_FP32, DOT_PRECISION,
+            WARP_SPEC,
         )
 
         out, lse2 = _normalise(acc, m_i, l_i)
@@ -398,7 +413,7 @@ def block_sparse_fwd_persistent_kernel(
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, WIDE: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     SUB: tl.constexpr = KV_BLOCK // BLOCK_N
     pid = tl.program_id(0).to(tl.int64)
@@ -438,6 +453,7 @@ def block_sparse_fwd_persistent_kernel(
             start_m, lo - c0, hi - c0, seqlen_q, seqlen_k, qk_scale,
             stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_ij,
             HEAD_DIM, KV_BLOCK, BLOCK_M, BLOCK_N, HAS_BIAS, EVEN_K, USE_TMA, WIDE, DOT_FP32, DOT_PRECISION,
+            WARP_SPEC,
         )
         out, lse2 = _normalise(acc, m_i, l_i)
         rows_e = start_m + tl.arange(0, BLOCK_M)
@@ -553,6 +569,7 @@ CONFIG_KEYS: tuple[str, ...] = (
     "USE_TMA",
     "split_min_blocks",
     "num_programs",
+    "WARP_SPECIALIZE",
 )
 #: Most programs one row may be split over.
 MAX_SPLIT_K = 16
@@ -603,6 +620,7 @@ def _autotuner(tiles, kernel=None):
             "USE_TMA",
             "WIDE",
             "DOT_PRECISION",
+            "WARP_SPEC",
             *([] if persistent else ["SPLIT", "num_splits"]),
             "work_bucket",
             "grid_bucket",
@@ -643,29 +661,6 @@ def auto_split_k(programs, width, n_sm, kv_block):
         if score(s) > score(best):
             best = s
     return best
-
-
-#: auto_schedule picks the persistent schedule below this many waves of 128-row programs.
-PERSISTENT_MAX_WAVES = 8
-
-
-def auto_schedule(rows, n_sm):
-    """"persistent" when ``rows`` 128-row programs of the grid schedule would fill ``n_sm`` multiprocessors in
-    few waves, else "grid" (also without a GPU: ``n_sm`` 0).
-
-    A few waves leave the last one partly empty (444 programs on 132 multiprocessors: 3.4 waves, the fourth
-    40 % full) and rows of unequal length leave multiprocessors idle at the end; the persistent schedule
-    spreads every row's steps evenly over one program per multiprocessor slot. Many waves hide both.
-    """
-    return "persistent" if 0 < rows < PERSISTENT_MAX_WAVES * n_sm else "grid"
-
-
-def schedule_for(q, block_m):
-    """:func:`auto_schedule` for q (B, H, Lq, D) cut in index blocks of ``block_m`` rows."""
-    if not q.is_cuda or INTERPRET:
-        return "grid"
-    batch, heads, seqlen_q = q.shape[0], q.shape[1], q.shape[2]
-    return auto_schedule(batch * heads * triton.cdiv(seqlen_q, min(block_m, 128)), _sm_count(q.device))
 
 
 def _tma_ok(x):
@@ -756,6 +751,7 @@ def launch(
         split_min = 1
     split_min = max(1, int(config.pop("split_min_blocks", split_min)))
     num_programs = config.pop("num_programs", None)
+    warp_spec = bool(config.pop("WARP_SPECIALIZE", False))
     split_k = max(1, min(int(split_k), width))
     if bias is None:
         bias_arg, bias_strides, has_bias = q, (0, 0, 0), False
@@ -800,7 +796,7 @@ def launch(
     meta = dict(
         HEAD_DIM=head_dim, Q_BLOCK=block_m, KV_BLOCK=block_n, HAS_BIAS=has_bias,
         EVEN_K=seqlen_k % block_n == 0, USE_TMA=use_tma, WIDE=wide,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision, WARP_SPEC=warp_spec,
     )
     # fmt: on
 

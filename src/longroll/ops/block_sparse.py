@@ -42,8 +42,8 @@ from longroll.ops.types import MASKED_BIAS, AttentionOutput
 
 BlockSparseBackend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
-BlockSparseSchedule = Literal["auto", "grid", "persistent"]
-SCHEDULES: tuple[str, ...] = ("auto", "grid", "persistent")
+BlockSparseSchedule = Literal["grid", "persistent"]
+SCHEDULES: tuple[str, ...] = ("grid", "persistent")
 #: Head dims (of q, k and v alike) the Triton kernel is built for.
 TRITON_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128, 256)
 #: Index block sizes (either axis) the Triton kernel accepts; they are its tile sizes.
@@ -60,6 +60,7 @@ TRITON_CONFIG_KEYS: tuple[str, ...] = (
     "USE_TMA",
     "tuning",
     "num_programs",
+    "WARP_SPECIALIZE",
 )
 
 
@@ -130,7 +131,7 @@ def block_sparse_attention(
     check_ids: bool = False,
     max_elements: int = 1 << 25,
     split_k: int | None = None,
-    schedule: BlockSparseSchedule = "auto",
+    schedule: BlockSparseSchedule = "grid",
     triton_config: Mapping[str, Any] | None = None,
 ) -> AttentionOutput:
     """Block-sparse attention of q over (k, v) with an optional per-key logit bias.
@@ -151,14 +152,15 @@ def block_sparse_attention(
             the GPU's multiprocessors in few, partly empty waves and rows are long (see
             ``longroll.kernels.block_sparse_fwd.auto_split_k``); rows with few blocks are never split. Applies
             to the grid schedule only.
-        schedule: triton backend only: "grid", "persistent", or "auto": with ``split_k`` None, the kernel
-            module's ``auto_schedule`` (persistent when the grid's programs would fill the GPU in few waves);
-            with ``split_k`` given, "grid".
+        schedule: triton backend only: "grid" (default) or "persistent". On an H100 (triton 3.6) the
+            persistent schedule measured slower at every shape (results/gpu/kernels_persistent_h100.json): its
+            even shares do not make up for a slower inner loop.
         triton_config: triton backend only, for tuning sweeps and tests: ``{"tuning": "legacy"}`` autotunes
             over the tiles used before tiles were decoupled from the index blocks; any of ``BLOCK_M``,
             ``BLOCK_N`` (kernel tile, a power of two >= 16 dividing the index block), ``num_warps``,
             ``num_stages`` forces one configuration; ``USE_TMA`` forces the copy-engine path on or off;
-            ``num_programs`` sets the persistent schedule's program count.
+            ``num_programs`` sets the persistent schedule's program count; ``WARP_SPECIALIZE`` asks the compiler
+            to split the key loop into load and compute warps (Hopper and newer).
             None autotunes.
 
     Returns:
@@ -242,6 +244,9 @@ def _check_triton_config(config: Mapping[str, Any] | None, index: BlockSparseInd
         isinstance(out["num_stages"], bool) or not isinstance(out["num_stages"], int) or out["num_stages"] < 1
     ):
         raise ValueError(f"triton_config['num_stages'] must be a positive int, got {out['num_stages']!r}")
+    for name in ("USE_TMA", "WARP_SPECIALIZE"):
+        if name in out and not isinstance(out[name], bool):
+            raise ValueError(f"triton_config['{name}'] must be a bool, got {out[name]!r}")
     return out
 
 
@@ -260,7 +265,7 @@ def _triton(
     scale: float,
     split_k: int | None = None,
     config: dict[str, Any] | None = None,
-    schedule: str = "auto",
+    schedule: str = "grid",
 ) -> AttentionOutput:
     b, h, lq, _ = q.shape
     # empty_like keeps q's layout when it is a permuted dense tensor, so (B, L, H, D) callers get one back.
@@ -277,8 +282,6 @@ def _triton(
     config = dict(config or {})
     tuning = config.pop("tuning", "auto")
     qb, kb = index.q_block_size, index.kv_block_size
-    if schedule == "auto":
-        schedule = kernels.schedule_for(q, qb) if split_k is None else "grid"
     kernels.launch(q, k, v, bias32, num, idx, out, lse, scale, qb, kb, config or None, split_k, tuning, schedule)
     return AttentionOutput(out, lse)
 
