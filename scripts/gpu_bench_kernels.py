@@ -25,9 +25,6 @@ Kernel variants (``--variants``):
     persistent   persistent schedule (one program per multiprocessor slot sharing all rows), autotuned tiles
     p128         persistent, forced 128x128 tile, 8 warps, 2 stages (132 programs on an H100)
     p64          persistent, forced 64x64 tile, 4 warps, 2 stages (264 programs, two per multiprocessor)
-    ws128        grid, forced 128x128 tile, 8 warps, 2 stages, compiler warp specialisation of the key loop
-    ws128_4w     as ws128 with 4 warps and 3 stages
-    ws64         grid, forced 64x64 tile, 4 warps, 2 stages, warp specialisation
 
 ``--skew`` gives rows unequal counts (each row keeps 0.25-1.75x the density's share of blocks, mean about the
 density), as real selections do; the default gives every row the same count.
@@ -64,11 +61,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "persistent": dict(split_k=None, schedule="persistent", triton_config=None),
     "p128": dict(split_k=None, schedule="persistent", triton_config=T128),
     "p64": dict(split_k=None, schedule="persistent", triton_config=T64),
-    "ws128": dict(split_k=1, schedule="grid", triton_config={**T128, "WARP_SPECIALIZE": True}),
-    "ws128_4w": dict(
-        split_k=1, schedule="grid", triton_config={**T128, "num_warps": 4, "num_stages": 3, "WARP_SPECIALIZE": True}
-    ),
-    "ws64": dict(split_k=1, schedule="grid", triton_config={**T64, "WARP_SPECIALIZE": True}),
 }
 DEFAULT_VARIANTS = ["new", "new_split1", "t64", "persistent", "p128", "p64"]
 
@@ -242,7 +234,7 @@ def main() -> int:
             density=0.3,
             layout="blhd",
             skew=True,
-            v=["new", "persistent", "p128", "p64", "ws128", "ws64"],
+            v=["new", "persistent", "p128", "p64"],
         ),
     ]
     if args.smoke:
@@ -280,6 +272,7 @@ def main() -> int:
             entry: dict[str, Any] = {key: val for key, val in case.items() if key != "v"}
             entry["variant"] = name
             try:
+                run_variant(name, q, k, v, idx, bias)  # autotunes; the second call launches the pick directly
                 got = run_variant(name, q, k, v, idx, bias)
                 entry.update(
                     density_exact=idx.density(),
@@ -409,6 +402,11 @@ def main() -> int:
                 try:
                     res = run_variant(name, q, k, v, idx, bias)  # first call: autotunes, compiles
                     errs = error_vs_ref(res.out, res.lse, ref, sel)
+                    del res
+                    # Later calls launch the autotuner's pick directly: check that path too.
+                    res = run_variant(name, q, k, v, idx, bias)
+                    again = error_vs_ref(res.out, res.lse, ref, sel)
+                    errs = {key: max(errs[key], again[key]) for key in errs}
                     del res
                     launch = launched()
 

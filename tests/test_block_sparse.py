@@ -260,16 +260,6 @@ def test_split_min_blocks_splits_only_long_rows():
     _check(res._replace(out=out, lse=lse), q, k, v, idx, bias)
 
 
-@pytest.mark.parametrize("schedule", ["grid", "persistent"])
-def test_warp_specialized_loop(schedule):
-    # The warp-specialised key loop (bias fetched in its own step) is the same math; the interpreter runs it.
-    q, k, v, bias = _inputs(97, 1025, torch.float16, h=2, hk=1)
-    idx = _index(1, 2, 97, 1025, 64, 128, 0.5)
-    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "WARP_SPECIALIZE": True}
-    res = block_sparse_attention(q, k, v, idx, bias, backend="triton", schedule=schedule, triton_config=cfg)
-    _check(res, q, k, v, idx, bias)
-
-
 @pytest.mark.parametrize(
     ("tile", "programs"),
     [((64, 128), 3), ((32, 64), 5), ((64, 64), 1), ((64, 32), 64)],  # 64 programs: more than there are steps
@@ -463,7 +453,7 @@ def test_rejects_dtype_and_device_mismatch(backend):
         ({"triton_config": {"num_warps": 3}}, r"triton_config\['num_warps'\]"),
         ({"triton_config": "legacy"}, "triton_config must be a mapping"),
         ({"triton_config": {"num_programs": 0}}, r"triton_config\['num_programs'\] must be a positive int, got 0"),
-        ({"triton_config": {"WARP_SPECIALIZE": 1}}, r"triton_config\['WARP_SPECIALIZE'\] must be a bool, got 1"),
+        ({"triton_config": {"USE_TMA": 1}}, r"triton_config\['USE_TMA'\] must be a bool, got 1"),
         ({"schedule": "stream"}, r"schedule must be one of \('grid', 'persistent'\), got 'stream'"),
         ({"schedule": "persistent", "split_k": 2}, "split_k=2 applies to the grid schedule"),
     ],

@@ -60,7 +60,6 @@ TRITON_CONFIG_KEYS: tuple[str, ...] = (
     "USE_TMA",
     "tuning",
     "num_programs",
-    "WARP_SPECIALIZE",
 )
 
 
@@ -159,8 +158,7 @@ def block_sparse_attention(
             over the tiles used before tiles were decoupled from the index blocks; any of ``BLOCK_M``,
             ``BLOCK_N`` (kernel tile, a power of two >= 16 dividing the index block), ``num_warps``,
             ``num_stages`` forces one configuration; ``USE_TMA`` forces the copy-engine path on or off;
-            ``num_programs`` sets the persistent schedule's program count; ``WARP_SPECIALIZE`` asks the compiler
-            to split the key loop into load and compute warps (Hopper and newer).
+            ``num_programs`` sets the persistent schedule's program count.
             None autotunes.
 
     Returns:
@@ -244,9 +242,8 @@ def _check_triton_config(config: Mapping[str, Any] | None, index: BlockSparseInd
         isinstance(out["num_stages"], bool) or not isinstance(out["num_stages"], int) or out["num_stages"] < 1
     ):
         raise ValueError(f"triton_config['num_stages'] must be a positive int, got {out['num_stages']!r}")
-    for name in ("USE_TMA", "WARP_SPECIALIZE"):
-        if name in out and not isinstance(out[name], bool):
-            raise ValueError(f"triton_config['{name}'] must be a bool, got {out[name]!r}")
+    if "USE_TMA" in out and not isinstance(out["USE_TMA"], bool):
+        raise ValueError(f"triton_config['USE_TMA'] must be a bool, got {out['USE_TMA']!r}")
     return out
 
 
