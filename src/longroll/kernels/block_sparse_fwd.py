@@ -6,6 +6,11 @@ index blocks (Q_BLOCK, KV_BLOCK) and is autotuned apart from them: a 128-row ind
 64-row programs. Softmax is computed online in float32 in base 2: the logit scale and the bias are folded with
 log2(e) so that every score costs one FMA and one ``exp2``.
 
+Schedules: "grid" (above; the default) or "persistent" (a fixed set of programs sharing every row's steps, see
+:func:`block_sparse_fwd_persistent_kernel`). After the autotuner's first pick for a launch key, later launches
+call the kernel with that configuration directly: the autotuner's dispatch is host time a short call cannot
+hide.
+
 Split-K: with ``split_k`` S > 1, the programs of a row (at most S, each with at least ``split_min`` blocks of
 its list) take contiguous shares of the list and write float32 partials (normalised output and base-2
 log-sum-exp) to a workspace; :func:`block_sparse_merge_kernel` combines them by their log-sum-exp. A row that
@@ -376,6 +381,8 @@ def _rows_ending_before(KVNum, pos, num_rows, m_tiles, num_heads, max_blocks, st
 # a range boundary leaves float32 partials (a program has at most two: the row it starts inside and the row
 # it stops inside), which block_sparse_persistent_merge_kernel combines. No wave runs partly empty and long rows
 # share programs with short ones: what the grid schedule loses when a few waves of uneven rows fill the GPU.
+# Measured on an H100 (triton 3.6) it is nevertheless slower at every shape: the key loop nested in the row
+# loop runs ~30 % below the grid kernel's (results/gpu/kernels_schedules_h100.json). It is kept opt-in.
 @triton.jit(
     do_not_specialize=[
         "seqlen_q", "seqlen_k", "num_heads", "kv_group", "max_blocks", "num_bh", "work_bucket", "grid_bucket",
