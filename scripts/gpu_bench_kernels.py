@@ -27,7 +27,9 @@ Kernel variants (``--variants``):
     p64          persistent, forced 64x64 tile, 4 warps, 2 stages (264 programs, two per multiprocessor)
 
 ``--skew`` gives rows unequal counts (each row keeps 0.25-1.75x the density's share of blocks, mean about the
-density), as real selections do; the default gives every row the same count.
+density), as real selections do; the default gives every row the same count. ``--runs N`` keeps each row's
+blocks as N contiguous runs at random offsets instead of scattered blocks, as AnnSA's selections are (keys are
+bucket-sorted at commit, so a bucket is a range of consecutive blocks).
 
 Medians of ``triton.testing.do_bench`` (L2 flushed before each run, like the committed numbers); below
 ``--graph-max-lk`` keys each method is also timed as a CUDA graph replay (``ms_graph``: no host overhead, no
@@ -78,6 +80,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--block", type=int, default=128, help="index block size on both axes")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--skew", action="store_true", help="unequal block counts per row (see above)")
+    p.add_argument("--runs", type=int, default=0, help="keep each row's blocks as this many contiguous runs")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument(
         "--flex-lk",
@@ -141,7 +144,8 @@ def main() -> int:
         "interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "dtype": str(dtype),
         "flops": "4*H*Lq*Lk*D*density_exact (kept query-key pairs only)",
-        "index": "skewed counts per row (0.25-1.75x)" if args.skew else "same count in every row",
+        "index": ("skewed counts per row (0.25-1.75x)" if args.skew else "same count in every row")
+        + (f", {args.runs} contiguous runs per row" if args.runs else ", scattered blocks"),
         "variants": {name: {k: v for k, v in spec.items()} for name, spec in VARIANTS.items() if name in args.variants},
         "tiles": [list(t) for t in block_sparse_fwd.TILES],
         "correctness": [],
@@ -157,7 +161,16 @@ def main() -> int:
         return torch.randn(*shape, generator=g).to(device=dev, dtype=dtype)
 
     def random_index(
-        g: torch.Generator, b: int, h: int, lq: int, lk: int, bq: int, bk: int, density: float, skew: bool = False
+        g: torch.Generator,
+        b: int,
+        h: int,
+        lq: int,
+        lk: int,
+        bq: int,
+        bk: int,
+        density: float,
+        skew: bool = False,
+        runs: int = 0,
     ):
         nqb, nkb = -(-lq // bq), -(-lk // bk)
         rank = torch.rand(b, h, nqb, nkb, generator=g).argsort(dim=-1).argsort(dim=-1)
@@ -165,6 +178,13 @@ def main() -> int:
         if skew:
             share = share * (0.25 + 1.5 * torch.rand(b, h, nqb, 1, generator=g))
         keep = (share * nkb).round().clamp(1, nkb)
+        if runs:
+            # Runs of equal length at random offsets (overlaps merge, so a row may keep slightly fewer blocks).
+            length = (keep / runs).ceil().long()
+            starts = (torch.rand(b, h, nqb, runs, generator=g) * (nkb - length + 1)).long()
+            pos = torch.arange(nkb)
+            inside = (pos >= starts[..., None]) & (pos < (starts + length)[..., None])
+            return BlockSparseIndex.from_dense(inside.any(dim=-2), bq, bk, lq, lk).to(dev)
         return BlockSparseIndex.from_dense(rank < keep, bq, bk, lq, lk).to(dev)
 
     def timeit(fn: Callable[[], object]) -> float:
@@ -311,7 +331,7 @@ def main() -> int:
         return q, k, v, bias
 
     def make_index(lk: int, dens: float) -> BlockSparseIndex:
-        return random_index(gen(3, lk, int(dens * 1000)), b, h, lq, lk, blk, blk, dens, args.skew)
+        return random_index(gen(3, lk, int(dens * 1000)), b, h, lq, lk, blk, blk, dens, args.skew, args.runs)
 
     def row_subset(q, k, v, bias, idx: BlockSparseIndex):
         """Heads (0, H-1) and query blocks (first, middle, last): a sub-problem small enough for float64."""
