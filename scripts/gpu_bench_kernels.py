@@ -92,6 +92,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--graph-max-lk", type=int, default=8192, help="also time as CUDA graph replays up to this Lk")
     p.add_argument("--budget-s", type=float, default=120.0, help="start no FlexAttention compile past this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot-only", metavar="JSON", help="redraw the plot of an earlier run's JSON and exit")
     return p.parse_args()
 
 
@@ -108,8 +109,46 @@ def _err(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
+def plot(report: dict[str, Any], path: str) -> None:
+    """Ratio to cuDNN dense against the key length, one panel per density: each kernel variant, FlexAttention
+    (dashed) and the 0.70 target; CUDA-graph replays (where timed) as hollow markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [t for t in report["timings"] if "ratio_vs_cudnn_dense" in t]
+    densities = sorted({t["density"] for t in rows})
+    if not densities:
+        return
+    fig, axes = plt.subplots(1, len(densities), figsize=(4.2 * len(densities), 3.6), sharey=True, squeeze=False)
+    for ax, dens in zip(axes[0], densities, strict=True):
+        for method in sorted({t["method"] for t in rows}):
+            mine = [t for t in rows if t["method"] == method and t["density"] == dens]
+            pts = sorted((t["lk"], t["ratio_vs_cudnn_dense"]) for t in mine)
+            style = "--" if method.startswith("flex") else "-"
+            line = ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", ms=3, label=method)[0]
+            graph = [(t["lk"], t["ratio_vs_cudnn_dense_graph"]) for t in mine if "ratio_vs_cudnn_dense_graph" in t]
+            if graph:
+                ax.plot(*zip(*graph, strict=True), "o", mfc="none", color=line.get_color(), ms=6)
+        ax.axhline(0.70, color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_title(f"density {dens}")
+        ax.set_xlabel("keys")
+    axes[0][0].set_ylabel("TFLOP/s on kept blocks / cuDNN dense")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{report['device']} | triton {report['triton']} | {report.get('index', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     args = _parse()
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            plot(json.load(f), os.path.splitext(args.plot_only)[0] + ".png")
+        return 0
     if args.smoke:
         # Must precede the first triton import: the interpreter is chosen when kernels are decorated.
         import torch
@@ -559,6 +598,7 @@ def main() -> int:
     report["summary_ratio_vs_cudnn_dense"] = summary
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, default=str)
+    plot(report, os.path.splitext(args.out)[0] + ".png")
     print("\nratio to cuDNN dense (Lk/density: variant=ratio):")
     for key, vals in summary.items():
         print(f"  {key:14s} " + "  ".join(f"{n}={x:.2f}" for n, x in vals.items()))
