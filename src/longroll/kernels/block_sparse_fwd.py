@@ -329,55 +329,42 @@ def block_sparse_merge_kernel(
 
 
 @triton.jit
-def _slot_row(slot, num_rows, lanes, n_prog):
-    """Work row of sequence slot ``slot`` (>= num_rows: no row). Slots are laid out so that program p's share,
-    about slots [p * lanes, (p + 1) * lanes), holds rows p, p + n_prog, p + 2 * n_prog, ...: programs running
-    side by side work on neighbouring rows, of the same few heads, whose key blocks they then share in L2."""
-    return (slot % lanes) * n_prog + slot // lanes
-
-
-@triton.jit
-def _row_steps(KVNum, first, num_slots, num_rows, lanes, n_prog, m_tiles, num_heads, max_blocks,
-               stride_nb, stride_nh, stride_nm,
+def _row_steps(KVNum, first, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
                Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr):
-    """Steps (BLOCK_N-key tiles) of slots first .. first + CHUNK - 1 (int64; 0 for slots without a row), and
-    which slots exist. Work row r is the BLOCK_M query rows of tile r % m_tiles of (batch, head) r // m_tiles."""
-    s = first + tl.arange(0, CHUNK)
-    ok = s < num_slots
-    r = _slot_row(s, num_rows, lanes, n_prog)
-    has = ok & (r < num_rows)
+    """Steps (BLOCK_N-key tiles) of work rows first .. first + CHUNK - 1 (int64; 0 past num_rows), and which
+    of them exist. Work row r is the BLOCK_M query rows of tile r % m_tiles of (batch, head) r // m_tiles."""
+    r = first + tl.arange(0, CHUNK)
+    ok = r < num_rows
     bh = r // m_tiles
     qrow = ((r % m_tiles) * BLOCK_M) // Q_BLOCK
     ptrs = KVNum + (bh // num_heads).to(tl.int64) * stride_nb + (bh % num_heads) * stride_nh + qrow * stride_nm
-    n = tl.load(ptrs, mask=has, other=0)
+    n = tl.load(ptrs, mask=ok, other=0)
     return (tl.maximum(tl.minimum(n, max_blocks), 0) * SUB).to(tl.int64), ok
 
 
 @triton.jit
-def _total_steps(KVNum, num_slots, num_rows, lanes, n_prog, m_tiles, num_heads, max_blocks,
-                 stride_nb, stride_nh, stride_nm,
+def _total_steps(KVNum, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
                  Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr):
     total = tl.zeros([], dtype=tl.int64)
-    for first in range(0, num_slots, CHUNK):
-        steps, _ = _row_steps(KVNum, first, num_slots, num_rows, lanes, n_prog, m_tiles, num_heads, max_blocks,
-                              stride_nb, stride_nh, stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK)
+    for first in range(0, num_rows, CHUNK):
+        steps, _ = _row_steps(KVNum, first, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh,
+                              stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK)
         total += tl.sum(steps)
     return total
 
 
 @triton.jit
-def _rows_ending_before(KVNum, pos, num_slots, num_rows, lanes, n_prog, m_tiles, num_heads, max_blocks,
-                        stride_nb, stride_nh, stride_nm,
+def _rows_ending_before(KVNum, pos, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
                         Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr):
-    """Over the slots laid end to end: how many begin before ``pos``, and the largest begin and end among them
-    (0 if none). Begins and ends never decrease along the slots, so these name the last slot begun before pos."""
+    """Over the rows laid end to end: how many begin before ``pos``, and the largest begin and end among them
+    (0 if none). Begins and ends never decrease along the rows, so these name the last row begun before pos."""
     count = tl.zeros([], dtype=tl.int64)
     last_begin = tl.zeros([], dtype=tl.int64)
     last_end = tl.zeros([], dtype=tl.int64)
     run = tl.zeros([], dtype=tl.int64)
-    for first in range(0, num_slots, CHUNK):
-        steps, ok = _row_steps(KVNum, first, num_slots, num_rows, lanes, n_prog, m_tiles, num_heads, max_blocks,
-                               stride_nb, stride_nh, stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK)
+    for first in range(0, num_rows, CHUNK):
+        steps, ok = _row_steps(KVNum, first, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh,
+                               stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK)
         ends = run + tl.cumsum(steps, 0)
         begins = ends - steps
         before = ok & (begins < pos)
@@ -425,62 +412,57 @@ def block_sparse_fwd_persistent_kernel(
     n_prog = tl.num_programs(0).to(tl.int64)
     m_tiles = tl.cdiv(seqlen_q, BLOCK_M).to(tl.int64)
     num_rows = num_bh * m_tiles
-    lanes = tl.cdiv(num_rows, n_prog)
-    num_slots = lanes * n_prog
-    total = _total_steps(KVNum, num_slots, num_rows, lanes, n_prog, m_tiles, num_heads, max_blocks,
-                         stride_nb, stride_nh, stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK)
+    total = _total_steps(KVNum, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+                         Q_BLOCK, BLOCK_M, SUB, CHUNK)
     start = pid * total // n_prog
     end = (pid + 1) * total // n_prog
-    # First slot: the one cut by `start` if any, else the first that begins at or after it. Empty rows belong
+    # First row: the one cut by `start` if any, else the first that begins at or after it. Empty rows belong
     # to the program whose range holds their position (the last program takes those at the very end).
-    s_first, prev_begin, prev_end = _rows_ending_before(
-        KVNum, start, num_slots, num_rows, lanes, n_prog, m_tiles, num_heads, max_blocks,
-        stride_nb, stride_nh, stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK,
+    r_first, prev_begin, prev_end = _rows_ending_before(
+        KVNum, start, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+        Q_BLOCK, BLOCK_M, SUB, CHUNK,
     )
-    straddle = (s_first > 0) & (prev_end > start)
-    sl = tl.where(straddle, s_first - 1, s_first)
+    straddle = (r_first > 0) & (prev_end > start)
+    r = tl.where(straddle, r_first - 1, r_first)
     c0 = tl.where(straddle, prev_begin, prev_end)
     last = pid == n_prog - 1
-    go = (sl < num_slots) & ((c0 < end) | (last & (c0 == total)))
+    go = (r < num_rows) & ((c0 < end) | (last & (c0 == total)))
     while go:
-        r = _slot_row(sl, num_rows, lanes, n_prog)
-        has_row = r < num_rows
         bh = r // m_tiles
         b = bh // num_heads
         h = bh % num_heads
         hk = h // kv_group
         start_m = (r % m_tiles) * BLOCK_M
         qrow = start_m // Q_BLOCK
-        n_blocks = tl.load(KVNum + b * stride_nb + h * stride_nh + qrow * stride_nm, mask=has_row, other=0)
+        n_blocks = tl.load(KVNum + b * stride_nb + h * stride_nh + qrow * stride_nm)
         c1 = c0 + tl.maximum(tl.minimum(n_blocks, max_blocks), 0).to(tl.int64) * SUB
-        if has_row:
-            lo = tl.maximum(c0, start)
-            hi = tl.minimum(c1, end)
-            acc, m_i, l_i = _attend_steps(
-                Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
-                V + b * stride_vb + hk * stride_vh, Bias + b * stride_bb + hk * stride_bh,
-                KVIdx + b * stride_ib + h * stride_ih + qrow * stride_im,
-                start_m, lo - c0, hi - c0, seqlen_q, seqlen_k, qk_scale,
-                stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_ij,
-                HEAD_DIM, KV_BLOCK, BLOCK_M, BLOCK_N, HAS_BIAS, EVEN_K, USE_TMA, WIDE, DOT_FP32, DOT_PRECISION,
-            )
-            out, lse2 = _normalise(acc, m_i, l_i)
-            rows_e = start_m + tl.arange(0, BLOCK_M)
-            cols_e = tl.arange(0, HEAD_DIM).to(tl.int64)
-            ok_e = rows_e < seqlen_q
-            if (lo == c0) & (hi == c1):
-                o_ptrs = Out + b * stride_ob + h * stride_oh + rows_e[:, None] * stride_om
-                tl.store(o_ptrs + cols_e[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=ok_e[:, None])
-                tl.store(Lse + b * stride_lb + h * stride_lh + rows_e * stride_lm, lse2 * _LN2, mask=ok_e)
-            else:
-                # Partials: (n_prog, 2, BLOCK_M, HEAD_DIM) and (n_prog, 2, BLOCK_M) float32, contiguous. Slot
-                # 0 holds a row begun before this program's range, slot 1 one begun in it (at most one each).
-                part = (pid * 2 + tl.where(lo > c0, 0, 1)) * BLOCK_M + tl.arange(0, BLOCK_M)
-                tl.store(OPart + part[:, None] * HEAD_DIM + cols_e[None, :], out)
-                tl.store(LPart + part, lse2)
-        sl += 1
+        lo = tl.maximum(c0, start)
+        hi = tl.minimum(c1, end)
+        acc, m_i, l_i = _attend_steps(
+            Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
+            V + b * stride_vb + hk * stride_vh, Bias + b * stride_bb + hk * stride_bh,
+            KVIdx + b * stride_ib + h * stride_ih + qrow * stride_im,
+            start_m, lo - c0, hi - c0, seqlen_q, seqlen_k, qk_scale,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, stride_ij,
+            HEAD_DIM, KV_BLOCK, BLOCK_M, BLOCK_N, HAS_BIAS, EVEN_K, USE_TMA, WIDE, DOT_FP32, DOT_PRECISION,
+        )
+        out, lse2 = _normalise(acc, m_i, l_i)
+        rows_e = start_m + tl.arange(0, BLOCK_M)
+        cols_e = tl.arange(0, HEAD_DIM).to(tl.int64)
+        ok_e = rows_e < seqlen_q
+        if (lo == c0) & (hi == c1):
+            o_ptrs = Out + b * stride_ob + h * stride_oh + rows_e[:, None] * stride_om + cols_e[None, :] * stride_od
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=ok_e[:, None])
+            tl.store(Lse + b * stride_lb + h * stride_lh + rows_e * stride_lm, lse2 * _LN2, mask=ok_e)
+        else:
+            # Partials: (n_prog, 2, BLOCK_M, HEAD_DIM) and (n_prog, 2, BLOCK_M) float32, contiguous. Slot 0
+            # holds a row begun before this program's range, slot 1 one begun in it (at most one of each).
+            part = (pid * 2 + tl.where(lo > c0, 0, 1)) * BLOCK_M + tl.arange(0, BLOCK_M)
+            tl.store(OPart + part[:, None] * HEAD_DIM + cols_e[None, :], out)
+            tl.store(LPart + part, lse2)
+        r += 1
         c0 = c1
-        go = (sl < num_slots) & ((c0 < end) | (last & (c0 == total)))
+        go = (r < num_rows) & ((c0 < end) | (last & (c0 == total)))
 
 
 @triton.jit(
@@ -506,18 +488,16 @@ def block_sparse_persistent_merge_kernel(
     n_prog = tl.num_programs(0).to(tl.int64)
     m_tiles = tl.cdiv(seqlen_q, BLOCK_M).to(tl.int64)
     num_rows = num_bh * m_tiles
-    lanes = tl.cdiv(num_rows, n_prog)
-    num_slots = lanes * n_prog
-    total = _total_steps(KVNum, num_slots, num_rows, lanes, n_prog, m_tiles, num_heads, max_blocks,
-                         stride_nb, stride_nh, stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK)
+    total = _total_steps(KVNum, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+                         Q_BLOCK, BLOCK_M, SUB, CHUNK)
     start = pid * total // n_prog
     end = (pid + 1) * total // n_prog
-    # The slot holding step end - 1 is the last one begun before `end` (it has steps, so a row).
-    sl, c0, c1 = _rows_ending_before(
-        KVNum, end, num_slots, num_rows, lanes, n_prog, m_tiles, num_heads, max_blocks,
-        stride_nb, stride_nh, stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK,
+    # The row holding step end - 1 is the last one begun before `end`.
+    r, c0, c1 = _rows_ending_before(
+        KVNum, end, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+        Q_BLOCK, BLOCK_M, SUB, CHUNK,
     )
-    r = _slot_row(sl - 1, num_rows, lanes, n_prog)
+    r -= 1
     if (end > start) & (c0 >= start) & (c1 > end):
         # Programs pid .. owner of the row's last step hold its shares: pid's in slot 1 (begun in its range),
         # the others' in slot 0.
