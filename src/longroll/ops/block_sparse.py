@@ -152,7 +152,7 @@ def block_sparse_attention(
             ``longroll.kernels.block_sparse_fwd.auto_split_k``); rows with few blocks are never split. Applies
             to the grid schedule only.
         schedule: triton backend only: "grid" (default) or "persistent". On an H100 (triton 3.6) the
-            persistent schedule measured slower at every shape (results/gpu/kernels_persistent_h100.json): its
+            persistent schedule measured slower at every shape (results/gpu/kernels_schedules_h100.json): its
             even shares do not make up for a slower inner loop.
         triton_config: triton backend only, for tuning sweeps and tests: ``{"tuning": "legacy"}`` autotunes
             over the tiles used before tiles were decoupled from the index blocks; any of ``BLOCK_M``,
