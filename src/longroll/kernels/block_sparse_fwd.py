@@ -375,6 +375,20 @@ def _rows_ending_before(KVNum, pos, num_rows, m_tiles, num_heads, max_blocks, st
     return count, last_begin, last_end
 
 
+@triton.jit
+def _program_share(KVNum, seqlen_q, num_bh, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+                   Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr):
+    """This persistent program's share of the work: (pid, programs, m_tiles, rows, total steps, first step,
+    end step), the steps of every row laid end to end and cut into equal contiguous ranges."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_prog = tl.num_programs(0).to(tl.int64)
+    m_tiles = tl.cdiv(seqlen_q, BLOCK_M).to(tl.int64)
+    num_rows = num_bh * m_tiles
+    total = _total_steps(KVNum, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
+                         Q_BLOCK, BLOCK_M, SUB, CHUNK)
+    return pid, n_prog, m_tiles, num_rows, total, pid * total // n_prog, (pid + 1) * total // n_prog
+
+
 # The persistent schedule: the grid is a fixed number of programs (about one per multiprocessor slot), and
 # the work, every row's steps laid end to end in row order, is cut into equal contiguous ranges, one per
 # program. A program walks the rows its range meets: a row it covers whole is written directly; a row cut by
@@ -408,14 +422,9 @@ def block_sparse_fwd_persistent_kernel(
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
 ):
     SUB: tl.constexpr = KV_BLOCK // BLOCK_N
-    pid = tl.program_id(0).to(tl.int64)
-    n_prog = tl.num_programs(0).to(tl.int64)
-    m_tiles = tl.cdiv(seqlen_q, BLOCK_M).to(tl.int64)
-    num_rows = num_bh * m_tiles
-    total = _total_steps(KVNum, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
-                         Q_BLOCK, BLOCK_M, SUB, CHUNK)
-    start = pid * total // n_prog
-    end = (pid + 1) * total // n_prog
+    pid, n_prog, m_tiles, num_rows, total, start, end = _program_share(
+        KVNum, seqlen_q, num_bh, num_heads, max_blocks, stride_nb, stride_nh, stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK,
+    )
     # First row: the one cut by `start` if any, else the first that begins at or after it. Empty rows belong
     # to the program whose range holds their position (the last program takes those at the very end).
     r_first, prev_begin, prev_end = _rows_ending_before(
@@ -484,14 +493,9 @@ def block_sparse_persistent_merge_kernel(
     (the row holding the last step of its range, when that row runs on past the range); one grid program per
     persistent program, most with nothing to do."""
     SUB: tl.constexpr = KV_BLOCK // BLOCK_N
-    pid = tl.program_id(0).to(tl.int64)
-    n_prog = tl.num_programs(0).to(tl.int64)
-    m_tiles = tl.cdiv(seqlen_q, BLOCK_M).to(tl.int64)
-    num_rows = num_bh * m_tiles
-    total = _total_steps(KVNum, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
-                         Q_BLOCK, BLOCK_M, SUB, CHUNK)
-    start = pid * total // n_prog
-    end = (pid + 1) * total // n_prog
+    pid, n_prog, m_tiles, num_rows, total, start, end = _program_share(
+        KVNum, seqlen_q, num_bh, num_heads, max_blocks, stride_nb, stride_nh, stride_nm, Q_BLOCK, BLOCK_M, SUB, CHUNK,
+    )
     # The row holding step end - 1 is the last one begun before `end`.
     r, c0, c1 = _rows_ending_before(
         KVNum, end, num_rows, m_tiles, num_heads, max_blocks, stride_nb, stride_nh, stride_nm,
