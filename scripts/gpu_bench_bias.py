@@ -1,0 +1,225 @@
+"""Dense attention with TempCache's per-key log-count bias, every exact route side by side, at the capped shape.
+
+GPU run (one call, H200, about 2 minutes):
+    PYTHONPATH=src python3 scripts/gpu_bench_bias.py --out $OUT/bias.json
+
+CPU smoke run (tiny shapes; checks the script end to end, times nothing meaningful):
+    PYTHONPATH=src python3 scripts/gpu_bench_bias.py --smoke --out /tmp/bias.json
+
+Shape: Wan2.1-1.3B at 480x832 with a 15-frame cache: B=1, H=12, D=128, Lq = 4,680 (one 3-frame chunk),
+Lk = 28,080 (15 cached + 3 staged frames), bf16. Counts as TempCache leaves them (``--merged`` share of the keys
+in groups of 2-8, the rest 1); the bias is log(count).
+
+Routes (each is exact maths; every one is checked against a float64 reference on two heads, next to torch's
+own bf16 error on the same rows):
+    cudnn_nobias      cuDNN SDPA without the bias: the speed the bias must not cost more than 5 % over
+    cudnn_mask        cuDNN SDPA with the bias as a (B, H, 1, Lk) float mask
+    aug{W}            head-dim augmentation (q -> [q, 1/s, 1/s, 0..], k -> [k, b_hi, b_lo, 0..]), qk width W,
+                      kernel only (pre-built inputs); aug{W}_build includes building them, as the route does
+    vaug{W}           value augmentation: v -> [m v, m, 0..] of width W, qk unchanged at 128;
+                      out = o[:, :, :, :128] / o[:, :, :, 128] (exact: the weights are m e^s / sum m e^s)
+    triton            longroll's block-sparse kernel with every block (the portable path)
+    flex              compiled FlexAttention (Triton backend), score_mod adding the bias
+    flex_flash        compiled FlexAttention with kernel_options BACKEND=FLASH (flash-attn-4's CuTe DSL
+                      kernels), same score_mod; only where ``flash_attn.cute`` imports
+    fa4_nobias        flash-attn-4's own interface without the bias, for its raw speed on this chip
+
+Timing: CUDA-graph replays (medians of 20 after warm-up) where the route captures, else
+``triton.testing.do_bench`` medians. One failing route is recorded with its error and does not stop the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from longroll.eval.world import run_record  # noqa: E402
+from longroll.ops.attention import attention, augment_qk  # noqa: E402
+from longroll.ops.reference import attention_ref  # noqa: E402
+
+
+def make_inputs(b: int, h: int, lq: int, lk: int, d: int, merged: float, device: str, dtype: torch.dtype, seed: int):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g).to(device, dtype)
+    k = torch.randn(b, h, lk, d, generator=g).to(device, dtype)
+    v = torch.randn(b, h, lk, d, generator=g).to(device, dtype)
+    count = torch.ones(b, h, lk)
+    sel = torch.rand(b, h, lk, generator=g) < merged
+    count[sel] = torch.randint(2, 9, (int(sel.sum()),), generator=g).float()
+    bias = count.log().to(device)
+    return q, k, v, count.to(device), bias
+
+
+def vaugment(v: torch.Tensor, count: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, H, Lk, Dv) values, (B, H, Lk) counts -> (B, H, Lk, width) = [m v, m, 0...]."""
+    dv = v.shape[-1]
+    va = v.new_zeros(*v.shape[:-1], width)
+    va[..., :dv] = (v.float() * count[..., None]).to(v.dtype)
+    va[..., dv] = count.to(v.dtype)
+    return va
+
+
+def bench(fn: Callable[[], Any], device: str, reps: int = 20) -> dict[str, Any]:
+    if device != "cuda":
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return {"ms": (time.perf_counter() - t0) * 1e3, "timer": "host"}
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            graph.replay()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1))
+        return {"ms": statistics.median(times), "timer": "graph", "spread_ms": [min(times), max(times)]}
+    except Exception as exc:  # noqa: BLE001 - some routes do not capture; time them eagerly instead
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        return {"ms": ms, "timer": "do_bench", "graph_error": repr(exc)[:300]}
+
+
+def main() -> None:
+    default_out = os.path.join(os.environ.get("OUT", "out"), "bias.json")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=default_out)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--lq", type=int, default=4680)
+    p.add_argument("--lk", type=int, nargs="+", default=[28080])
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--merged", type=float, default=0.4, help="share of keys in merged groups (counts 2-8)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.smoke:
+        args.lq, args.lk, args.heads = 97, [300], 2
+    d = 128
+    record = run_record(device)
+    record["args"] = vars(args)
+    record["cases"] = []
+    for lk in args.lk:
+        q, k, v, count, bias = make_inputs(1, args.heads, args.lq, lk, d, args.merged, device, dtype, args.seed)
+        scale = 1.0 / math.sqrt(d)
+        # error rows: two heads, every query (the bias is per key, so all rows matter equally)
+        hs = slice(0, 2)
+        ref, _ = attention_ref(q[:, hs], k[:, hs], v[:, hs], bias[:, hs], scale=scale, upcast=True)
+        own, _ = attention_ref(q[:, hs], k[:, hs], v[:, hs], bias[:, hs], scale=scale, upcast=False)
+        ref = ref.double()
+        torch_err = (own.double() - ref).abs().max().item()
+        flops = 4 * args.heads * args.lq * lk * d
+        case: dict[str, Any] = {"lq": args.lq, "lk": lk, "heads": args.heads, "torch_bf16_max_err": torch_err,
+                                "routes": {}}  # fmt: skip
+
+        def cudnn(qq, kk, vv, mask=None):
+            if device != "cuda":
+                return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
+            with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
+
+        routes: dict[str, Callable[[], torch.Tensor]] = {}
+        routes["cudnn_nobias"] = lambda: cudnn(q, k, v)
+        mask = bias.to(dtype)[:, :, None, :]
+        routes["cudnn_mask"] = lambda: cudnn(q, k, v, mask)
+        for width_mult in (16, 32, 64):
+            qa, ka = augment_qk(q, k, bias, scale, multiple=width_mult)
+            w = qa.shape[-1]
+            routes[f"aug{w}"] = lambda qa=qa, ka=ka: cudnn(qa, ka, v)
+        routes["aug192_build"] = lambda: cudnn(*augment_qk(q, k, bias, scale), v)
+        for w in (136, 144, 160, 192):
+            va = vaugment(v, count, w)
+            routes[f"vaug{w}"] = lambda va=va: _vsplit(cudnn(q, k, va), d)
+        routes["vaug_build"] = lambda: _vsplit(cudnn(q, k, vaugment(v, count, 144)), d)
+        routes["triton"] = lambda: attention(q, k, v, bias, scale=scale, backend="triton").out
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            bias_f = bias.float()
+
+            def score_mod(score, b, hh, qi, kv):
+                return score + bias_f[b, hh, kv]
+
+            flex_c = torch.compile(flex_attention, dynamic=False)
+            routes["flex"] = lambda: flex_c(q, k, v, score_mod=score_mod, scale=scale)
+            try:
+                import flash_attn.cute  # noqa: F401
+
+                case["flash_attn_cute"] = "importable"
+                flex_f = torch.compile(flex_attention, dynamic=False)
+                routes["flex_flash"] = lambda: flex_f(
+                    q, k, v, score_mod=score_mod, scale=scale, kernel_options={"BACKEND": "FLASH"}
+                )
+                from flash_attn.cute import flash_attn_func
+
+                qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+                routes["fa4_nobias"] = lambda: flash_attn_func(qt, kt, vt, softmax_scale=scale)[0].transpose(1, 2)
+            except Exception as exc:  # noqa: BLE001
+                case["flash_attn_cute"] = repr(exc)[:300]
+        except Exception as exc:  # noqa: BLE001
+            case["flex_error"] = repr(exc)[:300]
+        for name, fn in routes.items():
+            res: dict[str, Any] = {}
+            try:
+                out = fn()
+                if name not in ("cudnn_nobias", "fa4_nobias"):
+                    res["max_err"] = (out[:, hs].double() - ref).abs().max().item()
+                    res["within_rule"] = bool(res["max_err"] <= 2 * torch_err + torch.finfo(dtype).eps)
+                    res["finite"] = bool(torch.isfinite(out).all().item())
+                res |= bench(fn, device)
+                res["tflops"] = flops / (res["ms"] * 1e-3) / 1e12
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                res["error"] = repr(exc)[:500]
+                res["trace"] = traceback.format_exc()[-800:]
+            case["routes"][name] = res
+            print(f"lk={lk} {name:14s} " + (f"{res['ms']:.3f} ms  {res['tflops']:.0f} TFLOP/s  err {res.get('max_err', 0):.2e}"
+                                             if "ms" in res else res["error"][:160]), flush=True)  # fmt: skip
+        base = case["routes"].get("cudnn_nobias", {}).get("ms")
+        if base:
+            for res in case["routes"].values():
+                if "ms" in res:
+                    res["vs_cudnn_nobias"] = res["ms"] / base
+        record["cases"].append(case)
+        del q, k, v, count, bias, mask, routes
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    print("wrote", args.out)
+
+
+def _vsplit(o: torch.Tensor, d: int) -> torch.Tensor:
+    return (o[..., :d].float() / o[..., d : d + 1].float()).to(o.dtype)
+
+
+if __name__ == "__main__":
+    main()
