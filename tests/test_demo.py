@@ -26,7 +26,9 @@ def test_demo_writes_its_outputs_and_prints_the_table(tmp_path, capsys, checkpoi
 
     assert main(["demo", "--out", str(tmp_path), "--frames", "9", *checkpoint_args]) == 0
     out = capsys.readouterr().out
-    assert "dense" in out and "all_int8" in out and "PSNR vs dense" in out
+    # On a CPU the automatic choice is TempCache alone (the sparse paths would run their torch twins), and the
+    # demo says so.
+    assert "dense" in out and "tempcache" in out and "PSNR vs dense" in out and "longroll policy: tempcache" in out
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["demo.json", "latency.png", "memory.png", "side_by_side.mp4"]
     for png in ("latency.png", "memory.png"):
@@ -37,7 +39,8 @@ def test_demo_writes_its_outputs_and_prints_the_table(tmp_path, capsys, checkpoi
     assert {"date", "command", "environment", "config", "device", "episode", "policies", "video"} <= set(data)
     assert data["command"].startswith("longroll demo") and data["config"]["frames"] == 9
     assert (data["video"]["frames"], data["video"]["height"], data["video"]["width"]) == (9, 16 + 256, 3 * 256 + 8)
-    assert list(data["policies"]) == ["dense", "all_int8"]
+    assert list(data["policies"]) == ["dense", "tempcache"]
+    assert data["policy"] == "tempcache" and "CPU" in data["policy_reason"]
     for name, p in data["policies"].items():
         assert [c["frames_generated"] for c in p["chunks"]] == [3, 6]
         assert all(c["ms"] > 0 and c["cache_mib"] > 0 for c in p["chunks"])
@@ -45,6 +48,16 @@ def test_demo_writes_its_outputs_and_prints_the_table(tmp_path, capsys, checkpoi
         assert all(math.isfinite(s[k]) for k in ("ms_first", "ms_last", "ms_median", "cache_mib", "psnr_vs_gt"))
         assert (s["psnr_vs_dense"] is None) == (name == "dense")  # identical to itself: infinite PSNR
         assert len(p["scores"]["psnr_per_frame"]) == 6
+
+
+def test_demo_policy_choice() -> None:
+    from longroll.bench.demo import DemoConfig, demo_policy
+
+    assert demo_policy("auto", torch.device("cpu"))[0] == "tempcache"
+    assert demo_policy("auto", torch.device("cuda"))[0] == "all_int8"
+    assert demo_policy("all", torch.device("cpu")) == ("all", "chosen with --policy")
+    with pytest.raises(ValueError, match="policy"):
+        DemoConfig(policy="dense")
 
 
 def test_demo_rejects_frames_off_the_chunk_grid(tmp_path, capsys, checkpoint_args):

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from longroll.ann.int8 import quantize_int8
+from longroll.ann.int8 import code_dots, quantize_int8
 from longroll.ops._checks import check_rank
 
 #: Weight of a query's own bucket and of a probed (Hamming-1) neighbour in bucket hits.
@@ -275,9 +275,10 @@ def int8_dot(a: Int8Codes, b: Int8Codes) -> torch.Tensor:
     """Int8 scores of (B, H, n, D) codes against (B, H, m, D) codes: (B, H, n, m) float32.
 
     Equal to :func:`longroll.ann.int8.int8_scores` on the same vectors: products of int8 values summed over
-    D <= 1024 stay below 2**24, so one batched float32 (or TF32) matmul is exact, without a per-head loop.
+    D <= 1024 stay below 2**24, so one batched product (:func:`~longroll.ann.int8.code_dots`) is exact, without a
+    per-head loop.
     """
-    dots = torch.matmul(a.codes, b.codes.transpose(-1, -2))
+    dots = code_dots(a.codes, b.codes)
     return dots * a.scale[..., :, None] * b.scale[..., None, :]
 
 

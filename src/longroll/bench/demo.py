@@ -3,12 +3,12 @@
 A held-out episode of the ``revisit`` family (the camera leaves its start, drives a loop and comes back to
 places last seen 20-40 frames earlier) is rolled out twice from the same ground-truth context and noise: with
 the unbounded (dense) cache, and with a longroll policy whose cache holds ``memory_frames`` frames, fewer than
-the rollout generates. The default policy is ``all_int8`` (TempCache + AnnSA + AnnCA, int8 ANN): at the world
-model's 64 tokens per frame the LSH variant ``all`` loses ~2 dB against the ground truth, because its AnnCA
-keeps only ~20 % of the prompt tokens per frame and drops ~40 % of the cross-attention mass (measured by
-``longroll eval``), while the int8 selection keeps ~92 % of it. At these shapes AnnSA's 128-key blocks cover the
-whole 15-frame cache (9 blocks, int8 top-16), so its self-attention is dense; ``longroll eval`` reports density
-and recall per layer. The demo writes to its output folder:
+the rollout generates. The default policy (``auto``, :func:`demo_policy`) depends on the device: on CUDA
+``all_int8`` (TempCache + AnnSA + AnnCA, int8 ANN; the LSH variant ``all`` loses ~2 dB against the ground truth
+at the world model's 64 tokens per frame, because its AnnCA drops ~40 % of the cross-attention mass, measured by
+``longroll eval``); on a CPU ``tempcache`` alone, because there the sparse paths run their torch reference twins,
+which cost more than the attention they skip at these shapes, while TempCache's bounded cache is what makes a
+chunk cheaper than dense's growing one. The demo writes to its output folder:
 
 - ``side_by_side.mp4``: ground truth | dense | longroll, labelled, upscaled 4x;
 - ``latency.png`` and ``memory.png``: per-chunk DiT latency and cache (and, on CUDA, peak) memory against
@@ -42,6 +42,19 @@ from longroll.world.training import EVAL_SEED
 log = logging.getLogger(__name__)
 
 FILES = ("side_by_side.mp4", "latency.png", "memory.png", "demo.json")
+AUTO = "auto"
+
+
+def demo_policy(policy: str, device: torch.device) -> tuple[str, str]:
+    """The longroll policy the demo runs on ``device`` and why (``policy`` is a preset name or ``auto``)."""
+    if policy != AUTO:
+        return policy, "chosen with --policy"
+    if device.type == "cuda":
+        return "all_int8", "auto on CUDA: TempCache + AnnSA + AnnCA (int8 ANN), the sparse paths on their GPU kernels"
+    return "tempcache", (
+        "auto on a CPU: TempCache alone; AnnSA and AnnCA run their torch reference twins there, which cost more "
+        "than the attention they skip at 64 tokens per frame"
+    )
 
 
 @dataclass(frozen=True)
@@ -50,7 +63,7 @@ class DemoConfig:
 
     Args:
         frames: frames of the episode, the ground-truth context (3) included; context plus a multiple of 3.
-        policy: the longroll policy compared with ``dense`` (a preset name; see the module docstring).
+        policy: the longroll policy compared with ``dense``: a preset name, or ``auto`` (:func:`demo_policy`).
         memory_frames: cache memory of the bounded policy, in frames.
         episode: which held-out revisit episode (index into the evaluation batch).
         fps: frame rate of the video.
@@ -60,7 +73,7 @@ class DemoConfig:
     """
 
     frames: int = 48
-    policy: str = "all_int8"
+    policy: str = "auto"
     memory_frames: int = EQUAL_MEMORY_FRAMES
     episode: int = 0
     fps: float = 8.0
@@ -74,9 +87,9 @@ class DemoConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.episode, int) or self.episode < 0:
             raise ValueError(f"episode must be a non-negative int, got {self.episode!r}")
-        if self.policy not in PRESET_NAMES or self.policy == "dense":
-            raise ValueError(f"policy must be a preset other than dense, one of {list(PRESET_NAMES[1:])}, "
-                             f"got {self.policy!r}")  # fmt: skip
+        if self.policy != AUTO and (self.policy not in PRESET_NAMES or self.policy == "dense"):
+            raise ValueError(f"policy must be {AUTO!r} or a preset other than dense, one of "
+                             f"{[p for p in PRESET_NAMES if p != 'dense']}, got {self.policy!r}")  # fmt: skip
         if not self.fps > 0:
             raise ValueError(f"fps must be positive, got {self.fps!r}")
 
@@ -147,6 +160,8 @@ def as_table(report: dict[str, Any]) -> str:
             f"{f(s['psnr_vs_dense'], '.2f') if name != 'dense' else '(ref)':>15}"
         )
     cfg = report["config"]
+    if "policy" in report:
+        lines.append(f"longroll policy: {report['policy']} ({report['policy_reason']})")
     lines.append(
         f"{report['device']}: {cfg['frames']} frames ({report['context_frames']} given), longroll cache "
         f"{cfg['memory_frames']} frames; 'revisited' = PSNR on tiles last seen before the sink-window memory"
@@ -187,7 +202,9 @@ def run_demo(
     episodes = eval_episodes("revisit", cfg.episode + 1, cfg.frames, model).select(slice(cfg.episode, cfg.episode + 1))
     episodes = episodes.to(dev)
     gt = episodes.render()
-    policies = ("dense", cfg.policy)
+    longroll_policy, reason = demo_policy(cfg.policy, dev)
+    log.info("longroll policy: %s (%s)", longroll_policy, reason)
+    policies = ("dense", longroll_policy)
     if cfg.warmup:
         short = episodes.truncate(spec.context_frames + spec.frames_per_chunk)
         for name in policies:
@@ -212,6 +229,8 @@ def run_demo(
             "actions": episodes.actions[0].tolist(),
         },
         "context_frames": f0,
+        "policy": longroll_policy,
+        "policy_reason": reason,
         "policies": {},
     }
     for name, out in rollouts.items():
@@ -235,9 +254,10 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / name for name in FILES]
     clips = [
-        x[0].permute(0, 2, 3, 1).cpu().numpy() for x in (gt, rollouts["dense"].frames, rollouts[cfg.policy].frames)
+        x[0].permute(0, 2, 3, 1).cpu().numpy()
+        for x in (gt, rollouts["dense"].frames, rollouts[longroll_policy].frames)
     ]
-    labels = ("ground truth", "dense (unbounded)", f"longroll {cfg.policy} ({cfg.memory_frames} fr)")
+    labels = ("ground truth", "dense (unbounded)", f"longroll {longroll_policy} ({cfg.memory_frames} fr)")
     video = tile_clips(clips, labels, scale=cfg.scale, gap=4, label_height=16)
     write_mp4(files[0], np.ascontiguousarray(video), cfg.fps)
     report["video"] = {"path": str(files[0]), "frames": int(video.shape[0]), "height": int(video.shape[1]),

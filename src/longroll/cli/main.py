@@ -191,9 +191,9 @@ def _add_world(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     demo.add_argument(
         "--policy",
-        choices=[p for p in PRESET_NAMES if p != "dense"],
-        default="all_int8",
-        help="the longroll policy compared with dense (default all_int8: TempCache + AnnSA + AnnCA, int8 ANN)",
+        choices=["auto", *[p for p in PRESET_NAMES if p != "dense"]],
+        default="auto",
+        help="the longroll policy compared with dense (default auto: all_int8 on CUDA, tempcache on a CPU)",
     )
     demo.add_argument(
         "--memory-frames",
