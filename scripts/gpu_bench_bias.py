@@ -45,9 +45,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from longroll.eval.world import run_record  # noqa: E402
-from longroll.ops.attention import attention, augment_qk  # noqa: E402
-from longroll.ops.reference import attention_ref  # noqa: E402
+from longroll.eval.world import run_record
+from longroll.ops.attention import attention, augment_qk
+from longroll.ops.reference import attention_ref
 
 
 def make_inputs(b: int, h: int, lq: int, lk: int, d: int, merged: float, device: str, dtype: torch.dtype, seed: int):
@@ -101,7 +101,7 @@ def bench(fn: Callable[[], Any], device: str, reps: int = 20) -> dict[str, Any]:
             e1.synchronize()
             times.append(e0.elapsed_time(e1))
         return {"ms": statistics.median(times), "timer": "graph", "spread_ms": [min(times), max(times)]}
-    except Exception as exc:  # noqa: BLE001 - some routes do not capture; time them eagerly instead
+    except Exception as exc:  # some routes do not capture: time them eagerly instead
         import triton.testing
 
         ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
@@ -128,93 +128,100 @@ def main() -> None:
     record["args"] = vars(args)
     record["cases"] = []
     for lk in args.lk:
-        q, k, v, count, bias = make_inputs(1, args.heads, args.lq, lk, d, args.merged, device, dtype, args.seed)
-        scale = 1.0 / math.sqrt(d)
-        # error rows: two heads, every query (the bias is per key, so all rows matter equally)
-        hs = slice(0, 2)
-        ref, _ = attention_ref(q[:, hs], k[:, hs], v[:, hs], bias[:, hs], scale=scale, upcast=True)
-        own, _ = attention_ref(q[:, hs], k[:, hs], v[:, hs], bias[:, hs], scale=scale, upcast=False)
-        ref = ref.double()
-        torch_err = (own.double() - ref).abs().max().item()
-        flops = 4 * args.heads * args.lq * lk * d
-        case: dict[str, Any] = {"lq": args.lq, "lk": lk, "heads": args.heads, "torch_bf16_max_err": torch_err,
-                                "routes": {}}  # fmt: skip
-
-        def cudnn(qq, kk, vv, mask=None):
-            if device != "cuda":
-                return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
-            with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
-                return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
-
-        routes: dict[str, Callable[[], torch.Tensor]] = {}
-        routes["cudnn_nobias"] = lambda: cudnn(q, k, v)
-        mask = bias.to(dtype)[:, :, None, :]
-        routes["cudnn_mask"] = lambda: cudnn(q, k, v, mask)
-        for width_mult in (16, 32, 64):
-            qa, ka = augment_qk(q, k, bias, scale, multiple=width_mult)
-            w = qa.shape[-1]
-            routes[f"aug{w}"] = lambda qa=qa, ka=ka: cudnn(qa, ka, v)
-        routes["aug192_build"] = lambda: cudnn(*augment_qk(q, k, bias, scale), v)
-        for w in (136, 144, 160, 192):
-            va = vaugment(v, count, w)
-            routes[f"vaug{w}"] = lambda va=va: _vsplit(cudnn(q, k, va), d)
-        routes["vaug_build"] = lambda: _vsplit(cudnn(q, k, vaugment(v, count, 144)), d)
-        routes["triton"] = lambda: attention(q, k, v, bias, scale=scale, backend="triton").out
-        try:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            bias_f = bias.float()
-
-            def score_mod(score, b, hh, qi, kv):
-                return score + bias_f[b, hh, kv]
-
-            flex_c = torch.compile(flex_attention, dynamic=False)
-            routes["flex"] = lambda: flex_c(q, k, v, score_mod=score_mod, scale=scale)
-            try:
-                import flash_attn.cute  # noqa: F401
-
-                case["flash_attn_cute"] = "importable"
-                flex_f = torch.compile(flex_attention, dynamic=False)
-                routes["flex_flash"] = lambda: flex_f(
-                    q, k, v, score_mod=score_mod, scale=scale, kernel_options={"BACKEND": "FLASH"}
-                )
-                from flash_attn.cute import flash_attn_func
-
-                qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-                routes["fa4_nobias"] = lambda: flash_attn_func(qt, kt, vt, softmax_scale=scale)[0].transpose(1, 2)
-            except Exception as exc:  # noqa: BLE001
-                case["flash_attn_cute"] = repr(exc)[:300]
-        except Exception as exc:  # noqa: BLE001
-            case["flex_error"] = repr(exc)[:300]
-        for name, fn in routes.items():
-            res: dict[str, Any] = {}
-            try:
-                out = fn()
-                if name not in ("cudnn_nobias", "fa4_nobias"):
-                    res["max_err"] = (out[:, hs].double() - ref).abs().max().item()
-                    res["within_rule"] = bool(res["max_err"] <= 2 * torch_err + torch.finfo(dtype).eps)
-                    res["finite"] = bool(torch.isfinite(out).all().item())
-                res |= bench(fn, device)
-                res["tflops"] = flops / (res["ms"] * 1e-3) / 1e12
-            except Exception as exc:  # noqa: BLE001 - record and go on
-                res["error"] = repr(exc)[:500]
-                res["trace"] = traceback.format_exc()[-800:]
-            case["routes"][name] = res
-            print(f"lk={lk} {name:14s} " + (f"{res['ms']:.3f} ms  {res['tflops']:.0f} TFLOP/s  err {res.get('max_err', 0):.2e}"
-                                             if "ms" in res else res["error"][:160]), flush=True)  # fmt: skip
-        base = case["routes"].get("cudnn_nobias", {}).get("ms")
-        if base:
-            for res in case["routes"].values():
-                if "ms" in res:
-                    res["vs_cudnn_nobias"] = res["ms"] / base
-        record["cases"].append(case)
-        del q, k, v, count, bias, mask, routes
+        record["cases"].append(run_case(lk, args, device, dtype, d))
         if device == "cuda":
             torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1, default=str)
     print("wrote", args.out)
+
+
+def run_case(lk: int, args: argparse.Namespace, device: str, dtype: torch.dtype, d: int) -> dict[str, Any]:
+    """Every route at one key length: errors against float64 on two heads, then the timing."""
+    q, k, v, count, bias = make_inputs(1, args.heads, args.lq, lk, d, args.merged, device, dtype, args.seed)
+    scale = 1.0 / math.sqrt(d)
+    # error rows: two heads, every query (the bias is per key, so all rows matter equally)
+    hs = slice(0, 2)
+    ref, _ = attention_ref(q[:, hs], k[:, hs], v[:, hs], bias[:, hs], scale=scale, upcast=True)
+    own, _ = attention_ref(q[:, hs], k[:, hs], v[:, hs], bias[:, hs], scale=scale, upcast=False)
+    ref = ref.double()
+    torch_err = (own.double() - ref).abs().max().item()
+    flops = 4 * args.heads * args.lq * lk * d
+    case: dict[str, Any] = {"lq": args.lq, "lk": lk, "heads": args.heads, "torch_bf16_max_err": torch_err,
+                            "routes": {}}  # fmt: skip
+
+    def cudnn(qq, kk, vv, mask=None):
+        if device != "cuda":
+            return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
+
+    routes: dict[str, Callable[[], torch.Tensor]] = {}
+    routes["cudnn_nobias"] = lambda: cudnn(q, k, v)
+    mask = bias.to(dtype)[:, :, None, :]
+    routes["cudnn_mask"] = lambda: cudnn(q, k, v, mask)
+    for width_mult in (16, 32, 64):
+        qa, ka = augment_qk(q, k, bias, scale, multiple=width_mult)
+        w = qa.shape[-1]
+        routes[f"aug{w}"] = lambda qa=qa, ka=ka: cudnn(qa, ka, v)
+    routes["aug192_build"] = lambda: cudnn(*augment_qk(q, k, bias, scale), v)
+    for w in (136, 144, 160, 192):
+        va = vaugment(v, count, w)
+        routes[f"vaug{w}"] = lambda va=va: _vsplit(cudnn(q, k, va), d)
+    routes["vaug_build"] = lambda: _vsplit(cudnn(q, k, vaugment(v, count, 144)), d)
+    routes["triton"] = lambda: attention(q, k, v, bias, scale=scale, backend="triton").out
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        bias_f = bias.float()
+
+        def score_mod(score, b, hh, qi, kv):
+            return score + bias_f[b, hh, kv]
+
+        flex_c = torch.compile(flex_attention, dynamic=False)
+        routes["flex"] = lambda: flex_c(q, k, v, score_mod=score_mod, scale=scale)
+        try:
+            import flash_attn.cute  # noqa: F401
+
+            case["flash_attn_cute"] = "importable"
+            flex_f = torch.compile(flex_attention, dynamic=False)
+            routes["flex_flash"] = lambda: flex_f(
+                q, k, v, score_mod=score_mod, scale=scale, kernel_options={"BACKEND": "FLASH"}
+            )
+            from flash_attn.cute import flash_attn_func
+
+            qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+            routes["fa4_nobias"] = lambda: flash_attn_func(qt, kt, vt, softmax_scale=scale)[0].transpose(1, 2)
+        except Exception as exc:
+            case["flash_attn_cute"] = repr(exc)[:300]
+    except Exception as exc:
+        case["flex_error"] = repr(exc)[:300]
+    for name, fn in routes.items():
+        res: dict[str, Any] = {}
+        try:
+            out = fn()
+            if name not in ("cudnn_nobias", "fa4_nobias"):
+                res["max_err"] = (out[:, hs].double() - ref).abs().max().item()
+                res["within_rule"] = bool(res["max_err"] <= 2 * torch_err + torch.finfo(dtype).eps)
+                res["finite"] = bool(torch.isfinite(out).all().item())
+            res |= bench(fn, device)
+            res["tflops"] = flops / (res["ms"] * 1e-3) / 1e12
+        except Exception as exc:  # record and go on
+            res["error"] = repr(exc)[:500]
+            res["trace"] = traceback.format_exc()[-800:]
+        case["routes"][name] = res
+        if "ms" in res:
+            line = f"{res['ms']:.3f} ms  {res['tflops']:.0f} TFLOP/s  err {res.get('max_err', 0):.2e}"
+        else:
+            line = res["error"][:160]
+        print(f"lk={lk} {name:14s} {line}", flush=True)
+    base = case["routes"].get("cudnn_nobias", {}).get("ms")
+    if base:
+        for res in case["routes"].values():
+            if "ms" in res:
+                res["vs_cudnn_nobias"] = res["ms"] / base
+    return case
 
 
 def _vsplit(o: torch.Tensor, d: int) -> torch.Tensor:

@@ -92,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         "versions": env.get("versions"),
         "date": latency["date"],
         "command": command,
-        "config": {"preset": preset, "latent_frames": args.frames, "video_frames": 4 * args.frames,
-                   "memory_frames": args.memory_frames, "last_chunks": args.last,
-                   "components_frames": args.components_frames},  # fmt: skip
+        "config": {
+            "preset": preset,
+            "latent_frames": args.frames,
+            "video_frames": 4 * args.frames,
+            "memory_frames": args.memory_frames,
+            "last_chunks": args.last,
+            "components_frames": args.components_frames,
+        },
         "policies": {name: policy_summary(latency, comps, name, args.last) for name in policies},
     }
     base = summary["policies"]["sink_window"]
