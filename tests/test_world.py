@@ -1,9 +1,9 @@
 """The procedural world, its episodes and latents, and the world model's training, checkpoint and rollout."""
 
 import dataclasses
-from dataclasses import replace
 import importlib.util
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -536,11 +536,12 @@ def test_clean_prefix_noise_and_the_default_stream():
     lat = torch.randn(6, 48, 12, 16, 16)
     base = diffusion_forcing_noise(lat, 3, 1.0, TrainConfig(), torch.Generator().manual_seed(0))
     # No prefix: exactly the original recipe's numbers.
-    again = diffusion_forcing_noise(lat, 3, 1.0, TrainConfig(clean_prefix_frames=(3, 6)), torch.Generator().manual_seed(0))
+    cfg0 = TrainConfig(clean_prefix_frames=(3, 6))
+    again = diffusion_forcing_noise(lat, 3, 1.0, cfg0, torch.Generator().manual_seed(0))
     for x, y in zip(base, again, strict=True):
         assert torch.equal(x, y)
     cfg = TrainConfig(clean_prob=(0.0, 0.0), clean_prefix_prob=1.0, clean_prefix_frames=(3, 9))
-    noisy, t, _, w = diffusion_forcing_noise(lat, 3, 1.0, cfg, torch.Generator().manual_seed(1))
+    _, t, _, w = diffusion_forcing_noise(lat, 3, 1.0, cfg, torch.Generator().manual_seed(1))
     clean = (t == 0).view(6, 4, 3)[..., 0]  # (B, chunks)
     lengths = clean.sum(1)
     assert bool((lengths >= 1).all()) and bool((lengths <= 3).all())
