@@ -4,6 +4,12 @@ GPU run (one H100; --minutes bounds the whole script, evaluation included)::
 
     PYTHONPATH=src python3 scripts/train_world_model.py --out $OUT/world --minutes 8
 
+The memory recipe (``--recipe memory``: half the batch revisit tours, clean ground-truth prefixes, revisited
+tiles weighted 4x in the loss), continuing the shipped checkpoint::
+
+    PYTHONPATH=src python3 scripts/train_world_model.py --out $OUT/world --minutes 9 --recipe memory \
+        --init shipped --lr 2e-4 --warmup-steps 100
+
 CPU check (a handful of steps on tiny episodes, under a minute)::
 
     PYTHONPATH=src .venv/bin/python scripts/train_world_model.py --out /tmp/world --smoke
@@ -24,7 +30,10 @@ evaluation and the files. Outputs (8 files, all directly in ``--out``, each unde
 - ``config.json``: transformer config, world-model spec, training config, run facts;
 - ``loss.json`` / ``loss.png``: per-step loss and learning rate, and their plot;
 - ``train.log``: the log of the run;
-- ``eval.json``: dense and sink-window rollouts of held-out episodes scored against the ground truth;
+- ``eval.json``: dense and sink-window rollouts of held-out episodes scored against the ground truth (both
+  families from 3 ground-truth frames; and, under ``memory``, the memory test of :mod:`longroll.eval.memory`:
+  revisit episodes from 21 ground-truth frames, pooled and per-episode PSNR on revisited tiles, paired
+  differences with bootstrap 95 % intervals, and the acceptance checks);
 - ``samples.png``: ground truth / dense / sink-window frames of a held-out revisit episode.
 """
 
@@ -45,6 +54,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from longroll.eval.memory import MemoryEvalConfig, evaluate_memory, memory_table, split_report
 from longroll.pipeline.generate import json_safe
 from longroll.world.episode import FAMILIES, EpisodeConfig, sample_episodes
 from longroll.world.model import (
@@ -57,7 +67,7 @@ from longroll.world.model import (
 )
 from longroll.world.rollout import rollout_world, score_rollout
 from longroll.world.text import load_prompt_embeddings
-from longroll.world.training import EVAL_SEED, TrainConfig, train
+from longroll.world.training import EVAL_SEED, MEMORY_CONTEXT_FRAMES, TrainConfig, train
 
 log = logging.getLogger("train_world_model")
 START = time.perf_counter()
@@ -83,8 +93,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-episodes", type=int, default=None, help="held-out episodes per family (16; smoke 1)")
-    p.add_argument("--reserve-s", type=float, default=None, help="seconds kept for eval and files (45; smoke 5)")
+    p.add_argument("--memory-episodes", type=int, default=None, help="episodes of the memory test (64; smoke 1)")
+    p.add_argument("--reserve-s", type=float, default=None, help="seconds kept for eval and files (75; smoke 5)")
+    p.add_argument(
+        "--recipe", choices=tuple(RECIPES), default="original",
+        help="data and loss options: 'original' (the shipped runs) or 'memory' (see RECIPES); flags below override",
+    )  # fmt: skip
+    p.add_argument("--revisit-fraction", type=float, default=None, help="share of revisit tours per batch")
+    p.add_argument("--clean-prefix-prob", type=float, default=None, help="probability of a clean prefix")
+    p.add_argument("--clean-prefix-frames", type=_int_pair, default=None, help="prefix length range LO,HI (frames)")
+    p.add_argument("--stale-weight", type=float, default=None, help="loss weight of revisited tiles")
     return p.parse_args(argv)
+
+
+#: Data and loss options of each recipe (TrainConfig fields). ``memory``: half of every batch are revisit tours
+#: (the mixture holds a quarter more), half the episodes keep a clean ground-truth prefix of 6-24 frames (the
+#: memory test gives 21), and tokens of revisited tiles count 4x in the loss (they are ~10 % of a revisit
+#: episode's tiles and what only the far context can predict).
+RECIPES: dict[str, dict[str, Any]] = {
+    "original": {},
+    "memory": {
+        "revisit_fraction": 0.5,
+        "clean_prefix_prob": 0.5,
+        "clean_prefix_frames": (6, 24),
+        "stale_weight": 4.0,
+    },
+}
+
+
+def _int_pair(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI integers, got {text!r}") from None
+    return lo, hi
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -117,10 +159,16 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     """The training hyper-parameters: the library defaults, shrunk for --smoke."""
     batch = args.batch_size or (2 if args.smoke else 32)
     frames = args.frames or (12 if args.smoke else 48)
+    recipe = dict(RECIPES[args.recipe])
+    if args.smoke and "clean_prefix_frames" in recipe:
+        recipe["clean_prefix_frames"] = (3, 6)  # the smoke test's episodes are 12 frames long
+    flags = {"revisit_fraction": args.revisit_fraction, "clean_prefix_prob": args.clean_prefix_prob,
+             "clean_prefix_frames": args.clean_prefix_frames, "stale_weight": args.stale_weight}  # fmt: skip
+    recipe |= {k: v for k, v in flags.items() if v is not None}
     return TrainConfig(
         batch_size=batch, num_frames=frames, lr=args.lr, seed=args.seed,
         warmup_steps=args.warmup_steps if args.warmup_steps is not None else (2 if args.smoke else 200),
-        log_every=1 if args.smoke else 50,
+        log_every=1 if args.smoke else 50, **recipe,
     )  # fmt: skip
 
 
@@ -253,6 +301,34 @@ def compare_samplers(model: WorldWanModel, device: torch.device, n: int, frames:
     return out
 
 
+def memory_test(model: WorldWanModel, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Dense and sink-window on the memory test (:mod:`longroll.eval.memory`, revisit episodes from 21
+    ground-truth frames, no probes), with the acceptance checks: dense >= 24 dB on revisited tiles and
+    sink-window >= 4 dB below it (pooled; and the paired interval)."""
+    n = args.memory_episodes or (1 if args.smoke else 64)
+    frames = MEMORY_CONTEXT_FRAMES + 3 if args.smoke else 48
+    cfg = MemoryEvalConfig(policies=("dense", "sink_window"), episodes=n, frames=frames, probe=False,
+                           resamples=1000 if args.smoke else 10_000)  # fmt: skip
+    report = evaluate_memory(model, cfg, device=device)
+    summary, details = split_report(json_safe(report))
+    fam = summary["families"]["revisit"]
+    d = details["paired"]["sink_window_minus_dense_revisited"]
+    dense_rev, sw_rev = fam["dense"]["psnr_revisited"], fam["sink_window"]["psnr_revisited"]
+    gap = None if dense_rev is None or sw_rev is None else dense_rev - sw_rev
+    acceptance = {
+        "memory_dense_revisited_db": dense_rev,
+        "memory_sink_window_revisited_db": sw_rev,
+        "memory_gap_db": gap,
+        "memory_gap_ci95": [None if x is None else -x for x in reversed(d["ci95"])],
+        "memory_dense_at_least_24db": dense_rev is not None and dense_rev >= 24.0,
+        "memory_gap_at_least_4db": gap is not None and gap >= 4.0,
+    }
+    log.info("memory test (%d episodes, %d ground-truth frames):\n%s", n, cfg.context_frames,
+             memory_table(json_safe(report)))  # fmt: skip
+    return {**summary, "paired": details["paired"], "per_episode": details["per_episode"],
+            "seconds": details["seconds"], "acceptance": acceptance}  # fmt: skip
+
+
 def write_samples(path: Path, rollouts: dict[str, torch.Tensor], every: int = 3) -> None:
     """Rows: ground truth, dense, sink-window of the first held-out revisit episode, every ``every`` frames."""
     rows = []
@@ -289,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     model = initial_model()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2f M parameters; train config: %s", n_params / 1e6, dataclasses.asdict(cfg))
-    reserve = args.reserve_s if args.reserve_s is not None else (5.0 if args.smoke else 45.0)
+    reserve = args.reserve_s if args.reserve_s is not None else (5.0 if args.smoke else 75.0)
     budget = max(0.0, args.minutes * 60 - reserve - (time.perf_counter() - START))
     max_steps = min(args.steps, 3) if args.smoke else args.steps
 
@@ -322,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     size = save_world_model(result.ema_model, args.out / "model.safetensors", max_shard_bytes=SHARD_BYTES,
                             extra={"train_config": dataclasses.asdict(cfg), **facts})  # fmt: skip
     log.info("wrote the checkpoint (%.2f MB) as shards in %s", size / 1e6, args.out)
-    config = {"wan_config": dataclasses.asdict(model.config), "spec": dataclasses.asdict(spec),
+    config = {"wan_config": dataclasses.asdict(model.config), "spec": dataclasses.asdict(result.ema_model.spec),
               "train_config": dataclasses.asdict(cfg), "run": {**facts, "checkpoint_bytes": size}}  # fmt: skip
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
     (args.out / "loss.json").write_text(json.dumps({"loss": result.losses, "lr": result.lrs}))
@@ -333,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     episodes = args.eval_episodes or (1 if args.smoke else 16)
     report = evaluate(eval_model, device, episodes, 9 if args.smoke else 48, samplers=not args.smoke)
     write_samples(args.out / "samples.png", report.pop("_rollouts"))
+    report["memory"] = memory_test(eval_model, device, args)
+    report["acceptance"] |= report["memory"]["acceptance"]
     report["run"] = facts
     (args.out / "eval.json").write_text(json.dumps(json_safe(report), indent=2))
     log.info("acceptance: %s", json.dumps(json_safe(report["acceptance"])))

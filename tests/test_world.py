@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,17 @@ from longroll.world.model import (
 from longroll.world.rollout import rollout_world, score_rollout
 from longroll.world.text import MAX_TOKENS, TEXT_DIM, load_prompt_embeddings
 from longroll.world.training import (
+    REVISIT_SEED_OFFSET,
+    TRAIN_SEED_BASE,
     BlockCausalProcessor,
     TrainConfig,
+    clean_prefix_chunks,
     diffusion_forcing_noise,
     flow_matching_loss,
     make_batch,
+    stale_token_mask,
     train,
+    training_episodes,
 )
 
 # A small world model for fast CPU tests: the real geometry (48 latent channels, 8x8 tokens, MiniLM width)
@@ -478,3 +484,109 @@ def test_training_script_smoke(tmp_path):
     assert a.config == world_wan_config()
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The memory recipe
+
+
+def test_train_config_validates_the_memory_options():
+    TrainConfig(revisit_fraction=0.5, clean_prefix_prob=0.5, clean_prefix_frames=(9, 21), stale_weight=4.0)
+    bad = [
+        {"revisit_fraction": 1.5}, {"revisit_fraction": -0.1}, {"clean_prefix_prob": 2.0},
+        {"clean_prefix_frames": (6, 3)}, {"clean_prefix_frames": (0, 48)}, {"clean_prefix_frames": (1,)},
+        {"clean_prefix_prob": 0.5}, {"stale_weight": 0.5}, {"stale_weight": math.nan}, {"stale_weight": math.inf},
+        {"stale_window_frames": 0}, {"stale_sink_frames": -1},
+    ]  # fmt: skip
+    for kwargs in bad:
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            TrainConfig(**kwargs)
+    # A prefix that is not whole chunks is refused by train(), which knows the chunk size.
+    cfg = TrainConfig(batch_size=1, num_frames=6, clean_prefix_prob=1.0, clean_prefix_frames=(2, 3))
+    with pytest.raises(ValueError, match="clean_prefix_frames"):
+        train(_tiny_model(), load_prompt_embeddings(), cfg, device="cpu", max_steps=1)
+
+
+def test_episodes_cat_joins_batches_and_checks_shapes():
+    a = sample_episodes(2, 0, EpisodeConfig(num_frames=6))
+    b = sample_episodes(3, 1, EpisodeConfig(num_frames=6, family="revisit"))
+    ab = Episodes.cat([a, b])
+    assert ab.batch == 5 and torch.equal(ab.actions[2:], b.actions) and torch.equal(ab.seeds[:2], a.seeds)
+    assert torch.equal(ab.render()[2:], b.render())
+    with pytest.raises(ValueError, match="parts\\[1\\]"):
+        Episodes.cat([a, sample_episodes(1, 0, EpisodeConfig(num_frames=9))])
+    with pytest.raises(ValueError, match="at least one"):
+        Episodes.cat([])
+
+
+def test_training_episodes_mix_families_and_keep_the_original_stream():
+    ecfg = EpisodeConfig(num_frames=12)
+    plain = training_episodes(TrainConfig(batch_size=4, seed=2), 7, ecfg)
+    ref = sample_episodes(4, TRAIN_SEED_BASE * 2 + 7, ecfg)
+    assert torch.equal(plain.actions, ref.actions) and torch.equal(plain.seeds, ref.seeds)
+    mixed = training_episodes(TrainConfig(batch_size=4, seed=2, revisit_fraction=0.5), 7, ecfg)
+    rev = sample_episodes(2, TRAIN_SEED_BASE * 2 + 7 + REVISIT_SEED_OFFSET, replace(ecfg, family="revisit"))
+    assert mixed.batch == 4 and torch.equal(mixed.actions[:2], ref.actions[:2])
+    assert torch.equal(mixed.actions[2:], rev.actions)
+    only = training_episodes(TrainConfig(batch_size=3, revisit_fraction=1.0), 0, ecfg)
+    assert torch.equal(only.actions, sample_episodes(3, REVISIT_SEED_OFFSET, replace(ecfg, family="revisit")).actions)
+
+
+def test_clean_prefix_noise_and_the_default_stream():
+    lat = torch.randn(6, 48, 12, 16, 16)
+    base = diffusion_forcing_noise(lat, 3, 1.0, TrainConfig(), torch.Generator().manual_seed(0))
+    # No prefix: exactly the original recipe's numbers.
+    cfg0 = TrainConfig(clean_prefix_frames=(3, 6))
+    again = diffusion_forcing_noise(lat, 3, 1.0, cfg0, torch.Generator().manual_seed(0))
+    for x, y in zip(base, again, strict=True):
+        assert torch.equal(x, y)
+    cfg = TrainConfig(clean_prob=(0.0, 0.0), clean_prefix_prob=1.0, clean_prefix_frames=(3, 9))
+    _, t, _, w = diffusion_forcing_noise(lat, 3, 1.0, cfg, torch.Generator().manual_seed(1))
+    clean = (t == 0).view(6, 4, 3)[..., 0]  # (B, chunks)
+    lengths = clean.sum(1)
+    assert bool((lengths >= 1).all()) and bool((lengths <= 3).all())
+    assert torch.equal(clean, torch.arange(4) < lengths[:, None])  # a prefix, nothing else (clean_prob 0)
+    assert bool(((t == 0) == (w == 0)).all())
+    m = clean_prefix_chunks(1000, 8, 3, TrainConfig(clean_prefix_prob=0.25, clean_prefix_frames=(6, 6)),
+                            torch.Generator().manual_seed(0), torch.device("cpu"))  # fmt: skip
+    has = m.any(1)
+    assert 0.2 < float(has.float().mean()) < 0.3 and bool((m[has].sum(1) == 2).all())
+
+
+def test_stale_weight_scales_revisited_tokens():
+    spec = SPEC
+    eps = sample_episodes(2, 3, EpisodeConfig(num_frames=48, family="revisit"))
+    cfg = TrainConfig(stale_weight=5.0)
+    stale = stale_token_mask(eps, spec, cfg)
+    assert stale.shape == (2, 48, 16, 16) and bool(stale.any()) and not bool(stale.all())
+    cats = tile_categories(eps, frames_per_chunk=3, sink_frames=3, window_frames=12)
+    assert torch.equal(stale[:, :, ::2, ::2], cats == STALE)
+    model = _random_weights(_tiny_model())
+    batch = make_batch(eps.truncate(9), load_prompt_embeddings(), spec)
+    st = stale[:, :9].clone()
+    st[:, 6:, :4] = True  # stale cells in the noised frames for sure
+    plain = flow_matching_loss(model, batch, TrainConfig(clean_prob=(0.0, 0.0)), torch.Generator().manual_seed(0))
+    unit = flow_matching_loss(model, batch, TrainConfig(clean_prob=(0.0, 0.0)), torch.Generator().manual_seed(0),
+                              stale=st)  # fmt: skip
+    torch.testing.assert_close(unit, plain)  # weight 1: the mask changes nothing
+    wcfg = TrainConfig(clean_prob=(0.0, 0.0), stale_weight=5.0)
+    weighted = flow_matching_loss(model, batch, wcfg, torch.Generator().manual_seed(0), stale=st)
+    none = flow_matching_loss(model, batch, wcfg, torch.Generator().manual_seed(0), stale=torch.zeros_like(st))
+    torch.testing.assert_close(none, plain)
+    # By hand: the weighted mean of the per-cell errors.
+    noisy, t, target, _ = diffusion_forcing_noise(batch.latents, 3, 1.0, wcfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pred = model(noisy, t, batch.context, processor=BlockCausalProcessor(3 * 64), actions=batch.actions,
+                     poses=batch.poses)  # fmt: skip
+    err = (pred - target).pow(2).mean(1)
+    wts = 1 + 4 * st.float()
+    torch.testing.assert_close(weighted.detach(), (err * wts).sum() / wts.sum(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="stale must be bool"):
+        flow_matching_loss(model, batch, wcfg, torch.Generator().manual_seed(0), stale=st[:, :6])
+
+
+def test_memory_recipe_trains():
+    cfg = TrainConfig(batch_size=2, num_frames=9, warmup_steps=1, revisit_fraction=0.5, clean_prefix_prob=0.5,
+                      clean_prefix_frames=(3, 6), stale_weight=4.0)  # fmt: skip
+    result = train(_tiny_model(), load_prompt_embeddings(), cfg, device="cpu", max_steps=2)
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from longroll.ann.config import Int8Config, LSHConfig
+from longroll.ann.config import AnnConfig, Int8Config, LSHConfig
 from longroll.cache.config import BudgetPolicy, CachePolicy, FullPolicy, SinkWindowPolicy, TempCachePolicy
 from longroll.ops.attention import BACKENDS, Backend
 from longroll.policies.schedule import SparseSchedule
@@ -47,14 +47,61 @@ class PolicyConfig:
 
 
 #: Cache budgets of the presets, in latent frames. The sink-window baseline is LongLive's (sink 3 + window 12);
-#: the budget and TempCache presets get the same memory (15 frames) so that quality compares at equal memory.
+#: every bounded preset gets the same memory (15 frames) and the same sink frames, so that quality compares at
+#: equal memory: with 1 sink instead of 3 a TempCache and a sink-window alike lose ~9 dB on recently seen tiles of
+#: the world model (results/world_eval/memory/).
 SINK_FRAMES = 3
 WINDOW_FRAMES = 12
 EQUAL_MEMORY_FRAMES = SINK_FRAMES + WINDOW_FRAMES
 
 
+@dataclass(frozen=True)
+class TempCacheLayout:
+    """How the TempCache presets (``tempcache``, ``tempcache_lsh``, ``all``, ``all_int8``) spend their memory.
+
+    The cap is the preset's memory (``memory_frames`` frames of tokens, the sink-window's bytes); within it the
+    first ``sink_frames`` frames stay verbatim and every later frame merges into the previous frame's entries by
+    temporal correspondence (see :class:`~longroll.cache.config.TempCachePolicy`, whose fields these are).
+
+    Args:
+        sink_frames: frames kept verbatim forever (at most ``memory_frames - frames_per_chunk``; fewer are
+            kept when the memory is smaller, as for the sink-window).
+        threshold: cosine similarity needed to merge.
+        overflow_threshold: looser similarity used only at the cap.
+        max_group: most frames one merged group may span (None: unbounded).
+    """
+
+    sink_frames: int = SINK_FRAMES
+    threshold: float = 0.9
+    overflow_threshold: float = 0.75
+    max_group: int | None = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sink_frames, int) or isinstance(self.sink_frames, bool) or self.sink_frames < 0:
+            raise ValueError(f"sink_frames must be an int >= 0, got {self.sink_frames!r}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if not 0.0 < self.overflow_threshold <= self.threshold:
+            raise ValueError(f"overflow_threshold must be in (0, threshold={self.threshold}], got "
+                             f"{self.overflow_threshold!r}")  # fmt: skip
+        if self.max_group is not None and (not isinstance(self.max_group, int) or self.max_group < 1):
+            raise ValueError(f"max_group must be None or an int >= 1, got {self.max_group!r}")
+
+    def policy(self, max_entries: int, sink_frames: int, ann: AnnConfig) -> TempCachePolicy:
+        """The cache policy of this layout at a cap of ``max_entries`` tokens, ``sink_frames`` (clamped) sinks."""
+        return TempCachePolicy(
+            threshold=self.threshold, max_entries=max_entries, sink_frames=sink_frames,
+            overflow_threshold=self.overflow_threshold, ann=ann, max_group=self.max_group,
+        )  # fmt: skip
+
+
 def preset(
-    name: str, *, tokens_per_frame: int, frames_per_chunk: int, memory_frames: int = EQUAL_MEMORY_FRAMES
+    name: str,
+    *,
+    tokens_per_frame: int,
+    frames_per_chunk: int,
+    memory_frames: int = EQUAL_MEMORY_FRAMES,
+    layout: TempCacheLayout | None = None,
 ) -> PolicyConfig:
     """A named policy at a model's geometry.
 
@@ -63,21 +110,24 @@ def preset(
     ``annsa_int8`` (ANN block-sparse self-attention over the unbounded cache), ``annca`` (ANN prompt-token
     selection), ``radial`` (static Radial-Attention-style mask, peer baseline), ``all`` and ``all_int8``
     (TempCache + AnnSA + AnnCA).
-    ``memory_frames`` sets the budget/cap of the bounded policies, in latent frames.
+    ``memory_frames`` sets the budget/cap of the bounded policies, in latent frames; every bounded policy holds
+    exactly that many frames of tokens and the same ``SINK_FRAMES`` sinks (fewer when the memory is too small to
+    hold them and a chunk). ``layout`` replaces the TempCache presets' default :class:`TempCacheLayout`.
     """
     if memory_frames < frames_per_chunk + 1:
         raise ValueError(f"memory_frames must exceed frames_per_chunk={frames_per_chunk}, got {memory_frames}")
+    layout = TempCacheLayout() if layout is None else layout
+    if not isinstance(layout, TempCacheLayout):
+        raise ValueError(f"layout must be a TempCacheLayout or None, got {type(layout).__name__}")
     budget = memory_frames * tokens_per_frame
-    sink = 1
-    window_sink = min(SINK_FRAMES, memory_frames - frames_per_chunk)
+    sink = min(SINK_FRAMES, memory_frames - frames_per_chunk)
+    tc_sink = min(layout.sink_frames, memory_frames - frames_per_chunk)
     table: dict[str, PolicyConfig] = {
         "dense": PolicyConfig("dense", FullPolicy()),
-        "sink_window": PolicyConfig("sink_window", SinkWindowPolicy(window_sink, memory_frames - window_sink)),
+        "sink_window": PolicyConfig("sink_window", SinkWindowPolicy(sink, memory_frames - sink)),
         "budget": PolicyConfig("budget", BudgetPolicy(budget_tokens=budget, sink_frames=sink)),
-        "tempcache": PolicyConfig("tempcache", TempCachePolicy(max_entries=budget, sink_frames=sink, ann=Int8Config())),
-        "tempcache_lsh": PolicyConfig(
-            "tempcache_lsh", TempCachePolicy(max_entries=budget, sink_frames=sink, ann=LSHConfig(bits=16, tables=2))
-        ),
+        "tempcache": PolicyConfig("tempcache", layout.policy(budget, tc_sink, Int8Config())),
+        "tempcache_lsh": PolicyConfig("tempcache_lsh", layout.policy(budget, tc_sink, LSHConfig(bits=16, tables=2))),
     }
     tc_lsh = table["tempcache_lsh"].cache
     tc_int8 = table["tempcache"].cache
@@ -129,4 +179,4 @@ PRESET_NAMES: tuple[str, ...] = (
     "all_int8",
 )
 
-__all__ = ["EQUAL_MEMORY_FRAMES", "PRESET_NAMES", "PolicyConfig", "preset"]
+__all__ = ["EQUAL_MEMORY_FRAMES", "PRESET_NAMES", "PolicyConfig", "TempCacheLayout", "preset"]

@@ -137,6 +137,25 @@ class Episodes:
             self, **{k: getattr(self, k)[index] for k in ("world_ids", "seeds", "start_xy", "t0", "actions")}
         )
 
+    @staticmethod
+    def cat(parts: list[Episodes]) -> Episodes:
+        """The episodes of ``parts`` in order, as one batch.
+
+        The parts must share frames, view, step and device; the result takes the first part's config (its
+        family label names the first part only: the rows keep the trajectories they were drawn with).
+        """
+        if not parts:
+            raise ValueError("parts must hold at least one Episodes")
+        first = parts[0].config
+        for i, p in enumerate(parts):
+            c = p.config
+            if (c.num_frames, c.view_px, c.step_px) != (first.num_frames, first.view_px, first.step_px):
+                raise ValueError(f"parts[{i}] has config {c}, incompatible with parts[0]'s {first}")
+            if p.actions.device != parts[0].actions.device:
+                raise ValueError(f"parts[{i}] is on {p.actions.device}, parts[0] on {parts[0].actions.device}")
+        fields = ("world_ids", "seeds", "start_xy", "t0", "actions")
+        return Episodes(**{k: torch.cat([getattr(p, k) for p in parts]) for k in fields}, config=first)
+
     def truncate(self, num_frames: int) -> Episodes:
         """The first ``num_frames`` frames of every episode (same worlds, starts and clocks)."""
         if not isinstance(num_frames, int) or not 1 <= num_frames <= self.num_frames:
