@@ -11,8 +11,10 @@ Two measurements per policy, same model, context, noise and cache size (``--memo
 1. latency and memory: a rollout of ``--frames`` latent frames without component timers (no extra syncs);
    ``ms_per_chunk`` is the median of the last ``--last`` chunks, ``peak_gib`` the largest per-chunk peak;
 2. overhead share: a short rollout (``--components-frames``) with CUDA-event timers around the ANN selection,
-   the AnnSA plan and the cache commit; ``overhead_share`` = their sum over the chunk time (median over warm
-   chunks). The timers sync, so these chunks are not used for latency.
+   the AnnSA plan and the cache commit, run in line (``overlap_commit="off"``, so that the spans add up to the
+   chunk); ``overhead_share`` = their sum over the chunk time (median over warm chunks). The timers sync, so
+   these chunks are not used for latency. The latency run overlaps commits and plans with the commit pass on a
+   side stream (the default); ``--no-overlap`` turns that off there too.
 
 Writes ``summary.json`` with the keys ``device, versions, date, command, policies.<name>.{ms_per_chunk, peak_gib,
 overhead_share}, ratios.{all_vs_sink_window, tempcache_vs_sink_window}`` (plus the raw reports), and
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--components-frames", type=int, default=30, help="latent frames of the timed-components run")
     p.add_argument("--last", type=int, default=50, help="chunks in the latency median (the last ones)")
     p.add_argument("--memory-frames", type=int, default=15)
+    p.add_argument("--no-overlap", action="store_true", help="commits in line in the latency run too")
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, a few frames")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -80,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python3", *sys.argv])
     common: dict[str, Any] = {"preset": preset, "policies": policies, "include_dense": False,
                               "memory_frames": args.memory_frames}  # fmt: skip
-    latency = run_rollout_bench(RolloutBenchConfig(num_frames=args.frames, **common), command=command)
+    overlap = "off" if args.no_overlap else "auto"
+    latency = run_rollout_bench(
+        RolloutBenchConfig(num_frames=args.frames, overlap_commit=overlap, **common), command=command
+    )
     comps = run_rollout_bench(
-        RolloutBenchConfig(num_frames=args.components_frames, components=True, **common), command=command
+        RolloutBenchConfig(num_frames=args.components_frames, components=True, overlap_commit="off", **common),
+        command=command,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory_frames": args.memory_frames,
             "last_chunks": args.last,
             "components_frames": args.components_frames,
+            "overlap_commit": overlap,
         },
         "policies": {name: policy_summary(latency, comps, name, args.last) for name in policies},
     }

@@ -187,3 +187,32 @@ def test_captured_steps_give_the_eager_rollout(policy):
     assert any(c._graph is not None for c in proc.caches), "the commit was never captured"
     if proc.planners[0] is not None:
         assert any(p._graph is not None for p in proc.planners if p is not None), "the selection was never captured"
+
+
+def test_overlap_commit_is_validated_and_off_on_the_cpu():
+    with pytest.raises(ValueError, match="overlap_commit"):
+        _processor("tempcache", overlap_commit="yes")
+    proc = _processor("tempcache")
+    assert proc._side is None  # no side stream on the CPU: commits run in line
+    proc.join_commits()  # a no-op without pending side-stream work
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["tempcache", "all", "all_int8", "sink_window"])
+def test_commits_on_a_side_stream_give_the_in_line_rollout(policy):
+    """The commit and the AnnSA plan on a side stream (overlapping the commit pass) change nothing: the same
+    kernels run in the same order per cache, and the next chunk waits for them."""
+    model = _model().cuda()
+    ctx = torch.randn(1, 5, CFG.text_dim, generator=torch.Generator().manual_seed(2)).cuda()
+    cfg = RolloutConfig(8 * FPC, FPC, (CFG.in_channels, LH, LW), SamplerConfig(timesteps=(1000, 750, 500, 250)))
+
+    def run(overlap):
+        pol = preset(policy, tokens_per_frame=P, frames_per_chunk=FPC, memory_frames=4)
+        proc = CachedProcessor.for_model(pol, CFG, tokens_per_frame=P, frames_per_chunk=FPC, dtype=torch.float32,
+                                         device="cuda", overlap_commit=overlap)  # fmt: skip
+        return RolloutEngine(model, proc, cfg).run(ctx).latents, proc
+
+    inline, _ = run("off")
+    side, proc = run("auto")
+    assert proc._side is not None
+    torch.testing.assert_close(side, inline, rtol=0, atol=0)

@@ -79,6 +79,9 @@ class RolloutBenchConfig:
             figures (DiT + decode per chunk).
         cuda_graphs: CUDA-graph capture of the launch-bound steps (``auto``, ``off``); see
             :class:`~longroll.policies.cached.CachedProcessor`.
+        overlap_commit: commits and AnnSA plans on a side stream (``auto``, ``off``); see
+            :class:`~longroll.policies.cached.CachedProcessor`. With ``components`` set to time them in line,
+            use ``off``: a side-stream commit's span measures its own duration, not what it adds to the chunk.
     """
 
     preset: str = "tiny"
@@ -100,6 +103,7 @@ class RolloutBenchConfig:
     history_frames: tuple[int, ...] = ()
     decode: bool = False
     cuda_graphs: str = "auto"
+    overlap_commit: str = "auto"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -135,6 +139,8 @@ class RolloutBenchConfig:
         object.__setattr__(self, "history_frames", hist)
         if self.cuda_graphs not in ("auto", "off"):
             raise ValueError(f"cuda_graphs must be 'auto' or 'off', got {self.cuda_graphs!r}")
+        if self.overlap_commit not in ("auto", "off"):
+            raise ValueError(f"overlap_commit must be 'auto' or 'off', got {self.overlap_commit!r}")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -239,6 +245,7 @@ class _Bench:
             device=self.device,
             timer=ComponentTimer(self.device) if c.components else None,
             cuda_graphs="auto" if c.cuda_graphs == "auto" else "off",
+            overlap_commit="auto" if c.overlap_commit == "auto" else "off",
         )
 
     def _rollout(

@@ -78,6 +78,10 @@ class CachedProcessor:
         cuda_graphs: CUDA-graph capture of the launch-bound steps (TempCache's steady-state commit, AnnSA's
             per-step block selection): ``"auto"`` on CUDA devices, ``"off"``, or ``"emulate"`` (the capture
             machinery without a graph, for tests). Every layer's captured calls share one set of static inputs.
+        overlap_commit: ``"auto"`` (CUDA devices) runs each layer's commit and AnnSA plan on a side stream, so
+            that their many small kernels overlap the rest of the commit pass (nothing reads a committed
+            history before the next chunk, whose first pass waits for the side stream); ``"off"`` runs them
+            in line. Same kernels in the same order per cache either way, so results are identical.
     """
 
     def __init__(
@@ -96,9 +100,12 @@ class CachedProcessor:
         check_finite: bool = False,
         timer: ComponentTimer | None = None,
         cuda_graphs: Literal["auto", "off", "emulate"] = "auto",
+        overlap_commit: Literal["auto", "off"] = "auto",
     ) -> None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if overlap_commit not in ("auto", "off"):
+            raise ValueError(f"overlap_commit must be 'auto' or 'off', got {overlap_commit!r}")
         self.policy = policy
         cfg = CacheConfig(
             tokens_per_frame, frames_per_chunk, policy.cache, check_finite=check_finite, commit_graphs=cuda_graphs
@@ -138,6 +145,9 @@ class CachedProcessor:
         self._gate: list[tuple[tuple[float, float], bool] | None] = [None] * num_layers
         self._select_prompt: list[bool | None] = [None] * num_layers
         self._radial: tuple[int, BlockSparseIndex] | None = None
+        dev = torch.empty(0, device=device).device
+        self._side = torch.cuda.Stream(dev) if overlap_commit == "auto" and dev.type == "cuda" else None
+        self._side_pending = False
 
     @property
     def current_pass(self) -> PassInfo:
@@ -196,6 +206,7 @@ class CachedProcessor:
 
     def begin_pass(self, info: PassInfo) -> None:
         """Declare the next forward pass (called by the rollout engine before each model call)."""
+        self.join_commits()
         if info.frame_start != self.caches[0].committed_frames:
             raise ValueError(f"frame_start must be {self.caches[0].committed_frames}, got {info.frame_start}")
         self.pass_info = info
@@ -220,13 +231,33 @@ class CachedProcessor:
             with self._span("attention"):
                 out = attention(q, *view, backend=self.policy.attention_backend).out
         if info.commit:
-            with self._span("cache_commit"):
-                cache.commit(queries=q)
-            if planner is not None:
-                with self._span("ann_plan"):
-                    planner.plan(cache)
-                self._planned[layer] = True
+            if self._side is None:
+                self._commit(layer, q)
+            else:
+                # The side stream starts after everything the main stream issued so far (the staged K/V); the
+                # tensors it reads that the model frees after this layer stay allocated until it is done.
+                self._side.wait_stream(torch.cuda.current_stream(self._side.device))
+                for t in (q, k, v, k_pre_rope):
+                    t.record_stream(self._side)
+                with torch.cuda.stream(self._side):
+                    self._commit(layer, q)
+                self._side_pending = True
         return out
+
+    def _commit(self, layer: int, q: torch.Tensor) -> None:
+        cache, planner = self.caches[layer], self.planners[layer]
+        with self._span("cache_commit"):
+            cache.commit(queries=q)
+        if planner is not None:
+            with self._span("ann_plan"):
+                planner.plan(cache)
+            self._planned[layer] = True
+
+    def join_commits(self) -> None:
+        """Make the current stream wait for commits still running on the side stream (no host sync)."""
+        if self._side is not None and self._side_pending:
+            torch.cuda.current_stream(self._side.device).wait_stream(self._side)
+            self._side_pending = False
 
     def cross_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ca = self.annca[layer]
@@ -284,11 +315,13 @@ class CachedProcessor:
 
     def mean_entries(self) -> float:
         """Committed entries per head, averaged over layers (host sync)."""
+        self.join_commits()
         return sum(c.mean_entries() for c in self.caches) / len(self.caches)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every layer's cache state, flat (``layer{i}.{name}``), and AnnCA's per-prompt decisions
         (``layer{i}.annca_gate``: prompt fingerprint and decision), ready for safetensors."""
+        self.join_commits()
         state = {f"layer{i}.{k}": v for i, c in enumerate(self.caches) for k, v in c.state_dict().items()}
         for i, gate in enumerate(self._gate):
             if gate is not None:
@@ -298,6 +331,7 @@ class CachedProcessor:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict` output; AnnSA plans are rebuilt from the restored caches (the saved
         layout is already bucket-sorted, so re-planning keeps it)."""
+        self.join_commits()
         for i, c in enumerate(self.caches):
             prefix = f"layer{i}."
             c.load_state_dict(
@@ -310,6 +344,7 @@ class CachedProcessor:
     def replan(self) -> None:
         """Rebuild the AnnSA plans of every layer from its cache (after the caches were filled or restored
         outside a rollout)."""
+        self.join_commits()
         for i, c in enumerate(self.caches):
             planner = self.planners[i]
             self._planned[i] = planner is not None and c.committed_frames > 0
