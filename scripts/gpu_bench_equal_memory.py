@@ -12,7 +12,8 @@ Two measurements per policy, same model, context, noise and cache size (``--memo
    ``ms_per_chunk`` is the median of the last ``--last`` chunks, ``peak_gib`` the largest per-chunk peak;
 2. overhead share: a short rollout (``--components-frames``) with CUDA-event timers around the ANN selection,
    the AnnSA plan and the cache commit, run in line (``overlap_commit="off"``, so that the spans add up to the
-   chunk); ``overhead_share`` = their sum over the chunk time (median over warm chunks). The timers sync, so
+   chunk); ``overhead_share`` = their sum over the chunk time (median over the second half of the chunks, where
+   the cache is at its cap and its commit captured). The timers sync, so
    these chunks are not used for latency. The latency run overlaps commits and plans with the commit pass on a
    side stream (the default); ``--no-overlap`` turns that off there too.
 
@@ -42,11 +43,10 @@ def policy_summary(latency: dict[str, Any], comps: dict[str, Any], policy: str, 
     tail = chunks[-last:]
     ms = statistics.median(c["seconds"] for c in tail) * 1e3
     peak = max(c["peak_bytes"] or 0 for c in chunks) / 2**30
-    shares = []
-    for c in comps["chunks"]:
-        if c["policy"] != policy or c["chunk"] < 1 or not c.get("components") or not c["seconds"]:
-            continue
-        shares.append(sum(c["components"].get(k, 0.0) for k in OVERHEAD) / c["seconds"])
+    # Steady state only: the second half of the timed run (the cache is at its cap and its commit captured).
+    timed = [c for c in comps["chunks"] if c["policy"] == policy and c.get("components") and c["seconds"]]
+    steady = timed[len(timed) // 2 :]
+    shares = [sum(c["components"].get(k, 0.0) for k in OVERHEAD) / c["seconds"] for c in steady]
     return {
         "ms_per_chunk": ms,
         "peak_gib": peak,
@@ -54,11 +54,12 @@ def policy_summary(latency: dict[str, Any], comps: dict[str, Any], policy: str, 
         "chunks_in_median": len(tail),
         "first_chunk_ms": chunks[0]["seconds"] * 1e3,
         "components_ms": {
-            k: statistics.median(c["components"].get(k, 0.0) for c in comps["chunks"]
-                                 if c["policy"] == policy and c["chunk"] >= 1 and c.get("components")) * 1e3
+            k: statistics.median(c["components"].get(k, 0.0) for c in steady) * 1e3
             for k in ("attention", "cross_attention", *OVERHEAD)
-        } if shares else {},
-    }  # fmt: skip
+        }
+        if steady
+        else {},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--policies", default="sink_window,tempcache,all")
     p.add_argument("--frames", type=int, default=750, help="latent frames of the latency rollout")
-    p.add_argument("--components-frames", type=int, default=30, help="latent frames of the timed-components run")
+    p.add_argument("--components-frames", type=int, default=90, help="latent frames of the timed-components run")
     p.add_argument("--last", type=int, default=50, help="chunks in the latency median (the last ones)")
     p.add_argument("--memory-frames", type=int, default=15)
     p.add_argument("--no-overlap", action="store_true", help="commits in line in the latency run too")
