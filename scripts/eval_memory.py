@@ -50,16 +50,21 @@ from longroll.world.training import MEMORY_CONTEXT_FRAMES
 log = logging.getLogger("eval_memory")
 START = time.perf_counter()
 
-#: The layout sweep: sinks (1 as the old presets had, 6), merge thresholds, group span; and a sink-window with
-#: one sink (what the old presets' sink count does to a sink-window).
+#: The layout sweep, most informative first (later ones are skipped if --minutes runs out): no soft merges below
+#: the merge threshold at the cap (the oldest groups are evicted instead; a soft merge drops the newest token's
+#: key, which costs recently seen detail), group span, thresholds, sinks (1 as the old presets had, 6), the
+#: same for ``all``; and a sink-window with one sink (what the old presets' sink count does to a sink-window).
 DEFAULT_LAYOUTS = (
-    "tc_s1=tempcache:sinks=1",
-    "tc_s6=tempcache:sinks=6",
-    "tc_t95=tempcache:threshold=0.95,overflow=0.8",
-    "tc_t80=tempcache:threshold=0.8,overflow=0.7",
+    "tc_ov90=tempcache:overflow=0.9",
+    "all_ov90=all:overflow=0.9",
     "tc_g4=tempcache:group=4",
-    "tc_g16=tempcache:group=16",
+    "tc_t95=tempcache:threshold=0.95,overflow=0.95",
+    "tc_s1=tempcache:sinks=1",
     "sw_s1=sink_window:sinks=1",
+    "tc_s6=tempcache:sinks=6",
+    "tc_ov90_g4=tempcache:overflow=0.9,group=4",
+    "tc_t80=tempcache:threshold=0.8,overflow=0.7",
+    "tc_g16=tempcache:group=16",
     "all_s6=all:sinks=6",
 )
 

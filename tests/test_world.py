@@ -590,3 +590,20 @@ def test_memory_recipe_trains():
                       clean_prefix_frames=(3, 6), stale_weight=4.0)  # fmt: skip
     result = train(_tiny_model(), load_prompt_embeddings(), cfg, device="cpu", max_steps=2)
     assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+
+
+def test_training_script_recipes_set_the_train_config():
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "train_world_model.py"), run_name="recipes")
+    parse, config = script["parse_args"], script["train_config"]
+    original = config(parse(["--out", "x"]))
+    assert original == TrainConfig(lr=5e-4)  # the shipped runs' recipe: every new option off
+    memory = config(parse(["--out", "x", "--recipe", "memory"]))
+    assert (memory.revisit_fraction, memory.clean_prefix_prob, memory.clean_prefix_frames, memory.stale_weight) == (
+        0.5, 0.5, (6, 24), 4.0)  # fmt: skip
+    override = config(parse(["--out", "x", "--recipe", "memory", "--stale-weight", "2", "--clean-prefix-frames",
+                             "3,9", "--revisit-fraction", "0"]))  # fmt: skip
+    assert (override.stale_weight, override.clean_prefix_frames, override.revisit_fraction) == (2.0, (3, 9), 0.0)
+    with pytest.raises(SystemExit):
+        parse(["--out", "x", "--clean-prefix-frames", "3"])

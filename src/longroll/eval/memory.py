@@ -133,7 +133,7 @@ class MemoryEvalConfig:
 
     def __post_init__(self) -> None:
         pols = tuple(self.policies)
-        allowed = [p for p in (*MEMORY_POLICIES, "budget", "tempcache_lsh", "annsa", "annsa_int8", "annca")]
+        allowed = [*MEMORY_POLICIES, "budget", "tempcache_lsh", "annsa", "annsa_int8", "annca"]
         bad = [p for p in pols if p not in allowed]
         if bad or len(set(pols)) != len(pols):
             raise ValueError(f"policies must be distinct names from {allowed}, got {list(pols)}")
