@@ -214,22 +214,19 @@ class LayerKVCache:
         """Apply the policy to the staged chunk and make it part of the history.
 
         Args:
-            queries: (batch, heads_q, n, head_dim) queries of the committing pass; the ``budget`` policy scores
-                importance with them (default: the staged keys stand in).
+            queries: (batch, heads_q, n, head_dim) queries of the committing pass (n = the staged tokens,
+                heads_q a multiple of heads, the cache's dtype and device); the ``budget`` policy scores
+                importance with them (default: the staged keys stand in). With ``check_finite`` a NaN or Inf
+                query is refused (it would decide what is evicted).
 
         Returns:
             For TempCache, the slot each staged token went to, (batch, heads, n) int64; otherwise None.
         """
         if self.staged_tokens == 0:
             raise RuntimeError("commit() called with nothing staged; call stage() first")
-        if queries is not None:
-            check_rank("queries", queries, 4)
-            if queries.shape[0] != self.batch or queries.shape[-1] != self.head_dim or queries.shape[1] % self.heads:
-                raise ValueError(
-                    f"queries must have shape ({self.batch}, k*{self.heads}, n, {self.head_dim}), "
-                    f"got {tuple(queries.shape)}"
-                )
         n = self.staged_tokens
+        if queries is not None:
+            self._check_queries(queries, n)
         frames = n // self.config.tokens_per_frame
         p = self.policy
         result = None
@@ -428,6 +425,20 @@ class LayerKVCache:
         self._bias = None
 
     # ----------------------------------------------------------------- validation
+    def _check_queries(self, queries: torch.Tensor, n: int) -> None:
+        check_rank("queries", queries, 4)
+        check_float("queries", queries)
+        b, hq, lq, d = queries.shape
+        if b != self.batch or d != self.head_dim or hq == 0 or hq % self.heads or lq != n:
+            raise ValueError(
+                f"queries must have shape ({self.batch}, k*{self.heads}, {n}, {self.head_dim}) (the {n} staged "
+                f"tokens), got {tuple(queries.shape)}"
+            )
+        if queries.dtype != self.dtype or queries.device != self.device:
+            raise ValueError(f"queries must be {self.dtype} on {self.device}, got {queries.dtype} on {queries.device}")
+        if self.config.check_finite and not bool(torch.isfinite(queries).all()):
+            raise ValueError("queries holds NaN or Inf values")
+
     def _check_stage(self, k: torch.Tensor, v: torch.Tensor, frame_start: int, k_match: torch.Tensor | None) -> None:
         check_rank("k", k, 4)
         check_rank("v", v, 4)
