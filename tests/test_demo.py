@@ -25,8 +25,11 @@ def test_demo_writes_its_outputs_and_prints_the_table(tmp_path, capsys, checkpoi
     import imageio_ffmpeg
 
     assert main(["demo", "--out", str(tmp_path), "--frames", "9", *checkpoint_args]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "dense" in out and "all_int8" in out and "PSNR vs dense" in out
+    for policy in ("dense", "all_int8"):  # progress while it runs, one line per chunk
+        assert f"demo: {policy} chunk 1/2" in captured.err and f"demo: {policy} chunk 2/2" in captured.err
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["demo.json", "latency.png", "memory.png", "side_by_side.mp4"]
     for png in ("latency.png", "memory.png"):
