@@ -234,3 +234,10 @@ def test_empty_prompt_is_refused(tmp_path, capsys, tiny_folder):
     assert main(["generate", "  ", "--model", str(tiny_folder), *GEN, "--out", str(tmp_path)]) == 2
     assert "prompt is empty" in _one_error_line(capsys.readouterr().err)
     assert not any(Path(tmp_path).iterdir())
+
+
+def test_a_refused_command_creates_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "folder"
+    assert main(["bench", "rollout", "--height", "100", "--out", str(out)]) == 2
+    assert "multiple of 16" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "new").exists()

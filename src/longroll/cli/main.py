@@ -353,10 +353,10 @@ def _device(text: str | None, flag: str = "--device") -> Any:
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
-    """``--out``, created and proved writable before any work."""
+    """``--out``, proved writable before any work (created by the command once it runs)."""
     from longroll.pipeline.outdir import prepare_out_dir
 
-    return prepare_out_dir(args.out, name="--out")
+    return prepare_out_dir(args.out, name="--out", create=False)
 
 
 # ------------------------------------------------------------------------------------------------ commands
