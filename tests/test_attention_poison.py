@@ -156,3 +156,15 @@ def test_nan_queries_pass_unchecked_only_when_checks_are_off():
     _staged(cache)
     cache.commit(queries=torch.full((1, HC, F * P, DC), float("nan")))  # documented: no host sync, no check
     assert cache.committed_frames == F
+
+
+def test_nan_queries_that_choose_evictions_poison_the_cache_instead_of_hiding():
+    cache = _budget_cache(check_finite=False)
+    for _ in range(3):  # past the budget: the committing queries choose what stays
+        _staged(cache)
+        cache.commit(queries=torch.randn(1, HC, F * P, DC))
+    assert torch.isfinite(cache.view().k).all()
+    _staged(cache)
+    cache.commit(queries=torch.full((1, HC, F * P, DC), float("nan")))
+    out = attention(torch.randn(1, HC, 3, DC), *cache.view()).out
+    assert torch.isnan(out).all()

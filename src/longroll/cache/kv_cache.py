@@ -217,7 +217,8 @@ class LayerKVCache:
             queries: (batch, heads_q, n, head_dim) queries of the committing pass (n = the staged tokens,
                 heads_q a multiple of heads, the cache's dtype and device); the ``budget`` policy scores
                 importance with them (default: the staged keys stand in). With ``check_finite`` a NaN or Inf
-                query is refused (it would decide what is evicted).
+                query is refused (it would decide what is evicted); without it (no host sync), NaN queries that
+                choose evictions make the kept keys NaN, so that the rollout shows it instead of hiding it.
 
         Returns:
             For TempCache, the slot each staged token went to, (batch, heads, n) int64; otherwise None.
