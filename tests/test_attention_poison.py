@@ -12,6 +12,7 @@ from longroll.cache import BudgetPolicy, CacheConfig, LayerKVCache
 from longroll.ops.attention import attention
 from longroll.ops.reference import attention_ref
 from longroll.ops.types import MASKED_BIAS
+from tests.device import KERNEL_DEVICE
 
 # The Triton interpreter computes in numpy, which warns about the NaN these tests feed it on purpose.
 pytestmark = [
@@ -22,13 +23,17 @@ ROUTES = ("chunked", "sdpa", "sdpa_augmented", "triton")
 B, H, HK, LQ, LK, D = 1, 4, 2, 5, 33, 16  # grouped heads, odd lengths
 
 
+#: The route tests place their tensors where the Triton kernel runs (conftest then keeps them in the GPU suite).
+KERNEL_DEVICE_AWARE = True
+
+
 def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, LQ, D, generator=g)
     k = torch.randn(B, HK, LK, D, generator=g)
     v = torch.randn(B, HK, LK, D, generator=g)
     bias = torch.randn(B, HK, LK, generator=g)
-    return q, k, v, bias
+    return tuple(x.to(KERNEL_DEVICE) for x in (q, k, v, bias))
 
 
 def _run(route, q, k, v, bias, **kw):
@@ -41,7 +46,7 @@ def test_nan_query_gives_nan_in_its_row_only(route):
     q[0, 1, 2, 5] = float("nan")
     out = _run(route, q, k, v, bias)
     assert torch.isnan(out[0, 1, 2]).all()
-    rest = torch.ones(out.shape[:3], dtype=torch.bool)
+    rest = torch.ones(out.shape[:3], dtype=torch.bool, device=out.device)
     rest[0, 1, 2] = False
     assert torch.isfinite(out[rest]).all()
 
