@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PINS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "" || echo "-r requirements-cpu.txt")
 
-.PHONY: setup demo test lint typecheck unit bench-cpu clean
+.PHONY: setup demo test test-gpu lint typecheck unit bench-cpu clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,15 @@ unit: setup
 	$(BIN)/python -m pytest -q -n 2
 
 test: lint unit
+
+# The whole suite on one CUDA GPU, Triton interpreter off (tests/conftest.py, LONGROLL_TEST_GPU=1), bounded to
+# fit one 10-minute call; writes test_gpu.{xml,log,json} to GPU_OUT. Uses the machine's own python (a GPU image
+# has its CUDA torch; it needs no venv and no network: missing test tools come from GPU_WHEELS when given).
+GPU_PY ?= python3
+GPU_OUT ?= results/gpu/test_gpu
+GPU_WHEELS ?=
+test-gpu:
+	$(GPU_PY) scripts/run_gpu_tests.py --out $(GPU_OUT) $(if $(GPU_WHEELS),--wheels $(GPU_WHEELS))
 
 bench-cpu: setup
 	$(BIN)/python scripts/bench_cache_cpu.py

@@ -246,7 +246,7 @@ def test_bad_commit_queries_leave_the_stage_in_place():
     with pytest.raises(ValueError, match="queries must have shape"):
         cache.commit(queries=torch.randn(1, 3, 4, D))
     assert cache.staged_tokens == F * P
-    cache.commit(queries=torch.randn(1, 2 * H, 4, D))
+    cache.commit(queries=torch.randn(1, 2 * H, F * P, D))
     assert cache.bound == F * P
 
 

@@ -78,7 +78,7 @@ def test_bench_rollout_stops_dense_early(tmp_path: Path) -> None:
         (["generate", "a cat", "--model", "MODEL", "--policy", "nope"], "invalid choice: 'nope'"),
         (["bench", "rollout", "--policies", "dense,nope"], "unknown policy"),
         (["generate", "a cat", "--model", "/definitely/missing"], "/definitely/missing"),
-        (["generate", "a cat", "--model", "MODEL", "--frames", "4"], "multiple of frames_per_chunk"),
+        (["generate", "a cat", "--model", "MODEL", "--frames", "4"], "--frames must be a positive multiple of --fram"),
         (["bench", "rollout", "--preset", "huge"], "preset must be one of"),
         (["bench", "rollout", "--height", "100"], "multiple of 16"),
         (["frobnicate"], "invalid choice"),

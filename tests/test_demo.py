@@ -25,10 +25,13 @@ def test_demo_writes_its_outputs_and_prints_the_table(tmp_path, capsys, checkpoi
     import imageio_ffmpeg
 
     assert main(["demo", "--out", str(tmp_path), "--frames", "9", *checkpoint_args]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     # On a CPU the automatic choice is TempCache alone (the sparse paths would run their torch twins), and the
     # demo says so.
     assert "dense" in out and "tempcache" in out and "PSNR vs dense" in out and "longroll policy: tempcache" in out
+    for policy in ("dense", "tempcache"):  # progress while it runs, one line per chunk
+        assert f"demo: {policy} chunk 1/2" in captured.err and f"demo: {policy} chunk 2/2" in captured.err
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["demo.json", "latency.png", "memory.png", "side_by_side.mp4"]
     for png in ("latency.png", "memory.png"):

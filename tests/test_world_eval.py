@@ -133,8 +133,13 @@ def test_config_validation():
 
 def test_evaluate_world_report_and_files(model, tmp_path):
     cfg = WorldEvalConfig(policies=("sink_window", "annca"), episodes=1, frames=9, memory_frames=4, steps=1)
-    report = evaluate_world(model, cfg, device="cpu", command="longroll eval --test")
+    seen = []
+    report = evaluate_world(model, cfg, device="cpu", command="longroll eval --test",
+                            chunk_progress=lambda *a: seen.append(a))  # fmt: skip
     assert report["command"] == "longroll eval --test" and report["environment"]["device_name"]
+    # Progress after every chunk of every rollout: 2 families x 3 policies x 2 chunks.
+    assert seen == [(f"{fam} {p}", i, 2) for fam in ("mixture", "revisit") for p in ("dense", "sink_window", "annca")
+                    for i in (1, 2)]  # fmt: skip
     assert list(report["families"]) == ["mixture", "revisit"]
     for fam in report["families"].values():
         assert list(fam["policies"]) == ["dense", "sink_window", "annca"]

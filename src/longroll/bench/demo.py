@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from longroll.eval.world import chunk_summary, compare_frames, eval_episodes, file_digest, run_record
+from longroll.eval.world import (
+    chunk_reporter,
+    chunk_summary,
+    compare_frames,
+    eval_episodes,
+    file_digest,
+    run_record,
+)
 from longroll.pipeline.loader import default_device
+from longroll.pipeline.outdir import prepare_out_dir
 from longroll.pipeline.video import tile_clips, write_mp4
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES
 from longroll.world.model import load_world_model, shipped_checkpoint_path
@@ -180,6 +189,7 @@ def run_demo(
     device: str | torch.device | None = None,
     checkpoint: str | Path | None = None,
     command: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoResult:
     """Run the demo (see the module docstring) and write its files under ``out_dir``.
 
@@ -188,8 +198,13 @@ def run_demo(
         device: default CUDA when available, else the CPU.
         checkpoint: world-model checkpoint (default: the one shipped in the package).
         command: command line recorded in ``demo.json`` (default: this process's).
+        progress: called with (label, chunks done, chunks total) after every generated chunk of each rollout.
+
+    Raises:
+        ValueError: ``out_dir`` cannot be written (checked before anything runs), or a bad config.
     """
     cfg = DemoConfig() if config is None else config
+    out_dir = prepare_out_dir(out_dir, name="out_dir")
     dev = default_device() if device is None else torch.device(device)
     t_start = time.perf_counter()
     ckpt = shipped_checkpoint_path() if checkpoint is None else Path(checkpoint)
@@ -208,11 +223,15 @@ def run_demo(
     if cfg.warmup:
         short = episodes.truncate(spec.context_frames + spec.frames_per_chunk)
         for name in policies:
-            rollout_world(model, name, short, device=dev, seed=EVAL_SEED, memory_frames=cfg.memory_frames)
+            warm = None if progress is None else chunk_reporter(progress, f"warm-up {name}", 1)
+            rollout_world(model, name, short, device=dev, seed=EVAL_SEED, memory_frames=cfg.memory_frames,
+                          on_chunk=warm)  # fmt: skip
     rollouts: dict[str, WorldRollout] = {}
+    total = generated // spec.frames_per_chunk
     for name in policies:
+        on_chunk = None if progress is None else chunk_reporter(progress, name, total)
         rollouts[name] = rollout_world(model, name, episodes, device=dev, seed=EVAL_SEED,
-                                       memory_frames=cfg.memory_frames)  # fmt: skip
+                                       memory_frames=cfg.memory_frames, on_chunk=on_chunk)  # fmt: skip
         log.info("%s: %.1f s", name, rollouts[name].seconds)
     f0 = rollouts["dense"].context_frames
     report: dict[str, Any] = run_record(dev, command)
@@ -250,8 +269,6 @@ def run_demo(
             },
             "chunks": _chunk_records(out, spec.frames_per_chunk),
         }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / name for name in FILES]
     clips = [
         x[0].permute(0, 2, 3, 1).cpu().numpy()

@@ -10,9 +10,10 @@ from longroll.cache.config import (
     SinkWindowPolicy,
     TempCachePolicy,
 )
-from longroll.cache.kv_cache import CacheView, LayerKVCache
+from longroll.cache.kv_cache import STATE_FORMAT, CacheView, LayerKVCache, LoadedState
 
 __all__ = [
+    "STATE_FORMAT",
     "BudgetPolicy",
     "CacheBuffers",
     "CacheConfig",
@@ -20,6 +21,7 @@ __all__ = [
     "CacheView",
     "FullPolicy",
     "LayerKVCache",
+    "LoadedState",
     "SinkWindowPolicy",
     "TempCachePolicy",
 ]

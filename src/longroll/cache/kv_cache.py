@@ -16,6 +16,8 @@ a non-blocking copy of the previous commit), so nothing in stage/view/commit cal
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -27,6 +29,35 @@ from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWin
 from longroll.cache.graphs import CapturedCall, StaticInputs, capture
 from longroll.cache.tempcache import Track, commit_chunk
 from longroll.ops._checks import check_float, check_rank
+
+#: Version of the layout written by :meth:`LayerKVCache.state_dict` (checked on load).
+STATE_FORMAT = 1
+
+
+def _expect(state: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    x = state[name]
+    if x.dtype != dtype:
+        raise ValueError(f"state[{name!r}] must be {dtype}, got {x.dtype}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"state[{name!r}] must have shape {shape}, got {tuple(x.shape)}")
+
+
+@dataclass
+class LoadedState:
+    """A validated cache state on the cache's device (:meth:`LayerKVCache.check_state`); n = ``bound``.
+
+    k: (B, H, n, D); v: (B, H, n, Dv); count: (B, H, n) float32; frame: (B, H, n) int32; lengths: (B, H) int64;
+    track: TempCache's track or None.
+    """
+
+    committed_frames: int
+    bound: int
+    k: torch.Tensor
+    v: torch.Tensor
+    count: torch.Tensor
+    frame: torch.Tensor
+    lengths: torch.Tensor
+    track: Track | None = None
 
 
 class CacheView(NamedTuple):
@@ -183,22 +214,20 @@ class LayerKVCache:
         """Apply the policy to the staged chunk and make it part of the history.
 
         Args:
-            queries: (batch, heads_q, n, head_dim) queries of the committing pass; the ``budget`` policy scores
-                importance with them (default: the staged keys stand in).
+            queries: (batch, heads_q, n, head_dim) queries of the committing pass (n = the staged tokens,
+                heads_q a multiple of heads, the cache's dtype and device); the ``budget`` policy scores
+                importance with them (default: the staged keys stand in). With ``check_finite`` a NaN or Inf
+                query is refused (it would decide what is evicted); without it (no host sync), NaN queries that
+                choose evictions make the kept keys NaN, so that the rollout shows it instead of hiding it.
 
         Returns:
             For TempCache, the slot each staged token went to, (batch, heads, n) int64; otherwise None.
         """
         if self.staged_tokens == 0:
             raise RuntimeError("commit() called with nothing staged; call stage() first")
-        if queries is not None:
-            check_rank("queries", queries, 4)
-            if queries.shape[0] != self.batch or queries.shape[-1] != self.head_dim or queries.shape[1] % self.heads:
-                raise ValueError(
-                    f"queries must have shape ({self.batch}, k*{self.heads}, n, {self.head_dim}), "
-                    f"got {tuple(queries.shape)}"
-                )
         n = self.staged_tokens
+        if queries is not None:
+            self._check_queries(queries, n)
         frames = n // self.config.tokens_per_frame
         p = self.policy
         result = None
@@ -397,6 +426,20 @@ class LayerKVCache:
         self._bias = None
 
     # ----------------------------------------------------------------- validation
+    def _check_queries(self, queries: torch.Tensor, n: int) -> None:
+        check_rank("queries", queries, 4)
+        check_float("queries", queries)
+        b, hq, lq, d = queries.shape
+        if b != self.batch or d != self.head_dim or hq == 0 or hq % self.heads or lq != n:
+            raise ValueError(
+                f"queries must have shape ({self.batch}, k*{self.heads}, {n}, {self.head_dim}) (the {n} staged "
+                f"tokens), got {tuple(queries.shape)}"
+            )
+        if queries.dtype != self.dtype or queries.device != self.device:
+            raise ValueError(f"queries must be {self.dtype} on {self.device}, got {queries.dtype} on {queries.device}")
+        if self.config.check_finite and not bool(torch.isfinite(queries).all()):
+            raise ValueError("queries holds NaN or Inf values")
+
     def _check_stage(self, k: torch.Tensor, v: torch.Tensor, frame_start: int, k_match: torch.Tensor | None) -> None:
         check_rank("k", k, 4)
         check_rank("v", v, 4)
@@ -430,19 +473,28 @@ class LayerKVCache:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Explicit, serialisable state (tensors only; safetensors-ready). Staged data is not part of it."""
+        """Explicit, serialisable state (tensors only; safetensors-ready). Staged data is not part of it.
+
+        Keys (n = committed slots, P = tokens_per_frame): ``format`` (1,) int64 :data:`STATE_FORMAT`;
+        ``meta`` (3,) int64 [committed_frames, n, layer]; ``head_ids`` (heads,) int64; ``k`` (B, H, n, D) and
+        ``v`` (B, H, n, Dv) in the cache dtype; ``count`` (B, H, n) float32; ``frame`` (B, H, n) int32;
+        ``lengths`` (B, H) int64; with TempCache after a non-sink frame, ``track_slots`` (B, H, P) int64,
+        ``track_keys`` (B, H, P, D) float32 and ``track_active`` (B, H, P) bool.
+        """
         if self.staged_tokens:
             raise RuntimeError("state_dict() with a chunk staged: commit it first")
         self._refresh_bound_blocking()
         n = self.bound
         buf = self.buffers
         state = {
+            "format": torch.tensor([STATE_FORMAT], dtype=torch.int64),
             "k": buf.k[:, :, :n].contiguous(),
             "v": buf.v[:, :, :n].contiguous(),
             "count": buf.count[:, :, :n].contiguous(),
             "frame": buf.frame[:, :, :n].contiguous(),
             "lengths": buf.lengths.clone(),
             "meta": torch.tensor([self.committed_frames, self.bound, self.layer], dtype=torch.int64),
+            "head_ids": torch.tensor(self.head_ids, dtype=torch.int64),
         }
         if self.track is not None:
             t = self.track
@@ -455,31 +507,126 @@ class LayerKVCache:
             }
         return state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict` output into a cache built with the same config and shapes."""
-        required = ("k", "v", "count", "frame", "lengths", "meta")
-        missing = [r for r in required if r not in state]
+    def check_state(self, state: Mapping[str, torch.Tensor]) -> LoadedState:
+        """Validate :meth:`state_dict` output against this cache without changing anything.
+
+        Checks, in order: the key set, the format version, every tensor's dtype (exact: nothing is cast),
+        shape and device (CPU or this cache's device), then the values: meta (frames, bound, layer), head ids,
+        finite keys and values, lengths within the bound (the longest head at it), counts >= 1 on occupied
+        slots and 0 on empty ones, frames of occupied slots within the committed frames, and the track.
+
+        Returns:
+            the state's tensors on this cache's device, ready for :meth:`load_state_dict`.
+
+        Raises:
+            ValueError naming the first problem found.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a mapping of tensors, got {type(state).__name__}")
+        tempcache = isinstance(self.policy, TempCachePolicy)
+        required = {"format", "meta", "head_ids", "k", "v", "count", "frame", "lengths"}
+        track_keys = {"track_slots", "track_keys", "track_active"}
+        missing = sorted(required - set(state))
         if missing:
             raise ValueError(f"state is missing {missing}")
-        committed, bound, _ = (int(x) for x in state["meta"].tolist())
-        if state["k"].shape[:2] != (self.batch, self.heads) or state["k"].shape[-1] != self.head_dim:
-            raise ValueError(f"state k has shape {tuple(state['k'].shape)}, incompatible with this cache")
-        if bound > self.capacity and not isinstance(self.policy, FullPolicy):
-            raise ValueError(f"state holds {bound} entries, more than this cache's capacity {self.capacity}")
+        unknown = sorted(set(state) - required - track_keys)
+        if unknown:
+            raise ValueError(f"state has unknown keys {unknown}")
+        for name, x in state.items():
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"state[{name!r}] must be a tensor, got {type(x).__name__}")
+            if x.device.type != "cpu" and x.device != self.device:
+                raise ValueError(f"state[{name!r}] is on {x.device}; expected the CPU or {self.device}")
+        _expect(state, "format", (1,), torch.int64)
+        fmt = int(state["format"][0])
+        if fmt != STATE_FORMAT:
+            raise ValueError(f"state['format'] is {fmt}; this version of longroll reads format {STATE_FORMAT}")
+        _expect(state, "meta", (3,), torch.int64)
+        committed, n, layer = (int(x) for x in state["meta"].tolist())
+        if committed < 0 or n < 0:
+            raise ValueError(f"state['meta'] holds negative frames or entries: {[committed, n, layer]}")
+        if layer != self.layer:
+            raise ValueError(f"state['meta'] is of layer {layer}, this cache is layer {self.layer}")
+        if n > self.capacity and not isinstance(self.policy, FullPolicy):
+            raise ValueError(f"state holds {n} entries per head, more than this cache's capacity {self.capacity}")
+        if n > committed * self.config.tokens_per_frame:
+            raise ValueError(
+                f"state holds {n} entries per head but only {committed} committed frames of "
+                f"{self.config.tokens_per_frame} tokens"
+            )
+        b, h, d, dv = self.batch, self.heads, self.head_dim, self.v_dim
+        _expect(state, "head_ids", (h,), torch.int64)
+        if tuple(state["head_ids"].tolist()) != self.head_ids:
+            raise ValueError(
+                f"state['head_ids'] is {state['head_ids'].tolist()}, this cache holds {list(self.head_ids)}"
+            )
+        _expect(state, "k", (b, h, n, d), self.dtype)
+        _expect(state, "v", (b, h, n, dv), self.dtype)
+        _expect(state, "count", (b, h, n), torch.float32)
+        _expect(state, "frame", (b, h, n), torch.int32)
+        _expect(state, "lengths", (b, h), torch.int64)
+        has_track = sorted(track_keys & set(state))
+        wants_track = tempcache and committed > getattr(self.policy, "sink_frames", 0)
+        if wants_track and len(has_track) != 3:
+            raise ValueError(f"state is missing {sorted(track_keys - set(state))} (TempCache after a non-sink frame)")
+        if not wants_track and has_track:
+            raise ValueError(f"state has {has_track}, which this cache's policy and frame count do not use")
+        p = self.config.tokens_per_frame
+        if wants_track:
+            _expect(state, "track_slots", (b, h, p), torch.int64)
+            _expect(state, "track_keys", (b, h, p, d), torch.float32)
+            _expect(state, "track_active", (b, h, p), torch.bool)
+        k, v, count, frame, lengths = (
+            state[name].to(self.device, copy=True) for name in ("k", "v", "count", "frame", "lengths")
+        )
+        loaded = LoadedState(committed, n, k, v, count, frame, lengths)
+        for name in ("k", "v"):
+            if not bool(torch.isfinite(getattr(loaded, name)).all()):
+                raise ValueError(f"state[{name!r}] holds NaN or Inf values")
+        if bool((lengths < 0).any()) or int(lengths.max()) != n:
+            raise ValueError(f"state['lengths'] must lie in [0, {n}] with its longest head at {n}, got "
+                             f"[{int(lengths.min())}, {int(lengths.max())}]")  # fmt: skip
+        occupied = torch.arange(n, device=self.device) < lengths[..., None]
+        if not bool(torch.isfinite(count).all()):
+            raise ValueError("state['count'] holds NaN or Inf values")
+        if not bool(torch.where(occupied, count >= 1.0, count == 0.0).all()):
+            raise ValueError("state['count'] must be >= 1 on occupied slots and 0 on empty ones")
+        if not tempcache and not bool((count[occupied] == 1.0).all()):
+            raise ValueError(f"state['count'] must be 1 on occupied slots of a {type(self.policy).__name__} cache")
+        ok = torch.where(occupied, (frame >= 0) & (frame < committed), frame == -1)
+        if not bool(ok.all()):
+            raise ValueError(f"state['frame'] must lie in [0, {committed}) on occupied slots and be -1 on empty ones")
+        if wants_track:
+            slots = state["track_slots"].to(self.device, copy=True)
+            keys = state["track_keys"].to(self.device, copy=True)
+            if bool((slots < 0).any()) or not bool((slots < lengths[..., None]).all()):
+                raise ValueError("state['track_slots'] must point at occupied slots of its head")
+            if not bool(torch.isfinite(keys).all()):
+                raise ValueError("state['track_keys'] holds NaN or Inf values")
+            loaded.track = Track(slots, keys, state["track_active"].to(self.device, copy=True))
+        return loaded
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor] | LoadedState) -> None:
+        """Restore :meth:`state_dict` output into a cache built with the same config and shapes.
+
+        Everything is validated first (:meth:`check_state`); on any problem a ``ValueError`` names it and the
+        cache is unchanged. A :class:`LoadedState` from :meth:`check_state` is applied as is.
+        """
+        loaded = state if isinstance(state, LoadedState) else self.check_state(state)
+        bound = loaded.bound
         self._ensure_slots(bound + self.config.chunk_tokens)
         buf = self.buffers
         for name in ("k", "v", "count", "frame"):
-            getattr(buf, name)[:, :, :bound] = state[name].to(self.device)
-        buf.lengths.copy_(state["lengths"])
-        self.committed_frames, self.bound, self.staged_tokens = committed, bound, 0
-        self.track = None
-        if "track_slots" in state:
-            self.track = Track(
-                state["track_slots"].to(self.device),
-                state["track_keys"].to(self.device),
-                state["track_active"].to(self.device),
-            )
+            getattr(buf, name)[:, :, :bound] = getattr(loaded, name)
+        # Slots past the restored entries return to their empty state.
+        buf.count[:, :, bound:] = 0.0
+        buf.frame[:, :, bound:] = -1
+        buf.lengths.copy_(loaded.lengths)
+        self.committed_frames, self.bound, self.staged_tokens = loaded.committed_frames, bound, 0
+        self.track = loaded.track
         self._pending_len, self._bias = None, None
+        # A captured commit holds the previous track's buffers: capture again from the restored state.
+        self._graph, self._graph_warm = None, None
 
     def _refresh_bound_blocking(self) -> None:
         if self._pending_len is not None:
@@ -501,4 +648,4 @@ class LayerKVCache:
         )
 
 
-__all__ = ["CacheView", "LayerKVCache"]
+__all__ = ["STATE_FORMAT", "CacheView", "LayerKVCache", "LoadedState"]

@@ -1,8 +1,12 @@
 """The ``longroll`` command line: ``demo``, ``eval``, ``generate``, ``bench rollout``, ``bench cache`` and ``info``.
 
-Errors a user can cause (bad arguments, missing files, checkpoints that do not fit) end with one line on
-stderr and exit code 2, without a traceback; ``--debug`` re-raises them instead. Heavy imports (diffusers,
-transformers, matplotlib) happen inside the sub-command that needs them.
+Errors a user can cause (bad arguments, missing, damaged or unwritable files, checkpoints that do not fit, a
+device that is not there) end with one line on stderr naming the flag or file, and exit code 2. Failures of the
+program are not usage errors: running out of memory ends with one line naming the chunk and the memory in use,
+and any other failure (a ``RuntimeError``, a broken invariant) prints its traceback and a last line; both exit
+with code 1. ``--debug`` re-raises every error instead. An interrupt exits with 130 (``generate`` leaves
+``video.partial.mp4`` and ``stats.partial.json``). Heavy imports (torch, diffusers, transformers, matplotlib)
+happen inside the sub-command that needs them.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import json
 import logging
 import pkgutil
 import platform
+import re
 import shlex
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
@@ -25,8 +31,20 @@ from typing import Any, NoReturn
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 _DTYPE_CHOICES = ("bf16", "fp16", "fp32")
-_HANDLED = (ValueError, OSError, RuntimeError, ImportError)
+#: Errors of the user's making: bad values, missing or unreadable inputs, unwritable outputs, missing extras.
+_USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FileExistsError,
+    ImportError,
+)
+#: Library field names that a command line knows under another flag.
+_ALIASES = {"num_frames": "frames", "policy_name": "policy", "out_dir": "out"}
 
 
 class UsageError(Exception):
@@ -38,6 +56,25 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+def _flag_map(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> the flag a user types, for the options of ``parser`` (and the library's aliases of them)."""
+    flags = {
+        a.dest: max(a.option_strings, key=len)
+        for a in parser._actions  # argparse keeps no public list of a parser's actions
+        if a.option_strings and a.dest not in ("help", "debug", "verbose")
+    }
+    flags |= {alias: flags[dest] for alias, dest in _ALIASES.items() if dest in flags}
+    return flags
+
+
+def _with_flags(text: str, flags: dict[str, str]) -> str:
+    """Name the flags the user typed in a library message: ``num_frames must`` -> ``--frames must``,
+    ``frames_per_chunk=3`` -> ``--frames-per-chunk=3``."""
+    for name in sorted(flags, key=len, reverse=True):
+        text = re.sub(rf"(?<![-\w]){re.escape(name)}(?=\s+must\b|=|\s+is\b)", flags[name], text)
+    return text
 
 
 # ------------------------------------------------------------------------------------------- argument types
@@ -119,7 +156,7 @@ def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the checkpoint's non-EMA generator")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_sampler_args(p)
-    p.set_defaults(handler=_cmd_generate)
+    p.set_defaults(handler=_cmd_generate, flags=_flag_map(p))
 
 
 def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -164,13 +201,13 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="out/bench_rollout", help="folder for bench_rollout.json/.png")
     _add_sampler_args(p)
-    p.set_defaults(handler=_cmd_bench_rollout)
+    p.set_defaults(handler=_cmd_bench_rollout, flags=_flag_map(p))
     c = bsub.add_parser(
         "cache", parents=[common], help="every cache policy on a synthetic video-like scene with Wan's RoPE (CPU)"
     )
     c.add_argument("--frames", type=int, default=48, help="latent frames rolled out (even, >= 4; default 48)")
     c.add_argument("--out", default="out/bench_cache", help="folder for cache_policies.json/.png")
-    c.set_defaults(handler=_cmd_bench_cache)
+    c.set_defaults(handler=_cmd_bench_cache, flags=_flag_map(c))
 
 
 def _world_policy_list(text: str) -> tuple[str, ...]:
@@ -202,7 +239,7 @@ def _add_world(sub: Any, common: argparse.ArgumentParser) -> None:
         help=f"cache memory of the longroll policy, frames (default {EQUAL_MEMORY_FRAMES})",
     )
     demo.add_argument("--checkpoint", help="world-model checkpoint (default: the bundled one)")
-    demo.set_defaults(handler=_cmd_demo)
+    demo.set_defaults(handler=_cmd_demo, flags=_flag_map(demo))
 
     ev = sub.add_parser(
         "eval", parents=[common], help="every cache policy on held-out world-model episodes -> JSON + plots"
@@ -231,7 +268,7 @@ def _add_world(sub: Any, common: argparse.ArgumentParser) -> None:
     ev.add_argument("--device", help="default: cuda if available, else cpu")
     ev.add_argument("--checkpoint", help="world-model checkpoint (default: the bundled one)")
     ev.add_argument("--out", default="out/eval", help="output folder (default out/eval)")
-    ev.set_defaults(handler=_cmd_eval)
+    ev.set_defaults(handler=_cmd_eval, flags=_flag_map(ev))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +315,50 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[int, int], None] 
         bar.close()
 
 
+def _chunk_lines(command: str) -> Callable[[str, int, int], None]:
+    """A (label, done, total) progress callback: one line per chunk on stderr (rewritten in place on a
+    terminal, where the line of a finished rollout stays)."""
+    tty = sys.stderr.isatty()
+
+    def show(label: str, done: int, total: int) -> None:
+        text = f"{command}: {label} chunk {done}/{total}"
+        if tty:
+            print(f"\r\033[K{text}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _device(text: str | None, flag: str = "--device") -> Any:
+    """The torch device a ``--device`` value names, refused when it is not there (instead of a raw failure at
+    the first tensor). None: CUDA when available, else the CPU."""
+    import torch
+
+    from longroll.pipeline.loader import default_device
+
+    if text is None:
+        return default_device()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"{flag} {text}: CUDA is not available here ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {text}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    """``--out``, proved writable before any work (created by the command once it runs)."""
+    from longroll.pipeline.outdir import prepare_out_dir
+
+    return prepare_out_dir(args.out, name="--out", create=False)
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def _cmd_generate(args: argparse.Namespace, command: str) -> int:
     from longroll.pipeline.rollout import RolloutConfig
@@ -285,6 +366,8 @@ def _cmd_generate(args: argparse.Namespace, command: str) -> int:
     from longroll.policies.config import preset
 
     # Validate cheap settings before spending seconds to minutes loading the model.
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty; give a text prompt, e.g. longroll generate 'a cat runs' --model ...")
     sampler = SamplerConfig(timesteps=args.timesteps, shift=args.shift)
     RolloutConfig(args.frames, args.frames_per_chunk, sampler=sampler)
     preset(args.policy, tokens_per_frame=1, frames_per_chunk=args.frames_per_chunk, memory_frames=args.memory_frames)
@@ -292,29 +375,35 @@ def _cmd_generate(args: argparse.Namespace, command: str) -> int:
         if getattr(args, name) % 16:
             raise ValueError(f"--{name} must be a multiple of 16, got {getattr(args, name)}")
     if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"model folder {args.model!r} does not exist")
+        raise FileNotFoundError(f"--model folder {args.model!r} does not exist")
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    device = _device(args.device)
+    out = _out_dir(args)
 
-    from longroll.pipeline.generate import generate
+    from longroll.pipeline.generate import PARTIAL_STATS_FILE, PARTIAL_VIDEO_FILE, generate
     from longroll.pipeline.loader import load_pipeline
 
     t0 = time.perf_counter()
     pipe = load_pipeline(
         args.model,
         checkpoint=args.checkpoint,
-        device=args.device,
+        device=device,
         dtype=args.dtype,
         use_ema=not args.no_ema,
         text_len=args.text_len,
     )
     load_s = time.perf_counter() - t0
-    with _progress(args.frames // args.frames_per_chunk, not args.no_progress) as progress:
+    with _progress(args.frames // args.frames_per_chunk, not args.no_progress) as progress, _partial_note(
+        out / PARTIAL_VIDEO_FILE, out / PARTIAL_STATS_FILE
+    ):
         res = generate(
             pipe,
             args.prompt,
             num_frames=args.frames,
             policy_name=args.policy,
             seed=args.seed,
-            out_dir=args.out,
+            out_dir=out,
             frames_per_chunk=args.frames_per_chunk,
             sampler=sampler,
             height=args.height,
@@ -336,6 +425,18 @@ def _cmd_generate(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+@contextmanager
+def _partial_note(video: Path, stats: Path) -> Iterator[None]:
+    """On the way out of a stopped ``generate``, say where its partial results are."""
+    try:
+        yield
+    except BaseException:
+        kept = [str(p) for p in (video, stats) if p.exists()]
+        if kept:
+            print(f"longroll: partial results (not a complete video): {', '.join(kept)}", file=sys.stderr)
+        raise
+
+
 def _fmt(value: float | None, scale: float = 1.0, spec: str = ".1f") -> str:
     return "-" if value is None else format(value * scale, spec)
 
@@ -344,6 +445,8 @@ def _cmd_bench_rollout(args: argparse.Namespace, command: str) -> int:
     from longroll.bench.rollout import bench_rollout
     from longroll.pipeline.sampler import SamplerConfig
 
+    device = None if args.device is None else str(_device(args.device))
+    _out_dir(args)
     report = bench_rollout(
         args.preset,
         args.policies,
@@ -356,7 +459,7 @@ def _cmd_bench_rollout(args: argparse.Namespace, command: str) -> int:
         memory_frames=args.memory_frames,
         max_dense_frames=args.max_dense_frames,
         dtype=args.dtype,
-        device=args.device,
+        device=device,
         text_len=args.text_len,
         seed=args.seed,
         warmup=not args.no_warmup,
@@ -473,7 +576,7 @@ def _cmd_bench_cache(args: argparse.Namespace, command: str) -> int:
 
     if args.frames < 4 or args.frames % 2:
         raise ValueError(f"--frames must be an even number >= 4, got {args.frames}")
-    table, files = run_cache_bench(Path(args.out), frames=args.frames)
+    table, files = run_cache_bench(_out_dir(args), frames=args.frames)
     print(table)
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
@@ -483,7 +586,12 @@ def _cmd_demo(args: argparse.Namespace, command: str) -> int:
     from longroll.bench.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(frames=args.frames, policy=args.policy, memory_frames=args.memory_frames)
-    result = run_demo(args.out, cfg, device=args.device, checkpoint=args.checkpoint, command=command)
+    device, out = _device(args.device), _out_dir(args)
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    result = run_demo(
+        out, cfg, device=device, checkpoint=args.checkpoint, command=command, progress=_chunk_lines("demo")
+    )
     print(result.table)
     print(f"took {result.report['seconds_total']:.1f} s; wrote " + ", ".join(str(f) for f in result.files))
     return 0
@@ -493,7 +601,6 @@ def _cmd_eval(args: argparse.Namespace, command: str) -> int:
     import torch
 
     from longroll.eval.world import DEFAULT_POLICIES, WorldEvalConfig, as_table, evaluate_world, write_report
-    from longroll.pipeline.loader import default_device
     from longroll.world.model import load_world_model, shipped_checkpoint_path
 
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
@@ -506,15 +613,21 @@ def _cmd_eval(args: argparse.Namespace, command: str) -> int:
         steps=args.steps,
         probe_every=args.probe_every,
     )
-    device = default_device() if args.device is None else torch.device(args.device)
+    device, out = _device(args.device), _out_dir(args)
     ckpt = shipped_checkpoint_path() if args.checkpoint is None else Path(args.checkpoint)
     model = load_world_model(ckpt, device=device, dtype=torch.float32)
     t0 = time.perf_counter()
     report = evaluate_world(
-        model, cfg, device=device, checkpoint=ckpt, command=command, progress=lambda line: print(line, flush=True)
+        model,
+        cfg,
+        device=device,
+        checkpoint=ckpt,
+        command=command,
+        progress=lambda line: print(line, flush=True),
+        chunk_progress=_chunk_lines("eval"),
     )
     report["seconds_total"] = time.perf_counter() - t0
-    files = write_report(report, args.out)
+    files = write_report(report, out)
     print(as_table(report))
     print(f"took {report['seconds_total']:.0f} s on {report['environment']['device_name']}; wrote "
           + ", ".join(str(f) for f in files))  # fmt: skip
@@ -529,8 +642,14 @@ def _one_line(e: BaseException) -> str:
     return text
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, torch.OutOfMemoryError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 for usage, input and model errors)."""
+    """Run the CLI; returns the exit code (0 ok, 2 for usage, input and model errors, 1 for failures of the
+    program such as running out of memory, 130 when interrupted)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(args_list)
@@ -543,13 +662,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     command = shlex.join(["longroll", *args_list])
+    flags = getattr(args, "flags", {})
     try:
         return int(args.handler(args, command))
-    except _HANDLED as e:
+    except _USER_ERRORS as e:
         if debug:
             raise
-        print(f"longroll: error: {_one_line(e)}", file=sys.stderr)
+        print(f"longroll: error: {_with_flags(_one_line(e), flags)}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:
+        if debug:
+            raise
+        if _is_out_of_memory(e):
+            print(f"longroll: out of memory: {_one_line(e)}", file=sys.stderr)
+        else:
+            # A failure of the program, not of the command line: show where it happened.
+            traceback.print_exc(file=sys.stderr)
+            print(f"longroll: failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         if debug:
             raise

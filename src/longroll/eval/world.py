@@ -412,6 +412,17 @@ class PolicyRun:
         }
 
 
+def chunk_reporter(
+    report: Callable[[str, int, int], None], label: str, total: int
+) -> Callable[[int, torch.Tensor, ChunkStats], None]:
+    """An ``on_chunk`` callback of :meth:`RolloutEngine.run` that calls ``report(label, done, total)``."""
+
+    def on_chunk(chunk: int, _latents: torch.Tensor, _stats: ChunkStats) -> None:
+        report(label, chunk + 1, total)
+
+    return on_chunk
+
+
 def evaluate_family(
     model: WorldWanModel,
     family: Family,
@@ -419,8 +430,12 @@ def evaluate_family(
     *,
     device: torch.device | str,
     progress: Callable[[str], None] | None = None,
+    chunk_progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[Episodes, list[PolicyRun]]:
-    """Roll ``cfg.episodes`` held-out episodes of ``family`` out with every policy and measure them."""
+    """Roll ``cfg.episodes`` held-out episodes of ``family`` out with every policy and measure them.
+
+    ``progress`` gets one line per finished rollout; ``chunk_progress`` gets (label, chunks done, chunks total)
+    after every generated chunk."""
     _check_frames(model, cfg.frames)
     spec = model.spec
     episodes = eval_episodes(family, cfg.episodes, cfg.frames, model).to(device)
@@ -432,8 +447,10 @@ def evaluate_family(
         proc = world_processor(model, policy, batch=episodes.batch, device=device, cls=ProbedProcessor,
                                query_stride=cfg.query_stride, probe_every=cfg.probe_every)  # fmt: skip
         assert isinstance(proc, ProbedProcessor)
+        total = (cfg.frames - spec.context_frames) // spec.frames_per_chunk
+        on_chunk = None if chunk_progress is None else chunk_reporter(chunk_progress, f"{family} {name}", total)
         out = rollout_world(model, name, episodes, steps=cfg.steps, device=device, seed=EVAL_SEED,
-                            memory_frames=cfg.memory_frames, processor=proc)  # fmt: skip
+                            memory_frames=cfg.memory_frames, processor=proc, on_chunk=on_chunk)  # fmt: skip
         if dense_frames is None:
             dense_frames = out.frames
         scores: dict[str, Any] = dict(
@@ -462,6 +479,7 @@ def evaluate_world(
     checkpoint: str | Path | None = None,
     command: str | None = None,
     progress: Callable[[str], None] | None = None,
+    chunk_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation (see the module docstring); returns the JSON-ready report.
 
@@ -471,6 +489,7 @@ def evaluate_world(
         checkpoint: the file the model came from (its digest is recorded).
         command: the command line to record (default: this process's).
         progress: called with one line per finished rollout.
+        chunk_progress: called with (label, chunks done, chunks total) after every generated chunk.
     """
     report: dict[str, Any] = run_record(device, command)
     report["config"] = asdict(cfg)
@@ -482,7 +501,9 @@ def evaluate_world(
     }
     report["families"] = {}
     for family in cfg.families:
-        episodes, runs = evaluate_family(model, family, cfg, device=device, progress=progress)
+        episodes, runs = evaluate_family(
+            model, family, cfg, device=device, progress=progress, chunk_progress=chunk_progress
+        )
         report["families"][family] = {
             "world_ids": episodes.world_ids.tolist(),
             "seeds": episodes.seeds.tolist(),

@@ -21,7 +21,17 @@ Backends (``backend=``):
   ``chunked`` elsewhere; otherwise ``sdpa`` without a bias, and with a bias ``sdpa_augmented`` on CUDA and
   ``sdpa`` elsewhere.
 
-Masked keys carry a bias of ``-inf`` (or anything <= ``MASKED_BIAS``); every route gives them zero weight.
+Masked keys carry a bias of ``-inf`` (or anything <= ``MASKED_BIAS``); every route gives them zero weight, and a
+row whose keys are all masked (or a query with no key) is zero with a log-sum-exp of ``-inf`` on every route.
+
+Poisoned inputs (NaN policy): a NaN is never turned into a finite value. What costs nothing is rejected here: a
+non-finite ``scale`` (a host float) and bad shapes, dtypes and devices raise ``ValueError``. Tensor values are
+not checked here, as that needs a host synchronisation in the per-layer hot path; instead every route
+propagates them: a NaN in q gives NaN in that query's row, a NaN in k, v or the bias (or a ``+inf`` bias, which
+is not a valid log-count) gives NaN in every row that attends the key. Values are checked where a check is
+cheap or opt-in: ``LayerKVCache.stage`` with ``CacheConfig(check_finite=True)`` (keys, values and, at commit,
+the queries), and ``LayerKVCache.load_state_dict`` / ``CachedProcessor.load_state_dict`` (always; the cache's
+bias is ``log(count)`` of validated counts).
 """
 
 from __future__ import annotations
@@ -76,6 +86,8 @@ def attention(
     if max_elements < 1:
         raise ValueError(f"max_elements must be positive, got {max_elements}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
     if backend == "auto":
         if return_lse or lk == 0:
             backend = "triton" if q.is_cuda and lk > 0 and d in TRITON_HEAD_DIMS and v.shape[-1] == d else "chunked"
@@ -96,8 +108,24 @@ def attention(
     if lk == 0:
         raise ValueError("k has seqlen_k = 0; only backend='chunked' accepts an empty key set")
     if backend == "sdpa":
-        return AttentionOutput(_sdpa_mask(q, k, v, bias, scale, h, hk), None)
-    return AttentionOutput(_sdpa_augmented(q, k, v, bias, scale, h, hk), None)
+        return AttentionOutput(_dense_semantics(_sdpa_mask(q, k, v, bias, scale, h, hk), q, bias, h), None)
+    return AttentionOutput(_dense_semantics(_sdpa_augmented(q, k, v, bias, scale, h, hk), q, bias, h), None)
+
+
+def _dense_semantics(out: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None, h: int) -> torch.Tensor:
+    """Give the dense SDPA routes the masking and NaN semantics of the others (no host sync).
+
+    SDPA sees masked keys at the finite ``MASKED_BIAS`` (a ``-inf`` mask row would give NaN), so a row whose
+    keys are all masked comes back as ordinary attention: it is zeroed here (multiplied by 0, which keeps a
+    NaN a NaN). A NaN query is made NaN in its row whatever the kernel does with it.
+
+    Args:
+        out: (B, H, Lq, Dv); q: (B, H, Lq, D); bias: (B, Hk, Lk) or None; h: query heads.
+    """
+    if bias is not None:
+        live = expand_kv_heads(~(bias <= MASKED_BIAS).all(dim=-1), h)  # (B, H); NaN counts as not masked
+        out = out * live[:, :, None, None].to(out.dtype)
+    return torch.where(torch.isnan(q).any(dim=-1, keepdim=True), float("nan"), out)
 
 
 def _sdpa_mask(
@@ -186,9 +214,10 @@ def _chunked(
             den = den * corr + p.sum(dim=-1)
             acc = acc * corr[..., None] + torch.matmul(p, v[:, :, c0 : c0 + k_step].float())
             m = m_new
-        nonempty = den > 0
-        out_g[:, :, r0 : r0 + q_step] = torch.where(nonempty[..., None], acc / den.clamp_min(1e-38)[..., None], 0.0)
+        # Only a row with no unmasked key is empty; a NaN denominator (poisoned input) stays NaN.
+        empty = den == 0
+        out_g[:, :, r0 : r0 + q_step] = torch.where(empty[..., None], 0.0, acc / den.clamp_min(1e-38)[..., None])
         lse_g[:, :, r0 : r0 + q_step] = torch.where(
-            nonempty, torch.where(torch.isfinite(m), m, 0.0) + torch.log(den.clamp_min(1e-38)), float("-inf")
+            empty, float("-inf"), torch.where(torch.isfinite(m), m, 0.0) + torch.log(den.clamp_min(1e-38))
         )
     return out.to(q.dtype), lse

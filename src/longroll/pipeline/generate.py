@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from longroll.pipeline.loader import LoadedPipeline
+from longroll.pipeline.outdir import prepare_out_dir
 from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.pipeline.vae import LatentDecoder
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 #: Frame rate of Wan 2.1 videos.
 WAN_FPS = 16
+#: What :func:`generate` writes into its folder: a complete run, or one that was interrupted or failed.
+VIDEO_FILE, STATS_FILE = "video.mp4", "stats.json"
+PARTIAL_VIDEO_FILE, PARTIAL_STATS_FILE = "video.partial.mp4", "stats.partial.json"
 _VERSIONED = ("torch", "triton", "diffusers", "transformers", "imageio-ffmpeg", "longroll")
 
 
@@ -228,6 +232,41 @@ def _record(
     }
 
 
+def _write_partial(
+    pipe: LoadedPipeline,
+    settings: dict[str, Any],
+    records: list[dict[str, Any]],
+    text_s: float,
+    e2e_s: float,
+    command: str | None,
+    extra: dict[str, Any] | None,
+    path: Path,
+    video: Path | None,
+    video_frames: int,
+    error: BaseException,
+) -> None:
+    """``stats.partial.json`` of a run that stopped: what was completed, and why it stopped."""
+    reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    stats: dict[str, Any] = {
+        "partial": True,
+        "stopped_by": " ".join(reason.split()),
+        "chunks_completed": len(records),
+        "video": None if video is None else str(video),
+        "video_frames": video_frames,
+        "command": command if command is not None else current_command(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **settings,
+        "chunks": records,
+        **(extra or {}),
+    }
+    if records:
+        stats["timing"] = _timing(records, text_s, e2e_s, settings["frames_per_chunk"])
+    try:
+        path.write_text(json.dumps(json_safe(stats), indent=2, allow_nan=False) + "\n")
+    except (OSError, TypeError, ValueError) as e:  # never hide the original error behind this one
+        log.warning("could not write %s: %s", path, e)
+
+
 def generate(
     pipe: LoadedPipeline,
     prompt: str,
@@ -255,7 +294,10 @@ def generate(
             ``1 + 4 (num_frames - 1)`` frames.
         policy_name: a name of :data:`longroll.policies.config.PRESET_NAMES`.
         seed: noise seed (chunk c uses ``seed + c``).
-        out_dir: created if needed; receives ``video.mp4`` and ``stats.json``.
+        out_dir: created if needed (and checked writable before any work); receives ``video.mp4`` and
+            ``stats.json``, or, when the run is interrupted or fails, ``video.partial.mp4`` (the chunks done,
+            playable) and ``stats.partial.json`` (``"partial": true``, what stopped it); earlier results in
+            it are removed first.
         frames_per_chunk: latent frames per chunk (3 for Self-Forcing).
         sampler: per-chunk schedule (default: Self-Forcing's 4 steps 1000/750/500/250, shift 5).
         height, width: video size in pixels (multiples of 16).
@@ -266,12 +308,18 @@ def generate(
         extra: JSON-ready entries added to the stats (e.g. the caller's model load time).
     """
     sampler = sampler if sampler is not None else SamplerConfig()
-    out = Path(out_dir)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty text, got {prompt!r}")
     latent_shape = _latent_shape(pipe, height, width)
     tpf = pipe.wan_config.tokens_per_frame(latent_shape[1], latent_shape[2])
     policy = preset(policy_name, tokens_per_frame=tpf, frames_per_chunk=frames_per_chunk, memory_frames=memory_frames)
     rollout = RolloutConfig(num_frames, frames_per_chunk, latent_shape, sampler, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(out_dir, name="out_dir")
+    video_path, stats_path = out / VIDEO_FILE, out / STATS_FILE
+    partial_video, partial_stats = out / PARTIAL_VIDEO_FILE, out / PARTIAL_STATS_FILE
+    # Files of an earlier run in this folder would pass for this run's results.
+    for stale in (video_path, stats_path, partial_video, partial_stats):
+        stale.unlink(missing_ok=True)
     engine = RolloutEngine(pipe.model, _processor(pipe, policy, tpf, frames_per_chunk), rollout)
     sync(pipe.device)
     t_start = time.perf_counter()
@@ -279,19 +327,12 @@ def generate(
     sync(pipe.device)
     text_s = time.perf_counter() - t_start
     pipe.decoder.reset()
-    video_path = out / "video.mp4"
-    with Mp4Writer(video_path, fps) as writer:
-        sink = _StreamingSink(pipe.decoder, writer, rollout.num_chunks, progress)
-        result = engine.run(context, on_chunk=sink, dtype=pipe.dtype)
-    e2e_s = time.perf_counter() - t_start
-    pipe.decoder.reset()
     settings = {
         "prompt": prompt,
         "policy": policy_name,
         "policy_config": _json_safe(policy),
         "seed": seed,
         "num_latent_frames": num_frames,
-        "video_frames": writer.frames_written,
         "frames_per_chunk": frames_per_chunk,
         "memory_frames": memory_frames,
         "height": height,
@@ -301,8 +342,25 @@ def generate(
         "fps": fps,
         "sampler": _json_safe(sampler),
     }
-    stats = {**_record(pipe, settings, sink.records, text_s, e2e_s, command), **(extra or {})}
-    stats_path = out / "stats.json"
+    # The video is written under a partial name and renamed once complete: an interrupted or failed run
+    # leaves a playable, clearly partial MP4 (the writer closes the file on the way out) and partial stats.
+    writer = Mp4Writer(partial_video, fps)
+    sink = _StreamingSink(pipe.decoder, writer, rollout.num_chunks, progress)
+    try:
+        with writer:
+            result = engine.run(context, on_chunk=sink, dtype=pipe.dtype)
+    except BaseException as e:
+        pipe.decoder.reset()
+        done = writer.frames_written
+        elapsed = time.perf_counter() - t_start
+        video = partial_video if done else None
+        _write_partial(pipe, settings, sink.records, text_s, elapsed, command, extra, partial_stats, video, done, e)
+        raise
+    partial_video.replace(video_path)
+    e2e_s = time.perf_counter() - t_start
+    pipe.decoder.reset()
+    settings["video_frames"] = writer.frames_written
+    stats = {**_record(pipe, settings, sink.records, text_s, e2e_s, command), "partial": False, **(extra or {})}
     stats_path.write_text(json.dumps(stats, indent=2, allow_nan=False) + "\n")
     log.info(
         "%s: %d frames, DiT %.2f s, end to end %.2f s",

@@ -19,16 +19,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
+from longroll.files import CorruptFileError
 from longroll.models.wan import CausalWanModel, WanConfig, load_checkpoint, load_into
 from longroll.pipeline.text import WAN_TEXT_LEN, TextEncoder
 from longroll.pipeline.vae import LatentDecoder
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -145,6 +149,19 @@ def load_transformer(
     return model.eval()
 
 
+def _read_component(folder: Path, what: str, load: Callable[[], T]) -> T:
+    """Run a Hugging Face loader; a damaged file in ``folder`` ends in one :class:`CorruptFileError` naming it
+    (the loaders raise OSError, safetensors' own errors or RuntimeError, without the file)."""
+    try:
+        return load()
+    except (ValueError, FileNotFoundError, ImportError, MemoryError):
+        raise
+    except Exception as e:
+        if isinstance(e, RuntimeError) and "out of memory" in str(e):
+            raise
+        raise CorruptFileError(folder, f"{what} weights in", e) from e
+
+
 def load_pipeline(
     folder: str | os.PathLike[str],
     *,
@@ -183,12 +200,18 @@ def load_pipeline(
         _check_shards(root / "transformer")
     weights = ckpt if ckpt is not None else root / "transformer"
     model = load_transformer(config, weights, device=dev, dtype=dt, use_ema=use_ema)
-    text = TextEncoder.from_pretrained(
-        root / "text_encoder", root / "tokenizer", device=dev, dtype=dt, max_length=text_len
+    text = _read_component(
+        root / "text_encoder",
+        "text encoder",
+        lambda: TextEncoder.from_pretrained(
+            root / "text_encoder", root / "tokenizer", device=dev, dtype=dt, max_length=text_len
+        ),
     )
     if text.hidden_size != config.text_dim:
         raise ValueError(f"text encoder width {text.hidden_size} != transformer text_dim {config.text_dim}")
-    decoder = LatentDecoder.from_pretrained(root / "vae", device=dev, dtype=vae_dtype)
+    decoder = _read_component(
+        root / "vae", "VAE", lambda: LatentDecoder.from_pretrained(root / "vae", device=dev, dtype=vae_dtype)
+    )
     if decoder.latent_channels != config.out_channels:
         raise ValueError(f"VAE z_dim {decoder.latent_channels} != transformer out_channels {config.out_channels}")
     log.info("loaded %s (%d layers, dim %d) on %s in %s", root, config.num_layers, config.dim, dev, dt)

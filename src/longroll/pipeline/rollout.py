@@ -87,6 +87,37 @@ class RolloutResult:
     stats: list[ChunkStats]
 
 
+class RolloutOutOfMemoryError(torch.OutOfMemoryError):
+    """Out of memory while generating a chunk: names the chunk, its frames and the memory in use.
+
+    The processor's committed history is that of the chunks before: a state saved after one of them (e.g. from
+    ``on_chunk`` with ``CachedProcessor.state_dict()``) resumes the rollout from there.
+
+    Attributes:
+        chunk: index of the chunk in this run; frame_start: its first absolute latent frame.
+    """
+
+    def __init__(self, message: str, chunk: int, frame_start: int) -> None:
+        super().__init__(message)
+        self.chunk, self.frame_start = chunk, frame_start
+
+
+def memory_in_use(device: torch.device) -> str:
+    """What is held now, for error messages: CUDA allocated / reserved / total, or the process's peak RSS."""
+    if device.type == "cuda":
+        gib = 2**30
+        total = torch.cuda.get_device_properties(device).total_memory
+        allocated, reserved = torch.cuda.memory_allocated(device) / gib, torch.cuda.memory_reserved(device) / gib
+        return f"{allocated:.2f} GiB allocated, {reserved:.2f} GiB reserved of {total / gib:.2f} GiB on {device}"
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return f"process peak resident memory {peak / 2**20:.2f} GiB"
+    except (ImportError, OSError):
+        return "host memory (not measurable here)"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -202,10 +233,22 @@ class RolloutEngine:
                 torch.cuda.reset_peak_memory_stats(dev)
             _sync(dev)
             t0 = time.perf_counter()
-            noise = torch.randn((b, c, fpc, h, w), generator=gen, device=dev, dtype=torch.float32).to(dtype)
-            clean = self._denoise_chunk(noise, context, frame, act, gen)
-            self.commit(clean, context, frame, act)
-            _sync(dev)
+            try:
+                noise = torch.randn((b, c, fpc, h, w), generator=gen, device=dev, dtype=torch.float32).to(dtype)
+                clean = self._denoise_chunk(noise, context, frame, act, gen)
+                self.commit(clean, context, frame, act)
+                _sync(dev)
+            except torch.OutOfMemoryError as e:
+                if isinstance(e, RolloutOutOfMemoryError):
+                    raise
+                cache_mib = self.processor.cache_bytes() / 2**20
+                raise RolloutOutOfMemoryError(
+                    f"out of memory in chunk {ci} of {cfg.num_chunks} (latent frames {frame}-{frame + fpc - 1}): "
+                    f"{memory_in_use(dev)}; the KV caches hold {cache_mib:.1f} MiB. Chunks before it are "
+                    f"complete: a state saved after one of them resumes from there. ({' '.join(str(e).split()[:30])})",
+                    ci,
+                    frame,
+                ) from e
             st = ChunkStats(
                 chunk=ci,
                 frame_start=frame,

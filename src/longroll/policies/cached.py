@@ -3,6 +3,8 @@ caches, for chunked autoregressive rollouts."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 from longroll.cache.config import CacheConfig
 from longroll.cache.graphs import StaticInputs
-from longroll.cache.kv_cache import LayerKVCache
+from longroll.cache.kv_cache import STATE_FORMAT, LayerKVCache
 from longroll.ops.attention import attention
 from longroll.ops.block_index import BlockSparseIndex
 from longroll.ops.block_sparse import block_sparse_attention
@@ -319,31 +321,99 @@ class CachedProcessor:
         return sum(c.mean_entries() for c in self.caches) / len(self.caches)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every layer's cache state, flat (``layer{i}.{name}``), and AnnCA's per-prompt decisions
-        (``layer{i}.annca_gate``: prompt fingerprint and decision), ready for safetensors."""
+        """The rollout state, flat and ready for safetensors: ``format`` (1,) int64 :data:`STATE_FORMAT`, every
+        layer's cache state (``layer{i}.{name}``, see :meth:`LayerKVCache.state_dict`), AnnCA's per-prompt
+        decisions (``layer{i}.annca_gate`` (3,) float64: prompt fingerprint and decision) and the int8 AnnSA
+        plans' anchors (``layer{i}.annsa.anchor_codes``, ``layer{i}.annsa.anchor_scale``)."""
         self.join_commits()
-        state = {f"layer{i}.{k}": v for i, c in enumerate(self.caches) for k, v in c.state_dict().items()}
+        state = {"format": torch.tensor([STATE_FORMAT], dtype=torch.int64)}
+        state |= {f"layer{i}.{k}": v for i, c in enumerate(self.caches) for k, v in c.state_dict().items()}
         for i, gate in enumerate(self._gate):
             if gate is not None:
                 state[f"layer{i}.annca_gate"] = torch.tensor([*gate[0], float(gate[1])], dtype=torch.float64)
+        for i, planner in enumerate(self.planners):
+            if planner is not None and self._planned[i]:
+                state |= {f"layer{i}.annsa.{k}": v for k, v in planner.state_dict().items()}
         return state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict` output; AnnSA plans are rebuilt from the restored caches (the saved
-        layout is already bucket-sorted, so re-planning keeps it)."""
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Every layer's part is validated before anything is written (:meth:`LayerKVCache.check_state`, the
+        AnnCA gates, the AnnSA anchors, unknown or missing layers); on any problem a ``ValueError`` names it
+        and the processor is unchanged. AnnSA plans are then rebuilt from the restored caches with their saved
+        anchors (int8) or their keys (LSH), which gives the plans the rollout was saved with.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a mapping of tensors, got {type(state).__name__}")
         self.join_commits()
-        for i, c in enumerate(self.caches):
-            prefix = f"layer{i}."
-            c.load_state_dict(
-                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k != f"{prefix}annca_gate"}
-            )
-            gate = state.get(f"{prefix}annca_gate")
-            self._gate[i] = None if gate is None else ((float(gate[0]), float(gate[1])), bool(gate[2]))
-        self.replan()
+        fmt = state.get("format")
+        if not isinstance(fmt, torch.Tensor) or fmt.dtype != torch.int64 or tuple(fmt.shape) != (1,):
+            raise ValueError("state['format'] must be a (1,) int64 tensor (a state of CachedProcessor.state_dict)")
+        if int(fmt[0]) != STATE_FORMAT:
+            raise ValueError(f"state['format'] is {int(fmt[0])}; this version of longroll reads format {STATE_FORMAT}")
+        n = len(self.caches)
+        parts: list[dict[str, dict[str, torch.Tensor]]] = [{"cache": {}, "annsa": {}, "annca": {}} for _ in range(n)]
+        for key, value in state.items():
+            if key == "format":
+                continue
+            head, _, name = key.partition(".")
+            i = int(head[5:]) if head.startswith("layer") and head[5:].isdigit() else -1
+            if not name or not 0 <= i < n:
+                raise ValueError(f"state has key {key!r}, which is not of a layer of this {n}-layer processor")
+            if name == "annca_gate":
+                parts[i]["annca"][name] = value
+            elif name.startswith("annsa."):
+                parts[i]["annsa"][name[len("annsa.") :]] = value
+            else:
+                parts[i]["cache"][name] = value
+        loaded = []
+        for i, (c, part) in enumerate(zip(self.caches, parts, strict=True)):
+            try:
+                cache_state = c.check_state(part["cache"])
+                gate = self._check_gate(i, part["annca"].get("annca_gate"))
+                planner = self.planners[i]
+                if planner is None:
+                    if part["annsa"]:
+                        raise ValueError(f"state has AnnSA plan entries {sorted(part['annsa'])}, this policy has none")
+                    anchors = None
+                elif cache_state.committed_frames > 0:
+                    anchors = planner.check_state(c, part["annsa"])
+                elif part["annsa"]:
+                    raise ValueError("state has AnnSA plan entries for a cache with no committed frame")
+                else:
+                    anchors = None
+            except ValueError as e:
+                raise ValueError(f"layer {i}: {e}") from None
+            loaded.append((cache_state, gate, anchors))
+        frames = {s.committed_frames for s, _, _ in loaded}
+        if len(frames) != 1:
+            raise ValueError(f"state's layers hold different numbers of committed frames: {sorted(frames)}")
+        for i, (c, (cache_state, gate, anchors)) in enumerate(zip(self.caches, loaded, strict=True)):
+            c.load_state_dict(cache_state)
+            self._gate[i] = gate
+            planner = self.planners[i]
+            self._planned[i] = planner is not None and c.committed_frames > 0
+            if planner is not None and self._planned[i]:
+                planner.plan(c, anchors=anchors)
+        self._prompts = [None] * n
+        self._select_prompt = [None] * n
+
+    def _check_gate(self, layer: int, gate: torch.Tensor | None) -> tuple[tuple[float, float], bool] | None:
+        if gate is None:
+            return None
+        if self.annca[layer] is None:
+            raise ValueError("state has an annca_gate, this policy has no AnnCA")
+        if not isinstance(gate, torch.Tensor) or gate.dtype != torch.float64 or tuple(gate.shape) != (3,):
+            raise ValueError("annca_gate must be a (3,) float64 tensor")
+        a, b, decision = (float(x) for x in gate.tolist())
+        if not (math.isfinite(a) and math.isfinite(b)) or decision not in (0.0, 1.0):
+            raise ValueError(f"annca_gate must hold a finite fingerprint and a 0/1 decision, got {[a, b, decision]}")
+        return (a, b), bool(decision)
 
     def replan(self) -> None:
-        """Rebuild the AnnSA plans of every layer from its cache (after the caches were filled or restored
-        outside a rollout)."""
+        """Rebuild the AnnSA plans of every layer from its cache (after the caches were filled outside a
+        rollout); int8 plans sample new anchors (a restored state keeps its own: :meth:`load_state_dict`)."""
         self.join_commits()
         for i, c in enumerate(self.caches):
             planner = self.planners[i]

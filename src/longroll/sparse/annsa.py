@@ -250,11 +250,16 @@ class AnnSAPlanner:
         self._hits: tuple[tuple[object, ...], GroupHits] | None = None
 
     # ----------------------------------------------------------------- plan
-    def plan(self, cache: LayerKVCache) -> None:
+    def plan(self, cache: LayerKVCache, *, anchors: Int8Codes | None = None) -> None:
         """Bucket the committed non-sink keys and reorder them in ``cache`` (once per commit).
 
         Args:
             cache: the layer's cache, right after ``commit()`` (nothing staged).
+            anchors: int8 family only: the anchors to bucket with instead of sampling them from the cache
+                (codes (B, Hk, anchors, D), scale (B, Hk, anchors)); a restored cache re-planned with the
+                anchors of :meth:`state_dict` gets the plan it was saved with (its slots already follow them,
+                so the stable bucket sort keeps their order), where sampling would draw other anchors from the
+                reordered slots.
 
         Raises:
             ValueError naming ``cache`` for a staged chunk or a sink-window policy (whose ring buffer evicts
@@ -269,13 +274,15 @@ class AnnSAPlanner:
             )
         if cache.staged_tokens:
             raise ValueError("cache has a staged chunk; call plan() after commit(), before the next stage()")
+        if anchors is not None:
+            self._check_anchors(cache, anchors)
         bound = cache.bound
         sink = min(_sink_frames(cache) * cache.config.tokens_per_frame, bound)
         plan = _Plan(bound, sink, cache.batch, cache.heads, cache.head_dim)
         if isinstance(self.config.ann, LSHConfig):
             self._plan_lsh(cache, plan)
         else:
-            self._plan_int8(cache, plan)
+            self._plan_int8(cache, plan, anchors)
         self._plan = plan
         logger.debug("AnnSA plan: layer %d, bound %d, sink %d", cache.layer, bound, sink)
 
@@ -314,17 +321,64 @@ class AnnSAPlanner:
         use[:, 0] = torch.arange(codes.shape[2], device=codes.device) < (_cdiv(sink, bk) if hashed_sinks else 0)
         plan.block_codes = torch.where(use, codes, nb)
 
-    def _plan_int8(self, cache: LayerKVCache, plan: _Plan) -> None:
+    def _plan_int8(self, cache: LayerKVCache, plan: _Plan, anchors: Int8Codes | None) -> None:
         sink, bound, buf = plan.sink, plan.bound, cache.buffers
         c = self.config.anchors
         valid = buf.count[:, :, sink:bound] > 0
-        # Valid history entries are the first ones of the range (the cache keeps empty slots last).
-        plan.anchors = int8_encode(strided_sample(buf.k[:, :, : max(bound, sink + 1)], sink, valid.sum(-1), c))
+        if anchors is not None:
+            plan.anchors = Int8Codes(anchors.codes.to(cache.device), anchors.scale.to(cache.device))
+        else:
+            # Valid history entries are the first ones of the range (the cache keeps empty slots last).
+            plan.anchors = int8_encode(strided_sample(buf.k[:, :, : max(bound, sink + 1)], sink, valid.sum(-1), c))
         if bound > sink:
             codes = nearest_anchor(buf.k[:, :, sink:bound], plan.anchors)
             cache.reorder_(bucket_sort(codes, c, valid).order, start=sink)
         cent, plan.block_ok = block_means(buf.k[:, :, :bound], buf.count[:, :, :bound] > 0, self.config.kv_block_size)
         plan.centroids = int8_encode(cent)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a plan of a restored cache needs besides the cache: for the int8 family, the current plan's
+        anchors (``anchor_codes`` (B, Hk, anchors, D) float32 integer values, ``anchor_scale`` (B, Hk, anchors)
+        float32); empty for LSH (a pure function of the keys) or before the first plan."""
+        if self._plan is None or self._plan.anchors is None:
+            return {}
+        a = self._plan.anchors
+        return {"anchor_codes": a.codes.contiguous().clone(), "anchor_scale": a.scale.contiguous().clone()}
+
+    def check_state(self, cache: LayerKVCache, state: dict[str, torch.Tensor]) -> Int8Codes | None:
+        """Validate :meth:`state_dict` output for ``cache`` (the cache it will plan), changing nothing.
+
+        Returns the anchors to pass to :meth:`plan` (None for LSH). Raises ValueError naming the problem.
+        """
+        names = {"anchor_codes", "anchor_scale"}
+        if isinstance(self.config.ann, LSHConfig):
+            if state:
+                raise ValueError(f"an LSH AnnSA plan has no state, got {sorted(state)}")
+            return None
+        if set(state) != names:
+            raise ValueError(f"an int8 AnnSA plan needs {sorted(names)}, got {sorted(state)}")
+        anchors = Int8Codes(state["anchor_codes"], state["anchor_scale"])
+        self._check_anchors(cache, anchors)
+        return anchors
+
+    def _check_anchors(self, cache: LayerKVCache, anchors: Int8Codes) -> None:
+        if not isinstance(self.config.ann, Int8Config):
+            raise ValueError("anchors are for the int8 family; this planner uses LSH")
+        c = self.config.anchors
+        b, h = cache.batch, cache.heads
+        shapes = {"anchor_codes": (b, h, c, cache.head_dim), "anchor_scale": (b, h, c)}
+        for name, x in zip(shapes, anchors, strict=True):
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or tuple(x.shape) != shapes[name]:
+                got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name} must be float32 of shape {shapes[name]}, got {got}")
+            if x.device.type != "cpu" and x.device != cache.device:
+                raise ValueError(f"{name} is on {x.device}; expected the CPU or {cache.device}")
+        codes, scale = anchors
+        if not bool(((codes == codes.round()) & (codes.abs() <= 127)).all()):
+            raise ValueError("anchor_codes must hold integer values in [-127, 127]")
+        if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            raise ValueError("anchor_scale must be finite and positive")
 
     # ----------------------------------------------------------------- select / run
     def select(self, q: torch.Tensor, view: CacheView, *, staged_tokens: int | None = None) -> AnnSASelection:

@@ -49,6 +49,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from longroll.files import read_safetensors, safetensors_metadata
 from longroll.models.wan.config import WanConfig
 from longroll.models.wan.model import CausalWanModel, WanAttention
 from longroll.policies.processor import AttentionProcessor, DenseProcessor
@@ -444,13 +445,15 @@ def merge_checkpoint(src: str | Path, dst: str | Path) -> int:
 
 def read_checkpoint_metadata(path: str | Path) -> tuple[WanConfig, WorldModelSpec, dict[str, Any]]:
     """(transformer config, spec, extras) stored in a checkpoint written by :func:`save_world_model`."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = safetensors_metadata(path, "world-model checkpoint")
     if "wan_config" not in meta or "spec" not in meta:
         raise ValueError(f"{path} is not a world-model checkpoint (no wan_config/spec metadata)")
-    config = WanConfig(**json.loads(meta["wan_config"]))
-    spec = WorldModelSpec(**json.loads(meta["spec"]))
-    return config, spec, json.loads(meta.get("extra", "{}"))
+    try:
+        config = WanConfig(**json.loads(meta["wan_config"]))
+        spec = WorldModelSpec(**json.loads(meta["spec"]))
+        return config, spec, json.loads(meta.get("extra", "{}"))
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"world-model checkpoint {str(path)!r} has damaged metadata: {e}") from None
 
 
 def shipped_checkpoint_path() -> Path:
@@ -477,7 +480,10 @@ def load_world_model(
     model = WorldWanModel(config, spec)
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
-    model.load_state_dict(state, strict=True)
+        state.update(read_safetensors(file, "world-model checkpoint"))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors: a checkpoint of another model
+        raise ValueError(f"world-model checkpoint {str(path)!r} does not fit its own config: {e}") from None
     log.info("loaded world model from %s", path)
     return model.to(device=device, dtype=dtype).eval()

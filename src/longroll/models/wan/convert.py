@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from longroll.files import read_safetensors, read_torch
+
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
@@ -167,10 +169,8 @@ def _log_choice(where: str, name: str, use_ema: bool) -> None:
 
 def _read_file(path: Path) -> Any:
     if path.suffix == _SAFETENSORS:
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors(path, "checkpoint")
+    return read_torch(path, "checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, use_ema: bool = True) -> StateDict:
