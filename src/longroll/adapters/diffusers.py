@@ -109,7 +109,7 @@ class DiffusersWan:
         self.model = model
         self.processor = processor
         self._original = dict(self.model.attn_processors)
-        layers = len(processor.caches)
+        layers = processor.num_layers
         ours = {}
         for i in range(layers):
             ours[f"blocks.{i}.attn1.processor"] = LongrollWanAttnProcessor(processor, i, "self")
@@ -266,9 +266,8 @@ def attach(model: Any, processor: CachedProcessor) -> DiffusersWan:
         raise ValueError("model is already attached to a longroll processor; remove() that adapter first")
     if any(getattr(m, "fused_projections", False) for m in model.modules()):
         raise ValueError("model has fused projections; call model.unfuse_qkv_projections() first")
-    cache = processor.caches[0]
     expected = (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim)
-    got = (len(processor.caches), cache.heads, cache.head_dim)
+    got = (processor.num_layers, processor.heads, processor.head_dim)
     if expected != got:
         raise ValueError(
             f"processor holds (layers, heads, head_dim) = {got}, the model has {expected}; build it with "

@@ -58,14 +58,14 @@ class LayerState:
     def __post_init__(self) -> None:
         if not isinstance(self.processor, CachedProcessor):
             raise ValueError(f"processor must be a CachedProcessor, got {type(self.processor).__name__}")
-        n = len(self.processor.caches)
+        n = self.processor.num_layers
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < n:
             raise ValueError(f"layer must be an int in [0, {n}), got {self.layer!r}")
 
     @property
     def cache(self) -> LayerKVCache:
         """This layer's KV cache (read-only use: stage and commit go through :func:`self_attention`)."""
-        return self.processor.caches[self.layer]
+        return self.processor.layer_cache(self.layer)
 
     @property
     def committed_frames(self) -> int:
