@@ -173,3 +173,20 @@ def test_model_over_a_cache_view_compiles_fullgraph_without_recompiling_as_histo
     targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
     for op in ("longroll.attention", "longroll.block_sparse_attention"):
         assert any(t.split(".default")[0] == op for t in targets), targets
+
+
+def test_gpu_compile_script_smoke(tmp_path, monkeypatch) -> None:
+    """scripts/gpu_compile_chunk.py end to end on the CPU: one compilation per policy as the view grows."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "argv", ["gpu_compile_chunk.py", "--out", str(tmp_path), "--smoke"])
+    runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "gpu_compile_chunk.py"), run_name="__main__")
+    report = json.loads((tmp_path / "compile.json").read_text())
+    assert report["command"] and report["environment"]["device"] == "cpu"
+    for result in report["results"]:
+        assert result["compilations"] == 1, result
+        assert len(result["view_keys"]) >= 3
+        assert all(r["max_abs_diff"] == 0.0 for r in result["chunks"])
