@@ -351,8 +351,6 @@ def _check_frames(model: WorldWanModel, frames: int) -> None:
         )
 
 
-
-
 def file_digest(path: str | Path) -> str:
     """First 16 hex digits of a file's SHA-256 (which checkpoint produced a result)."""
     h = hashlib.sha256()
