@@ -167,7 +167,7 @@ def test_self_forcing_rolling_window_with_sinks_is_sink_window() -> None:
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"pass {i}: {m}")
 
 
-@pytest.mark.parametrize("policy", ["tempcache", "sink_window", "all_int8"])
+@pytest.mark.parametrize("policy", ["tempcache", "sink_window", "budget", "all_int8"])
 def test_bounded_policies_run_and_stay_bounded(policy: str) -> None:
     plain = _plain()
     wrapped, session = _wrapped(plain, policy, memory_frames=4)
