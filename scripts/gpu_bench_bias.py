@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from longroll.eval.world import run_record
+from longroll.pipeline.record import run_record
 from longroll.ops.attention import attention, augment_qk
 from longroll.ops.reference import attention_ref
 

@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from longroll.models.wan import CausalWanModel, WanConfig
-from longroll.pipeline.generate import environment_info
+from longroll.pipeline.record import environment_info
 from longroll.pipeline.rollout import RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.policies.cached import CachedProcessor

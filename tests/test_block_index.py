@@ -176,3 +176,61 @@ def test_flex_block_mask_matches_the_index(bq, bk, b, h):
     rows = ref.lse > float("-inf")
     assert torch.allclose(out[rows], ref.out[rows], atol=1e-10)
     assert torch.allclose(lse[rows].float(), ref.lse[rows], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Printing
+
+
+def test_repr_gives_shapes_blocks_and_density() -> None:
+    dense = torch.tril(torch.ones(5, 5, dtype=torch.bool))[None, None]
+    index = BlockSparseIndex.from_dense(dense, 16, 32, seqlen_q=70, seqlen_k=150)
+    text = repr(index)
+    assert text == (
+        "BlockSparseIndex(shape=(1, 1, 70, 150), block_size=(16, 32), blocks=(5, 5), max_blocks=5, "
+        f"density={index.density():.2%}, device=cpu)"
+    )
+    assert f"{index.density():.2%}" not in ("0.00%", "100.00%")
+
+
+def test_to_string_draws_each_block_and_labels_shared_axes() -> None:
+    dense = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)[None, None]
+    index = BlockSparseIndex.from_dense(dense, 16, 16)
+    lines = index.to_string().split("\n")
+    assert lines[0] == repr(index)
+    assert lines[1] == f"(*, *) density {5 / 9:.2%}"
+    assert lines[2:] == ["██", "████", "  ████"]
+
+
+def test_to_string_groups_large_grids_and_shades_partial_cells() -> None:
+    dense = torch.tril(torch.ones(8, 8, dtype=torch.bool))
+    dense = torch.stack([dense, torch.zeros_like(dense), torch.ones_like(dense)])[None]  # (1, 3, 8, 8)
+    index = BlockSparseIndex.from_dense(dense, 16, 16)
+    text = index.to_string(grid_size=4, limit=2)
+    lines = text.split("\n")
+    # 8 blocks in cells of 2: the diagonal cells hold 3 of 4 blocks (partial), those below it all 4.
+    assert lines[1] == "(*, 0) density 56.25%"
+    assert lines[2:6] == ["░░", "██░░", "████░░", "██████░░"]
+    assert lines[6] == "(*, 1) density 0.00%"
+    assert lines[7:11] == ["", "", "", ""]
+    assert lines[11].startswith("... 1 more")
+    assert len(index.to_string(grid_size=-1).split("\n")) == 1 + 3 * 9
+    assert index.to_string(grid_size=(8, 2), limit=3).split("\n")[-8:] == ["████"] * 8
+
+
+def test_to_string_counts_partial_last_blocks_exactly() -> None:
+    # Two key blocks of which the last holds 1 key: a cell grouping both is 17/32 computed when only the
+    # first is kept, yet drawn partial, and a grid of only that last block is full.
+    dense = torch.tensor([[[[True, False]]]])
+    index = BlockSparseIndex.from_dense(dense, 16, 16, seqlen_q=16, seqlen_k=17)
+    assert index.to_string().split("\n")[1:] == [f"(*, *) density {16 / 17:.2%}", "██"]
+    assert index.to_string(grid_size=1).split("\n")[2] == "░░"
+
+
+@pytest.mark.parametrize("bad", [0, (3,), (2, 0), 1.5, True])
+def test_to_string_rejects_bad_grid_sizes(bad: object) -> None:
+    index = BlockSparseIndex.full(1, 1, 32, 32, 16, 16)
+    with pytest.raises(ValueError, match="grid_size"):
+        index.to_string(grid_size=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="limit must be positive"):
+        index.to_string(limit=0)

@@ -1,5 +1,6 @@
-"""Imports point down only: kernels -> ops -> ann -> cache -> sparse -> planner/policies -> models -> pipeline
--> world -> eval -> bench -> cli. A module may import its own package or any lower layer, never a higher one."""
+"""Imports point down only: kernels -> ops -> ann -> cache -> sparse -> planner/policies -> models ->
+adapters/pipeline -> world -> eval -> bench -> cli. A module may import its own package or any lower layer, never
+a higher one."""
 
 import ast
 from pathlib import Path
@@ -15,6 +16,7 @@ ORDER = {
     "planner": 5,
     "policies": 5,
     "models": 6,
+    "adapters": 7,
     "pipeline": 7,
     "world": 8,
     "eval": 9,

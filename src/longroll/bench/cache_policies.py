@@ -8,7 +8,6 @@ kept verbatim) and the density (entries attended / entries of the full cache).
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import statistics
@@ -25,7 +24,7 @@ from longroll.eval.synthetic import SceneConfig, scene_chunks
 from longroll.models.wan.model import WanRotaryEmbedding, apply_rope
 from longroll.ops.attention import attention
 from longroll.ops.probes import attention_recall, relative_l2
-from longroll.pipeline.generate import current_command, environment_info
+from longroll.pipeline.record import run_record
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +215,7 @@ def to_json(results: list[PolicyResult]) -> list[dict[str, object]]:
 
 def report_header() -> dict[str, object]:
     """Date, command and environment recorded with every result file."""
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": current_command(),
-        "environment": environment_info("cpu"),
-    }
+    return run_record("cpu")
 
 
 def plot(results: list[PolicyResult], path: Path) -> None:

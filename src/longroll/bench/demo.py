@@ -32,16 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from longroll.eval.world import (
-    chunk_reporter,
-    chunk_summary,
-    compare_frames,
-    eval_episodes,
-    file_digest,
-    run_record,
-)
+from longroll.eval.world import chunk_reporter, chunk_summary, compare_frames, eval_episodes, file_digest
 from longroll.pipeline.loader import default_device
 from longroll.pipeline.outdir import prepare_out_dir
+from longroll.pipeline.record import run_record
 from longroll.pipeline.video import tile_clips, write_mp4
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES
 from longroll.world.model import load_world_model, shipped_checkpoint_path

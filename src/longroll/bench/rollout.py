@@ -14,7 +14,6 @@ growth), and summaries use medians over warm chunks (chunk >= 1).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import gc
 import json
 import logging
@@ -28,8 +27,8 @@ from typing import Any
 import torch
 
 from longroll.models.wan import PRESETS, CausalWanModel, WanConfig
-from longroll.pipeline.generate import current_command, environment_info
 from longroll.pipeline.loader import default_device, resolve_dtype
+from longroll.pipeline.record import run_record
 from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.policies.cached import CachedProcessor
@@ -398,9 +397,7 @@ def run_rollout_bench(config: RolloutBenchConfig, *, command: str | None = None)
     h, w = config.size
     return {
         "benchmark": "rollout",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": command if command is not None else current_command(),
-        "environment": environment_info(bench.device),
+        **run_record(bench.device, command),
         "config": {
             **{k: v for k, v in dataclasses.asdict(config).items() if k != "sampler"},
             "sampler": dataclasses.asdict(config.sampler),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longroll.world.rollout import psnr_from_mse
+
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
@@ -23,8 +25,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
         (frames,) float64; identical frames give +inf.
     """
     _check_pair(a, b)
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range**2 / mse)
+    return psnr_from_mse((a.double() - b.double()).pow(2).flatten(1).mean(1), data_range)
 
 
 def _gaussian(size: int, sigma: float, device: torch.device) -> torch.Tensor:

@@ -23,12 +23,9 @@ keeps; its error is the direct measure.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import logging
 import math
-import os
-import platform
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -41,14 +38,22 @@ from longroll.cache.config import CacheConfig, FullPolicy
 from longroll.cache.kv_cache import LayerKVCache
 from longroll.eval.metrics import ssim
 from longroll.ops.probes import attention_recall
-from longroll.pipeline.generate import current_command, environment_info, json_safe
+from longroll.pipeline.generate import json_safe
+from longroll.pipeline.record import run_record
 from longroll.pipeline.rollout import ChunkStats
 from longroll.policies.cached import CachedProcessor
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, PolicyConfig
 from longroll.sparse.annca import annca_recall
 from longroll.world.episode import FAMILIES, EpisodeConfig, Episodes, Family, sample_episodes
 from longroll.world.model import WorldModelSpec, WorldWanModel
-from longroll.world.rollout import WorldRollout, rollout_world, score_rollout, world_policy, world_processor
+from longroll.world.rollout import (
+    WorldRollout,
+    psnr_from_mse,
+    rollout_world,
+    score_rollout,
+    world_policy,
+    world_processor,
+)
 from longroll.world.training import EVAL_SEED
 
 log = logging.getLogger(__name__)
@@ -146,7 +151,7 @@ class ProbedProcessor(CachedProcessor):
 
     def _probing(self) -> bool:
         info = self.current_pass
-        fpc = self.caches[0].config.frames_per_chunk
+        fpc = self.frames_per_chunk
         chunk = info.frame_start // fpc
         return not info.commit and info.step == info.num_steps - 1 and chunk % self.probe_every == 0
 
@@ -236,17 +241,14 @@ def compare_frames(frames: torch.Tensor, reference: torch.Tensor, start: int) ->
                          f"{tuple(reference.shape)}")  # fmt: skip
     a = frames[:, start:].flatten(0, 1).double() / 255.0
     b = reference[:, start:].flatten(0, 1).to(frames.device).double() / 255.0
-    mse = float((a - b).pow(2).mean())
-    value = math.inf if mse == 0 else -10.0 * math.log10(mse)
-    return {"psnr": value, "ssim": float(ssim(a, b).mean())}
+    return {"psnr": psnr_from_mse(float((a - b).pow(2).mean())), "ssim": float(ssim(a, b).mean())}
 
 
 def per_frame_psnr(frames: torch.Tensor, reference: torch.Tensor, start: int) -> list[float]:
     """(B, F, 3, H, W) uint8 pair -> PSNR of each generated frame, pooled over the batch."""
     a = frames[:, start:].double() / 255.0
     b = reference[:, start:].to(frames.device).double() / 255.0
-    mse = (a - b).pow(2).mean(dim=(0, 2, 3, 4))
-    return [math.inf if float(m) == 0 else -10.0 * math.log10(float(m)) for m in mse]
+    return psnr_from_mse((a - b).pow(2).mean(dim=(0, 2, 3, 4))).tolist()
 
 
 def per_episode_scores(
@@ -349,24 +351,6 @@ def _check_frames(model: WorldWanModel, frames: int) -> None:
         )
 
 
-
-
-def device_name(device: torch.device | str) -> str:
-    """A human-readable device: the GPU's name, or the CPU model from /proc/cpuinfo with the core count."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def file_digest(path: str | Path) -> str:
     """First 16 hex digits of a file's SHA-256 (which checkpoint produced a result)."""
     h = hashlib.sha256()
@@ -374,15 +358,6 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
-
-
-def run_record(device: torch.device | str, command: str | None = None) -> dict[str, Any]:
-    """Date, command, environment and device name, recorded with every result."""
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": current_command() if command is None else command,
-        "environment": environment_info(device) | {"device_name": device_name(device)},
-    }
 
 
 @dataclass

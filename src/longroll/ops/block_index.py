@@ -30,6 +30,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+#: Cells of :meth:`BlockSparseIndex.to_string`: no pair computed, some, all (FlexAttention's characters).
+_SHADES = (" ", "░", "█")
+
+
+def _shade(share: float) -> int:
+    return 2 if share >= 1.0 else 1 if share > 0.0 else 0
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class BlockSparseIndex:
     """Per (batch, head, query block) lists of key blocks.
@@ -231,20 +239,88 @@ class BlockSparseIndex:
         rows = dense.repeat_interleave(self.q_block_size, dim=2)[:, :, : self.seqlen_q]
         return rows.repeat_interleave(self.kv_block_size, dim=3)[..., : self.seqlen_k]
 
-    def density(self) -> float:
-        """Fraction of the B*H*seqlen_q*seqlen_k query-key pairs computed, partial last blocks counted exactly."""
-        total = self.batch * self.num_heads * self.seqlen_q * self.seqlen_k
-        if total == 0:
-            return 0.0
-        dense = self.to_dense().to(torch.float64)
+    def _block_extents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 (nqb,) query rows and (nkb,) keys of each block; the last block on either axis may be partial."""
         rows = torch.full((self.n_q_blocks,), float(self.q_block_size), dtype=torch.float64, device=self.device)
         cols = torch.full((self.n_kv_blocks,), float(self.kv_block_size), dtype=torch.float64, device=self.device)
         if self.n_q_blocks:
             rows[-1] = self.seqlen_q - (self.n_q_blocks - 1) * self.q_block_size
         if self.n_kv_blocks:
             cols[-1] = self.seqlen_k - (self.n_kv_blocks - 1) * self.kv_block_size
-        pairs = torch.einsum("bhqk,q,k->", dense, rows, cols)
+        return rows, cols
+
+    def density(self) -> float:
+        """Fraction of the B*H*seqlen_q*seqlen_k query-key pairs computed, partial last blocks counted exactly."""
+        total = self.batch * self.num_heads * self.seqlen_q * self.seqlen_k
+        if total == 0:
+            return 0.0
+        rows, cols = self._block_extents()
+        pairs = torch.einsum("bhqk,q,k->", self.to_dense().to(torch.float64), rows, cols)
         return float(pairs) / total
+
+    # ------------------------------------------------------------------ printing
+    def __repr__(self) -> str:
+        """Shapes, block sizes and density (a host synchronisation: for printing, not the hot path)."""
+        return (
+            f"BlockSparseIndex(shape=({self.batch}, {self.num_heads}, {self.seqlen_q}, {self.seqlen_k}), "
+            f"block_size=({self.q_block_size}, {self.kv_block_size}), "
+            f"blocks=({self.n_q_blocks}, {self.n_kv_blocks}), max_blocks={self.max_blocks}, "
+            f"density={self.density():.2%}, device={self.device})"
+        )
+
+    def to_string(self, grid_size: int | tuple[int, int] = (20, 20), limit: int = 4) -> str:
+        """A drawing of which key blocks each query block attends to, one grid per (batch, head).
+
+        Rows are query blocks, columns key blocks (two characters per cell): ``█`` every pair of the cell is
+        computed, ``░`` some are, blank none. Grids larger than ``grid_size`` (rows, columns) are drawn
+        with one cell per group of blocks, shaded by the share of the group's query-key pairs computed
+        (partial last blocks counted exactly, as in :meth:`density`); ``grid_size=-1`` draws every block.
+        An axis of size 1 shared by every batch element or head is labelled ``*``.
+
+        Args:
+            grid_size: most cells per grid, an int for both axes or (rows, columns); -1 for no limit.
+            limit: most (batch, head) grids drawn.
+
+        Returns:
+            The :func:`repr` line, then per (batch, head) a label with that grid's density and the grid.
+        """
+        if isinstance(grid_size, bool) or not isinstance(grid_size, int | tuple):
+            raise ValueError(f"grid_size must be an int or a (rows, columns) pair, got {grid_size!r}")
+        if grid_size == -1:
+            max_rows, max_cols = max(1, self.n_q_blocks), max(1, self.n_kv_blocks)
+        elif isinstance(grid_size, int):
+            max_rows = max_cols = grid_size
+        else:
+            if len(grid_size) != 2:
+                raise ValueError(f"grid_size must be an int or a (rows, columns) pair, got {grid_size!r}")
+            max_rows, max_cols = grid_size
+        for name, value in (("grid_size", max_rows), ("grid_size", max_cols), ("limit", limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be positive (or -1 for grid_size), got {value!r}")
+        row_step = max(1, _cdiv(self.n_q_blocks, max_rows))
+        col_step = max(1, _cdiv(self.n_kv_blocks, max_cols))
+        rows, cols = self._block_extents()
+        # Computed pairs per cell over all pairs of the cell, for every (batch, head): (B, H, R, C).
+        pairs = self.to_dense().to(torch.float64) * rows[:, None] * cols[None, :]
+        area = rows[:, None] * cols[None, :]
+        n_r, n_c = _cdiv(self.n_q_blocks, row_step), _cdiv(self.n_kv_blocks, col_step)
+        pad = (0, n_c * col_step - self.n_kv_blocks, 0, n_r * row_step - self.n_q_blocks)
+        b, h = self.batch, self.num_heads
+        cell = torch.nn.functional.pad(pairs, pad).reshape(b, h, n_r, row_step, n_c, col_step).sum((3, 5))
+        cell_area = torch.nn.functional.pad(area, pad).reshape(n_r, row_step, n_c, col_step).sum((1, 3))
+        share = (cell / cell_area.clamp_min(1.0)).cpu()
+        per_grid = (pairs.sum((2, 3)) / max(1.0, float(area.sum()))).cpu()
+        lines = [repr(self)]
+        for n, (bi, hi) in enumerate((bi, hi) for bi in range(b) for hi in range(h)):
+            if n == limit:
+                lines.append(f"... {b * h - limit} more; raise limit= to draw them, or select heads with .heads()")
+                break
+            label = (bi if b > 1 else "*", hi if h > 1 else "*")
+            lines.append(f"({label[0]}, {label[1]}) density {float(per_grid[bi, hi]):.2%}")
+            for r in range(n_r):
+                row = "".join(_SHADES[_shade(float(x))] * 2 for x in share[bi, hi, r])
+                lines.append(row.rstrip() if row.strip() else "")
+        return "\n".join(lines)
 
     def heads(self, sel: slice | int | torch.Tensor | list[int]) -> BlockSparseIndex:
         """The index for a subset of heads (e.g. one GPU's shard).

@@ -15,14 +15,10 @@ import json
 import logging
 import math
 import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +26,7 @@ import torch
 
 from longroll.pipeline.loader import LoadedPipeline
 from longroll.pipeline.outdir import prepare_out_dir
+from longroll.pipeline.record import current_command, run_record
 from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.pipeline.vae import LatentDecoder
@@ -44,7 +41,6 @@ WAN_FPS = 16
 #: What :func:`generate` writes into its folder: a complete run, or one that was interrupted or failed.
 VIDEO_FILE, STATS_FILE = "video.mp4", "stats.json"
 PARTIAL_VIDEO_FILE, PARTIAL_STATS_FILE = "video.partial.mp4", "stats.partial.json"
-_VERSIONED = ("torch", "triton", "diffusers", "transformers", "imageio-ffmpeg", "longroll")
 
 
 def sync(device: torch.device) -> None:
@@ -62,37 +58,6 @@ def json_safe(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
-
-
-def environment_info(device: torch.device | str) -> dict[str, Any]:
-    """Versions and device facts recorded next to every measurement."""
-    dev = torch.device(device)
-    versions: dict[str, str | None] = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "device": str(dev),
-        "device_name": platform.processor() or platform.machine(),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "torch_threads": torch.get_num_threads(),
-    }
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        info["device_name"] = props.name
-        info["device_memory_bytes"] = props.total_memory
-    return info
-
-
-def current_command() -> str:
-    """The command line of this process, shell-quoted."""
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else ""
 
 
 @dataclass
@@ -210,9 +175,10 @@ def _record(
     command: str | None,
 ) -> dict[str, Any]:
     """The content of ``stats.json``: command, settings, model, environment, timings, memory, chunks."""
+    record = run_record(pipe.device, command)
     return {
-        "command": command if command is not None else current_command(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": record["command"],
+        "date": record["date"],
         **settings,
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "model": {
@@ -220,7 +186,7 @@ def _record(
             "checkpoint": None if pipe.checkpoint is None else str(pipe.checkpoint),
             "wan_config": _json_safe(pipe.wan_config),
         },
-        "environment": environment_info(pipe.device),
+        "environment": record["environment"],
         "timing": _timing(records, text_s, e2e_s, settings["frames_per_chunk"]),
         "memory": {
             "dit_peak_bytes_max": max(r["dit_peak_bytes"] for r in records),

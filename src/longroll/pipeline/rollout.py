@@ -127,9 +127,9 @@ class RolloutEngine:
     """Self-Forcing-style chunked inference around any :class:`ChunkDenoiser` and :class:`CachedProcessor`."""
 
     def __init__(self, model: ChunkDenoiser, processor: CachedProcessor, config: RolloutConfig) -> None:
-        if processor.caches[0].config.frames_per_chunk != config.frames_per_chunk:
+        if processor.frames_per_chunk != config.frames_per_chunk:
             raise ValueError(
-                f"processor caches hold chunks of {processor.caches[0].config.frames_per_chunk} frames, "
+                f"processor caches hold chunks of {processor.frames_per_chunk} frames, "
                 f"config.frames_per_chunk is {config.frames_per_chunk}"
             )
         self.model, self.processor, self.config = model, processor, config
@@ -202,7 +202,7 @@ class RolloutEngine:
         b = context.shape[0]
         c, h, w = cfg.latent_shape
         frames: list[torch.Tensor] = []
-        base = self.processor.caches[0].committed_frames
+        base = self.processor.committed_frames
         f0 = 0
         if initial_latents is not None and base:
             raise ValueError(f"initial_latents given but the caches already hold {base} frames")

@@ -156,6 +156,43 @@ class CachedProcessor:
         """The pass set by :meth:`begin_pass` (raises before the first one)."""
         return self._info()
 
+    # ------------------------------------------------------------------ geometry (every layer has the same)
+    @property
+    def num_layers(self) -> int:
+        """Layers, one cache each."""
+        return len(self.caches)
+
+    @property
+    def batch(self) -> int:
+        """Batch size of the caches."""
+        return self.caches[0].batch
+
+    @property
+    def heads(self) -> int:
+        """KV heads held by this process, per layer."""
+        return self.caches[0].heads
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per head of the cached keys."""
+        return self.caches[0].head_dim
+
+    @property
+    def frames_per_chunk(self) -> int:
+        """Latent frames staged and committed together."""
+        return self.caches[0].config.frames_per_chunk
+
+    @property
+    def committed_frames(self) -> int:
+        """Latent frames committed so far (every layer's cache holds the same number)."""
+        return self.caches[0].committed_frames
+
+    def layer_cache(self, layer: int) -> LayerKVCache:
+        """``layer``'s KV cache (for reports and probes; stage and commit go through :meth:`self_attention`)."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(self.caches):
+            raise ValueError(f"layer must be an int in [0, {len(self.caches)}), got {layer!r}")
+        return self.caches[layer]
+
     def is_sparse(self, layer: int) -> bool:
         """Whether ``layer`` runs its sparse paths in the current pass (the schedule's decision)."""
         return self._sparse(layer)
@@ -209,8 +246,8 @@ class CachedProcessor:
     def begin_pass(self, info: PassInfo) -> None:
         """Declare the next forward pass (called by the rollout engine before each model call)."""
         self.join_commits()
-        if info.frame_start != self.caches[0].committed_frames:
-            raise ValueError(f"frame_start must be {self.caches[0].committed_frames}, got {info.frame_start}")
+        if info.frame_start != self.committed_frames:
+            raise ValueError(f"frame_start must be {self.committed_frames}, got {info.frame_start}")
         self.pass_info = info
 
     def self_attention(

@@ -55,6 +55,22 @@ WINDOW_FRAMES = 12
 EQUAL_MEMORY_FRAMES = SINK_FRAMES + WINDOW_FRAMES
 
 
+#: Every preset name, in the order reports list them; :func:`preset` builds exactly these.
+PRESET_NAMES: tuple[str, ...] = (
+    "dense",
+    "sink_window",
+    "budget",
+    "tempcache",
+    "tempcache_lsh",
+    "annsa",
+    "annsa_int8",
+    "annca",
+    "radial",
+    "all",
+    "all_int8",
+)
+
+
 @dataclass(frozen=True)
 class TempCacheLayout:
     """How the TempCache presets (``tempcache``, ``tempcache_lsh``, ``all``, ``all_int8``) spend their memory.
@@ -114,6 +130,8 @@ def preset(
     exactly that many frames of tokens and the same ``SINK_FRAMES`` sinks (fewer when the memory is too small to
     hold them and a chunk). ``layout`` replaces the TempCache presets' default :class:`TempCacheLayout`.
     """
+    if name not in PRESET_NAMES:
+        raise ValueError(f"policy must be one of {sorted(PRESET_NAMES)}, got {name!r}")
     if memory_frames < frames_per_chunk + 1:
         raise ValueError(f"memory_frames must exceed frames_per_chunk={frames_per_chunk}, got {memory_frames}")
     layout = TempCacheLayout() if layout is None else layout
@@ -146,6 +164,8 @@ def preset(
         "all": PolicyConfig("all", tc_lsh, annsa=sa_lsh, annca=ca_lsh),
         "all_int8": PolicyConfig("all_int8", tc_int8, annsa=sa_int8, annca=ca_int8),
     }
+    if tuple(table) != PRESET_NAMES:  # one list of names: the table may not drift from it
+        raise RuntimeError(f"preset table {tuple(table)} differs from PRESET_NAMES {PRESET_NAMES}")
     if name not in table:
         raise ValueError(f"policy must be one of {sorted(table)}, got {name!r}")
     return table[name]
@@ -164,19 +184,5 @@ def sparse_block_size(tokens_per_frame: int) -> int:
         return 128
     return max(16, 1 << ((tokens_per_frame // 2).bit_length() - 1)) if tokens_per_frame >= 2 else 16
 
-
-PRESET_NAMES: tuple[str, ...] = (
-    "dense",
-    "sink_window",
-    "budget",
-    "tempcache",
-    "tempcache_lsh",
-    "annsa",
-    "annsa_int8",
-    "annca",
-    "radial",
-    "all",
-    "all_int8",
-)
 
 __all__ = ["EQUAL_MEMORY_FRAMES", "PRESET_NAMES", "PolicyConfig", "TempCacheLayout", "preset"]

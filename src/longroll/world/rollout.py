@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 
@@ -144,10 +144,10 @@ def rollout_world(
     if processor is None:
         policy = world_policy(spec, policy_name, memory_frames) if isinstance(policy_name, str) else policy_name
         processor = world_processor(model, policy, batch=eps.batch, device=device)
-    elif processor.caches[0].batch != eps.batch or processor.caches[0].committed_frames:
+    elif processor.batch != eps.batch or processor.committed_frames:
         raise ValueError(
-            f"processor must be empty and hold a batch of {eps.batch}, got batch {processor.caches[0].batch} with "
-            f"{processor.caches[0].committed_frames} committed frames"
+            f"processor must be empty and hold a batch of {eps.batch}, got batch {processor.batch} with "
+            f"{processor.committed_frames} committed frames"
         )
     rollout_cfg = RolloutConfig(
         num_frames=generated, frames_per_chunk=fpc, latent_shape=spec.latent_shape,
@@ -169,9 +169,31 @@ def rollout_world(
 # Fidelity
 
 
-def psnr_from_mse(mse: float) -> float:
-    """PSNR in dB of a mean squared error on [0, 1] images (inf for 0)."""
-    return math.inf if mse <= 0 else -10.0 * math.log10(mse)
+@overload
+def psnr_from_mse(mse: float, data_range: float = 1.0) -> float: ...
+
+
+@overload
+def psnr_from_mse(mse: torch.Tensor, data_range: float = 1.0) -> torch.Tensor: ...
+
+
+def psnr_from_mse(mse: float | torch.Tensor, data_range: float = 1.0) -> float | torch.Tensor:
+    """PSNR in dB, ``10 log10(data_range**2 / mse)``, of a mean squared error: the one PSNR of the project.
+
+    Args:
+        mse: a float, or a tensor of any shape (each element one mean squared error).
+        data_range: the signal's range (1 for images on [0, 1]).
+
+    Returns:
+        Like ``mse``: +inf where the error is 0, NaN where it is NaN.
+    """
+    if isinstance(mse, torch.Tensor):
+        ratio = mse.double() / data_range**2
+        return torch.where(ratio > 0, -10.0 * torch.log10(ratio), torch.where(ratio <= 0, math.inf, math.nan))
+    r = float(mse) / data_range**2
+    if math.isnan(r):
+        return math.nan
+    return math.inf if r <= 0 else -10.0 * math.log10(r)
 
 
 def squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
