@@ -45,9 +45,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from longroll.pipeline.record import run_record
 from longroll.ops.attention import attention, augment_qk
 from longroll.ops.reference import attention_ref
+from longroll.pipeline.record import run_record
 
 
 def make_inputs(b: int, h: int, lq: int, lk: int, d: int, merged: float, device: str, dtype: torch.dtype, seed: int):
