@@ -22,7 +22,8 @@ def checkpoint_args(tmp_path_factory):
 
 
 def test_demo_writes_its_outputs_and_prints_the_table(tmp_path, capsys, checkpoint_args):
-    import imageio_ffmpeg
+    # The video writer is a project dependency on CPU machines (requirements); a GPU image may lack it.
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
 
     assert main(["demo", "--out", str(tmp_path), "--frames", "9", *checkpoint_args]) == 0
     captured = capsys.readouterr()
