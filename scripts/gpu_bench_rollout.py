@@ -12,7 +12,8 @@ commit pass, random weights, equal memory of 15 latent frames for every bounded 
   no dense baseline (dense cannot hold that cache), per-chunk component breakdown;
 - ``history``: dense (or any policy) measured at sampled cache lengths (random K/V prefilled), for a linear
   fit that extrapolates past memory;
-- ``short``: a few chunks of the given policies with components and the streaming VAE decode (end-to-end);
+- ``short``: a few chunks of the given policies with components and the streaming decode (end-to-end; the Wan
+  VAE, or with ``--decoder tiny`` the TAEHV-architecture tiny decoder, both with random weights);
 - ``graphs``: TempCache-based policies with and without CUDA graphs (commit, AnnSA selection).
 """
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default="sink_window", help="comma-separated policy presets")
     p.add_argument("--frames", type=int, default=None, help="latent frames generated (per phase default)")
     p.add_argument("--history", default="15,60,120,180,225", help="history phase: cache lengths in latent frames")
+    p.add_argument("--decoder", choices=("wan", "tiny"), default="wan", help="short phase: decoder timed (default wan)")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -49,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif args.phase == "short":
         report = bench_rollout(
-            num_frames=args.frames or 30, include_dense=False, components=True, decode=True, out_dir=args.out,
-            **common,
+            num_frames=args.frames or 30, include_dense=False, components=True, decode=True, decoder=args.decoder,
+            out_dir=args.out, **common,
         )  # fmt: skip
     else:
         for graphs in ("off", "auto"):

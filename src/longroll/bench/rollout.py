@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from longroll.models.wan import PRESETS, CausalWanModel, WanConfig
+from longroll.pipeline.decoder import StreamingDecoder, check_decoder_name
 from longroll.pipeline.loader import default_device, resolve_dtype
 from longroll.pipeline.record import run_record
 from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
@@ -73,9 +74,11 @@ class RolloutBenchConfig:
             random K/V committed before the rollout, so lengths past what a rollout could reach in the time,
             or past memory, can be sampled): ``num_frames`` are generated after each prefill and the last
             chunk is recorded. Lengths that run out of memory are recorded as such and end the policy's sweep.
-        decode: also decode every chunk with a random-weight Wan2.1 VAE (``diffusers.AutoencoderKLWan``, the
-            streaming decoder of :class:`~longroll.pipeline.vae.LatentDecoder`) and time it, for end-to-end
-            figures (DiT + decode per chunk).
+        decode: also decode every chunk with a random-weight decoder and time it, for end-to-end figures (DiT +
+            decode per chunk).
+        decoder: which one: ``"wan"``, the Wan2.1 VAE (``diffusers.AutoencoderKLWan``, the streaming decoder
+            of :class:`~longroll.pipeline.vae.LatentDecoder`), or ``"tiny"``, the TAEHV-architecture tiny
+            decoder at taew2_1's shapes (:class:`~longroll.pipeline.tiny_decoder.TinyLatentDecoder`).
         cuda_graphs: CUDA-graph capture of the launch-bound steps (``auto``, ``off``); see
             :class:`~longroll.policies.cached.CachedProcessor`.
         overlap_commit: commits and AnnSA plans on a side stream (``auto``, ``off``); see
@@ -101,6 +104,7 @@ class RolloutBenchConfig:
     components: bool = False
     history_frames: tuple[int, ...] = ()
     decode: bool = False
+    decoder: str = "wan"
     cuda_graphs: str = "auto"
     overlap_commit: str = "auto"
 
@@ -136,6 +140,7 @@ class RolloutBenchConfig:
                 f"got {list(hist)}"
             )
         object.__setattr__(self, "history_frames", hist)
+        check_decoder_name(self.decoder)
         if self.cuda_graphs not in ("auto", "off"):
             raise ValueError(f"cuda_graphs must be 'auto' or 'off', got {self.cuda_graphs!r}")
         if self.overlap_commit not in ("auto", "off"):
@@ -208,8 +213,13 @@ class _Bench:
         g = torch.Generator(device=self.device).manual_seed(cfg.seed)
         shape = (1, cfg.text_len, self.wan.text_dim)
         self.context = torch.randn(shape, generator=g, device=self.device).to(self.dtype)
-        self.decoder: Any = None
-        if cfg.decode:
+        self.decoder: StreamingDecoder | None = None
+        if cfg.decode and cfg.decoder == "tiny":
+            from longroll.pipeline.tiny_decoder import TinyLatentDecoder, TinyVideoDecoder
+
+            # The default config is taew2_1's shape; random weights time the same work.
+            self.decoder = TinyLatentDecoder(TinyVideoDecoder(), device=self.device, dtype=self.dtype)
+        elif cfg.decode:
             from diffusers import AutoencoderKLWan
 
             from longroll.pipeline.vae import LatentDecoder
@@ -219,6 +229,7 @@ class _Bench:
 
     def _decode_seconds(self, latents: torch.Tensor) -> float:
         """Decode one chunk (streaming) and return the synchronised wall time."""
+        assert self.decoder is not None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
@@ -415,7 +426,8 @@ def run_rollout_bench(config: RolloutBenchConfig, *, command: str | None = None)
             "peak_bytes": "torch.cuda.max_memory_allocated during the chunk; 0 on CPU",
             "fps_video": f"{TEMPORAL_FACTOR} video frames per latent frame (Wan VAE)",
             "weights": "random, at the preset's shapes",
-            "decode_seconds": "with decode: streaming Wan2.1 VAE decode of the chunk (random weights), synchronised",
+            "decode_seconds": "with decode: streaming decode of the chunk by `config.decoder` (wan: Wan2.1 VAE, "
+            "tiny: TAEHV-architecture tiny decoder; random weights), synchronised",
             "e2e_seconds": "with decode: seconds (DiT) + decode_seconds per chunk",
         },
         "summary": summary,
@@ -435,6 +447,7 @@ def plot_report(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     cuda_peaks = any((r["peak_bytes"] or 0) > 0 for r in chunks)
     biggest = max((r["peak_bytes"] or 0) if cuda_peaks else (r["cache_bytes"] or 0) for r in chunks)
     unit, scale = ("GiB", 2**30) if biggest >= 2**30 else ("MiB", 2**20)
+    dec = data["config"].get("decoder", "VAE")  # older reports have no decoder field
     for policy, summ in data["summary"].items():
         pts = [r for r in chunks if r["policy"] == policy and r["measured"]]
         # sampled lengths: the chunk's position is the prefilled history plus what the short rollout made
@@ -443,7 +456,7 @@ def plot_report(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         line = ax_t.plot(x, [1e3 * r["seconds"] for r in pts], marker="o", ms=3, label=label)[0]
         e2e = [(xi, 1e3 * r["e2e_seconds"]) for xi, r in zip(x, pts, strict=True) if r.get("e2e_seconds")]
         if e2e:
-            ax_t.plot(*zip(*e2e, strict=True), ls=":", color=line.get_color(), label=f"{policy} + VAE decode")
+            ax_t.plot(*zip(*e2e, strict=True), ls=":", color=line.get_color(), label=f"{policy} + {dec} decode")
         if cuda_peaks:
             peak = [r["peak_bytes"] / scale for r in pts]
             ax_m.plot(x, peak, marker="o", ms=3, color=line.get_color(), label=f"{policy} peak")

@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
+from longroll.pipeline.decoder import DECODER_NAMES
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES
 
 EXIT_USAGE = 2
@@ -154,6 +155,13 @@ def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=_DTYPE_CHOICES, help="DiT/text-encoder dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-ema", action="store_true", help="use the checkpoint's non-EMA generator")
+    p.add_argument(
+        "--decoder",
+        choices=DECODER_NAMES,
+        default="wan",
+        help="latent decoder: wan (the folder's VAE, default) or tiny (a TAEHV taew2_1-style file, --tiny-decoder)",
+    )
+    p.add_argument("--tiny-decoder", metavar="PATH", help="with --decoder tiny: the .pth or .safetensors weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_sampler_args(p)
     p.set_defaults(handler=_cmd_generate, flags=_flag_map(p))
@@ -192,6 +200,12 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the unrecorded warm-up rollout")
     p.add_argument("--no-dense", action="store_true", help="do not add the dense baseline")
     p.add_argument("--components", action="store_true", help="also time attention, ANN and cache commits per chunk")
+    p.add_argument(
+        "--decode",
+        choices=DECODER_NAMES,
+        help="also decode every chunk with a random-weight decoder and time it: wan (the Wan2.1 VAE, needs "
+        "diffusers) or tiny (the TAEHV-architecture tiny decoder); default: no decode",
+    )
     p.add_argument(
         "--at-history",
         type=_int_list,
@@ -378,6 +392,12 @@ def _cmd_generate(args: argparse.Namespace, command: str) -> int:
         raise FileNotFoundError(f"--model folder {args.model!r} does not exist")
     if args.checkpoint is not None and not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.decoder == "tiny" and args.tiny_decoder is None:
+        raise ValueError("--decoder tiny needs --tiny-decoder PATH (a taew2_1-style .pth or .safetensors file)")
+    if args.decoder != "tiny" and args.tiny_decoder is not None:
+        raise ValueError(f"--tiny-decoder is only read with --decoder tiny, got --decoder {args.decoder}")
+    if args.tiny_decoder is not None and not Path(args.tiny_decoder).is_file():
+        raise FileNotFoundError(f"--tiny-decoder {args.tiny_decoder!r} does not exist")
     device = _device(args.device)
     out = _out_dir(args)
 
@@ -392,10 +412,13 @@ def _cmd_generate(args: argparse.Namespace, command: str) -> int:
         dtype=args.dtype,
         use_ema=not args.no_ema,
         text_len=args.text_len,
+        decoder=args.decoder,
+        tiny_decoder=args.tiny_decoder,
     )
     load_s = time.perf_counter() - t0
-    with _progress(args.frames // args.frames_per_chunk, not args.no_progress) as progress, _partial_note(
-        out / PARTIAL_VIDEO_FILE, out / PARTIAL_STATS_FILE
+    with (
+        _progress(args.frames // args.frames_per_chunk, not args.no_progress) as progress,
+        _partial_note(out / PARTIAL_VIDEO_FILE, out / PARTIAL_STATS_FILE),
     ):
         res = generate(
             pipe,
@@ -465,6 +488,8 @@ def _cmd_bench_rollout(args: argparse.Namespace, command: str) -> int:
         warmup=not args.no_warmup,
         include_dense=not args.no_dense,
         components=args.components,
+        decode=args.decode is not None,
+        decoder=args.decode or "wan",
         history_frames=args.at_history,
         sampler=SamplerConfig(timesteps=args.timesteps, shift=args.shift),
     )

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
+from longroll.pipeline.decoder import StreamingDecoder
 from longroll.pipeline.loader import LoadedPipeline
 from longroll.pipeline.outdir import prepare_out_dir
 from longroll.pipeline.record import current_command, run_record
 from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
-from longroll.pipeline.vae import LatentDecoder
 from longroll.pipeline.video import Mp4Writer
 from longroll.policies.cached import CachedProcessor
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, PolicyConfig, preset
@@ -82,7 +82,7 @@ class _StreamingSink:
     """``on_chunk`` callback: decode a finished chunk, append it to the MP4, record its timings."""
 
     def __init__(
-        self, decoder: LatentDecoder, writer: Mp4Writer, total: int, progress: Callable[[int, int], None] | None
+        self, decoder: StreamingDecoder, writer: Mp4Writer, total: int, progress: Callable[[int, int], None] | None
     ) -> None:
         self.decoder, self.writer, self.total, self.progress = decoder, writer, total, progress
         self.records: list[dict[str, Any]] = []
@@ -184,6 +184,8 @@ def _record(
         "model": {
             "folder": str(pipe.folder),
             "checkpoint": None if pipe.checkpoint is None else str(pipe.checkpoint),
+            "decoder": "wan" if pipe.tiny_decoder is None else "tiny",
+            "tiny_decoder": None if pipe.tiny_decoder is None else str(pipe.tiny_decoder),
             "wan_config": _json_safe(pipe.wan_config),
         },
         "environment": record["environment"],

@@ -28,7 +28,9 @@ import torch
 
 from longroll.files import CorruptFileError
 from longroll.models.wan import CausalWanModel, WanConfig, load_checkpoint, load_into
+from longroll.pipeline.decoder import StreamingDecoder, check_decoder_name
 from longroll.pipeline.text import WAN_TEXT_LEN, TextEncoder
+from longroll.pipeline.tiny_decoder import TinyLatentDecoder
 from longroll.pipeline.vae import LatentDecoder
 
 log = logging.getLogger(__name__)
@@ -67,27 +69,30 @@ class LoadedPipeline:
     Attributes:
         model: the causal DiT, in ``dtype`` on ``device`` (time path and norms in float32).
         text_encoder: prompt -> (batch, text_len, wan_config.text_dim) embeddings.
-        decoder: streaming VAE decoder (float32 by default).
+        decoder: streaming latent decoder (float32 by default): the folder's Wan VAE, or the tiny decoder.
         wan_config: the DiT's shape.
         device, dtype: where and in which dtype the DiT runs.
         folder: the model folder; checkpoint: the causal checkpoint file, if any.
+        tiny_decoder: the tiny decoder's weights file when ``decoder`` is the tiny decoder.
     """
 
     model: CausalWanModel
     text_encoder: TextEncoder
-    decoder: LatentDecoder
+    decoder: StreamingDecoder
     wan_config: WanConfig
     device: torch.device
     dtype: torch.dtype
     folder: Path
     checkpoint: Path | None = None
+    tiny_decoder: Path | None = None
 
 
-def _check_layout(folder: Path, need_weights: bool) -> None:
+def _check_layout(folder: Path, need_weights: bool, need_vae: bool = True) -> None:
     """Raise one FileNotFoundError naming every missing part of the diffusers layout."""
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {str(folder)!r} does not exist or is not a directory")
-    needed = [folder / "transformer" / "config.json", folder / "text_encoder", folder / "tokenizer", folder / "vae"]
+    needed = [folder / "transformer" / "config.json", folder / "text_encoder", folder / "tokenizer"]
+    needed += [folder / "vae"] if need_vae else []
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise FileNotFoundError(f"model folder {str(folder)!r} lacks {', '.join(missing)} (diffusers layout expected)")
@@ -171,6 +176,8 @@ def load_pipeline(
     use_ema: bool = True,
     text_len: int = WAN_TEXT_LEN,
     vae_dtype: torch.dtype = torch.float32,
+    decoder: str = "wan",
+    tiny_decoder: str | os.PathLike[str] | None = None,
 ) -> LoadedPipeline:
     """Load the causal DiT, text encoder, tokenizer and VAE of a local diffusers-format folder.
 
@@ -182,7 +189,11 @@ def load_pipeline(
         dtype: DiT and text-encoder dtype; default bf16 on CUDA, float32 on CPU.
         use_ema: prefer the checkpoint's EMA generator when it holds one.
         text_len: prompt tokens (512 for Wan).
-        vae_dtype: VAE dtype (float32: the decoder is cheap next to the DiT and bf16 costs visible quality).
+        vae_dtype: VAE dtype (float32: the decoder is cheap next to the DiT and bf16 costs visible quality); also
+            the tiny decoder's.
+        decoder: ``"wan"`` (the folder's ``vae/``) or ``"tiny"`` (the TAEHV-architecture tiny decoder of
+            :mod:`longroll.pipeline.tiny_decoder`, read from ``tiny_decoder``; ``vae/`` is then not needed).
+        tiny_decoder: a taew2_1-style ``.pth``/``.safetensors`` file, with ``decoder="tiny"`` only.
 
     Raises:
         FileNotFoundError: a missing folder, sub-folder, config, weights or checkpoint (one line naming it).
@@ -194,7 +205,16 @@ def load_pipeline(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and not ckpt.exists():
         raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
-    _check_layout(root, need_weights=ckpt is None)
+    which = check_decoder_name(decoder)
+    tiny = Path(tiny_decoder) if tiny_decoder is not None else None
+    if (which == "tiny") != (tiny is not None):
+        raise ValueError(
+            f"tiny_decoder (a file) is needed with decoder='tiny' only, got decoder={decoder!r}, "
+            f"tiny_decoder={tiny_decoder!r}"
+        )
+    if tiny is not None and not tiny.is_file():
+        raise FileNotFoundError(f"tiny decoder checkpoint {str(tiny)!r} does not exist")
+    _check_layout(root, need_weights=ckpt is None, need_vae=tiny is None)
     config = read_wan_config(root / "transformer")
     if ckpt is None:
         _check_shards(root / "transformer")
@@ -209,10 +229,16 @@ def load_pipeline(
     )
     if text.hidden_size != config.text_dim:
         raise ValueError(f"text encoder width {text.hidden_size} != transformer text_dim {config.text_dim}")
-    decoder = _read_component(
-        root / "vae", "VAE", lambda: LatentDecoder.from_pretrained(root / "vae", device=dev, dtype=vae_dtype)
-    )
-    if decoder.latent_channels != config.out_channels:
-        raise ValueError(f"VAE z_dim {decoder.latent_channels} != transformer out_channels {config.out_channels}")
+    dec: StreamingDecoder
+    if tiny is not None:
+        dec = TinyLatentDecoder.from_file(tiny, device=dev, dtype=vae_dtype)
+    else:
+        dec = _read_component(
+            root / "vae", "VAE", lambda: LatentDecoder.from_pretrained(root / "vae", device=dev, dtype=vae_dtype)
+        )
+    if dec.latent_channels != config.out_channels:
+        raise ValueError(
+            f"{which} decoder latent channels {dec.latent_channels} != transformer out_channels {config.out_channels}"
+        )
     log.info("loaded %s (%d layers, dim %d) on %s in %s", root, config.num_layers, config.dim, dev, dt)
-    return LoadedPipeline(model, text, decoder, config, dev, dt, root, ckpt)
+    return LoadedPipeline(model, text, dec, config, dev, dt, root, ckpt, tiny)
