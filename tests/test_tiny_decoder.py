@@ -1,8 +1,11 @@
 """The TAEHV-architecture tiny decoder: taew2_1 key names and shapes, output shapes at odd latent sizes, chunked
-decode equal to whole-video decode and to an independent frame-by-frame reference, and the loader's errors."""
+decode equal to whole-video decode and to an independent frame-by-frame reference, the loader's errors, and its
+selection in ``longroll generate`` and ``longroll bench rollout``."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,15 @@ from longroll.pipeline.tiny_decoder import (
     TinyVideoDecoder,
     load_tiny_decoder,
 )
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as in tests/test_cli.py: small convolutions under pytest-xdist otherwise spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 #: A narrow decoder of the same layout, for the numeric tests (the Wan 2.1 widths are tested for shapes).
 SMALL = TinyDecoderConfig(latent_channels=4, widths=(8, 6, 4, 4), blocks_per_stage=2)
@@ -243,3 +255,55 @@ def test_corrupt_or_missing_file(tmp_path: Path, suffix: str) -> None:
     torch.save([torch.zeros(1)], lst)
     with pytest.raises(ValueError, match="not a flat dict of named tensors"):
         load_tiny_decoder(lst, "cpu", torch.float32)
+
+
+# ----------------------------------------------------------------------------------- selection (CLI, bench)
+def test_bench_rollout_times_the_tiny_decoder(tmp_path: Path) -> None:
+    from longroll.bench.rollout import RolloutBenchConfig
+    from longroll.cli.main import main
+
+    args = ["bench", "rollout", "--frames", "6", "--policies", "sink_window", "--no-dense", "--no-warmup"]
+    assert main([*args, "--decode", "tiny", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench_rollout.json").read_text())
+    assert data["config"]["decode"] is True and data["config"]["decoder"] == "tiny"
+    for rec in data["chunks"]:
+        assert rec["decode_seconds"] > 0 and rec["e2e_seconds"] > rec["seconds"]
+    assert data["summary"]["sink_window"]["median_decode_seconds"] > 0
+    with pytest.raises(ValueError, match="decoder must be one of \\['wan', 'tiny'\\], got 'taesd'"):
+        RolloutBenchConfig(decode=True, decoder="taesd")
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("longroll: error: "), err
+    return lines[0]
+
+
+def test_generate_with_the_tiny_decoder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("diffusers")
+    from longroll.cli.main import main
+    from tests.test_pipeline import build_tiny_folder
+
+    folder = build_tiny_folder(tmp_path / "model", shard_size=None)
+    shutil.rmtree(folder / "vae")  # not needed with the tiny decoder
+    weights = tmp_path / "taew2_1.pth"
+    torch.manual_seed(4)
+    torch.save(TinyVideoDecoder().state_dict(), weights)
+    common = ["a cat", "--model", str(folder), "--frames", "3", "--height", "64", "--width", "64"]
+    common += ["--text-len", "16", "--timesteps", "1000", "--no-progress"]
+    out = tmp_path / "run"
+    assert main(["generate", *common, "--decoder", "tiny", "--tiny-decoder", str(weights), "--out", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["model"]["decoder"] == "tiny" and stats["model"]["tiny_decoder"] == str(weights)
+    assert stats["video_frames"] == 9 and (out / "video.mp4").stat().st_size > 0
+    capsys.readouterr()
+
+    assert main(["generate", *common, "--decoder", "tiny", "--out", str(out)]) == 2
+    assert "--decoder tiny needs --tiny-decoder PATH" in _one_error_line(capsys.readouterr().err)
+    assert main(["generate", *common, "--tiny-decoder", str(weights), "--out", str(out)]) == 2
+    assert "only read with --decoder tiny" in _one_error_line(capsys.readouterr().err)
+    bad = tmp_path / "bad.pth"
+    torch.save(TinyVideoDecoder(TinyDecoderConfig(latent_channels=48)).state_dict(), bad)
+    assert main(["generate", *common, "--decoder", "tiny", "--tiny-decoder", str(bad), "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(bad) in line and "key 'decoder.1.weight' has shape (256, 48, 3, 3), expected (256, 16, 3, 3)" in line

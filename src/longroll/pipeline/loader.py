@@ -216,6 +216,8 @@ def load_pipeline(
         raise FileNotFoundError(f"tiny decoder checkpoint {str(tiny)!r} does not exist")
     _check_layout(root, need_weights=ckpt is None, need_vae=tiny is None)
     config = read_wan_config(root / "transformer")
+    # The tiny decoder is small and checked against its architecture: a mismatched file fails before the DiT loads.
+    tiny_dec = TinyLatentDecoder.from_file(tiny, device=dev, dtype=vae_dtype) if tiny is not None else None
     if ckpt is None:
         _check_shards(root / "transformer")
     weights = ckpt if ckpt is not None else root / "transformer"
@@ -230,12 +232,12 @@ def load_pipeline(
     if text.hidden_size != config.text_dim:
         raise ValueError(f"text encoder width {text.hidden_size} != transformer text_dim {config.text_dim}")
     dec: StreamingDecoder
-    if tiny is not None:
-        dec = TinyLatentDecoder.from_file(tiny, device=dev, dtype=vae_dtype)
-    else:
+    if tiny_dec is None:
         dec = _read_component(
             root / "vae", "VAE", lambda: LatentDecoder.from_pretrained(root / "vae", device=dev, dtype=vae_dtype)
         )
+    else:
+        dec = tiny_dec
     if dec.latent_channels != config.out_channels:
         raise ValueError(
             f"{which} decoder latent channels {dec.latent_channels} != transformer out_channels {config.out_channels}"
