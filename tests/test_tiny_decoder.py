@@ -20,6 +20,7 @@ from longroll.pipeline.tiny_decoder import (
     load_tiny_decoder,
 )
 
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread, as in tests/test_cli.py: small convolutions under pytest-xdist otherwise spin."""

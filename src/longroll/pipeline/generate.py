@@ -1,10 +1,10 @@
 """Text-to-video generation with any cache policy: prompt -> streamed MP4 + a JSON record of timings.
 
-The DiT and the VAE are timed apart. ``RolloutEngine`` times each chunk's DiT work (denoising steps + the
+The DiT and the decoder are timed apart. ``RolloutEngine`` times each chunk's DiT work (denoising steps + the
 commit pass) and then hands the chunk to :class:`_StreamingSink`, which decodes it with the persistent-cache
-VAE decoder and appends it to the MP4 while its own clock runs; the engine's clock for the next chunk starts
-after the sink returns. Hence two figures everywhere: *DiT-only* (what the attention policies change) and
-*end-to-end* (text encoding + DiT + decode + MP4 writing, i.e. what a user waits for; model loading excluded).
+decoder (the Wan VAE, or the tiny decoder of :mod:`longroll.pipeline.tiny_decoder`) and appends it to the MP4
+while its own clock runs; the engine's clock for the next chunk starts after the sink returns. Hence two
+figures everywhere: *DiT-only* (what the attention policies change) and *end-to-end* (text encoding + DiT + decode + MP4 writing, i.e. what a user waits for; model loading excluded).
 """
 
 from __future__ import annotations
