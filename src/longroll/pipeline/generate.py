@@ -4,7 +4,8 @@ The DiT and the decoder are timed apart. ``RolloutEngine`` times each chunk's Di
 commit pass) and then hands the chunk to :class:`_StreamingSink`, which decodes it with the persistent-cache
 decoder (the Wan VAE, or the tiny decoder of :mod:`longroll.pipeline.tiny_decoder`) and appends it to the MP4
 while its own clock runs; the engine's clock for the next chunk starts after the sink returns. Hence two
-figures everywhere: *DiT-only* (what the attention policies change) and *end-to-end* (text encoding + DiT + decode + MP4 writing, i.e. what a user waits for; model loading excluded).
+figures everywhere: *DiT-only* (what the attention policies change) and *end-to-end* (text encoding + DiT +
+decode + MP4 writing, i.e. what a user waits for; model loading excluded).
 """
 
 from __future__ import annotations
