@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from longroll.files import CorruptFileError
 from longroll.pipeline.tiny_decoder import (
@@ -146,6 +148,33 @@ def test_chunked_decode_equals_whole_decode(split: tuple[int, ...]) -> None:
     assert [p.shape[2] for p in parts] == [4 * split[0] - 3, *(4 * n for n in split[1:])]
     assert ((whole > 0) & (whole < 1)).float().mean() > 0.2
     torch.testing.assert_close(torch.cat(parts, dim=2), whole)
+    # the state matters: the last chunk decoded as a new video differs from its continuation
+    with torch.no_grad():
+        fresh, _ = model(latents[:, :, -split[-1] :])
+    assert (fresh - parts[-1][:, :, 3:]).abs().max() > 1e-3
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    splits=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+    batch=st.integers(1, 2),
+    h=st.integers(1, 4),
+    w=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_any_split_equals_whole_decode(splits: list[int], batch: int, h: int, w: int, seed: int) -> None:
+    model = _model(SMALL, seed=5)
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 4, sum(splits), h, w, generator=g)
+    with torch.no_grad():
+        whole, end = model(latents)
+        parts, state = [], None
+        for chunk in latents.split(splits, dim=2):
+            video, state = model(chunk, state)
+            parts.append(video)
+    assert state is not None and state.raw_frames == end.raw_frames == 4 * sum(splits)
+    torch.testing.assert_close(torch.cat(parts, dim=2), whole)
+    assert whole.shape == (batch, 3, 4 * sum(splits) - 3, 8 * h, 8 * w)
 
 
 def test_nan_stays_nan_and_bad_input_is_named() -> None:
