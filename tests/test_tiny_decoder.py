@@ -53,19 +53,28 @@ def _taew2_1_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def _model(cfg: TinyDecoderConfig, seed: int = 0) -> TinyVideoDecoder:
-    """Random weights, the output conv rescaled on a probe so that most outputs land inside (0, 1), off the
-    clamp (otherwise a comparison of clamped outputs would say little)."""
+    """Random weights that keep activations O(1) through the depth: He-normal convolutions, zero biases, the
+    residual branch of each memory block damped; the output conv then scaled on a probe so that most outputs
+    spread over (0, 1), off the clamp (a comparison of clamped outputs would say little)."""
     torch.manual_seed(seed)
     model = TinyVideoDecoder(cfg).eval()
     head = model.decoder[-1]
     raw: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda mod, args, out: raw.append(out))
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight"):
+                p.normal_(0, (2.0 / p[0].numel()) ** 0.5)
+                if ".conv.4." in name:
+                    p.mul_(0.3)
+            else:
+                p.zero_()
+        hook = head.register_forward_hook(lambda mod, args, out: raw.append(out))
         model(torch.randn(1, cfg.latent_channels, 3, 4, 4))
         hook.remove()
-        scale = 0.25 / raw[0].std()
+        mean = raw[0].mean((0, 2, 3))
+        scale = 0.15 / (raw[0] - mean[:, None, None]).abs().median()
         head.weight.mul_(scale)
-        head.bias.copy_(0.5 - (raw[0].mean((0, 2, 3)) - head.bias) * scale)
+        head.bias.copy_(0.5 - mean * scale)
     return model
 
 
@@ -131,7 +140,7 @@ def test_whole_decode_equals_frame_by_frame_reference() -> None:
         ref = _reference(model, latents)
     assert video.shape == ref.shape == (2, 3, 17, 24, 40)
     inside = ((video > 0) & (video < 1)).float().mean()
-    assert inside > 0.2, f"only {inside:.2f} of the outputs are off the clamp; the comparison would be weak"
+    assert inside > 0.8, f"only {inside:.2f} of the outputs are off the clamp; the comparison would be weak"
     torch.testing.assert_close(video, ref)
 
 
@@ -146,12 +155,12 @@ def test_chunked_decode_equals_whole_decode(split: tuple[int, ...]) -> None:
             video, state = model(chunk, state)
             parts.append(video)
     assert [p.shape[2] for p in parts] == [4 * split[0] - 3, *(4 * n for n in split[1:])]
-    assert ((whole > 0) & (whole < 1)).float().mean() > 0.2
+    assert ((whole > 0) & (whole < 1)).float().mean() > 0.8
     torch.testing.assert_close(torch.cat(parts, dim=2), whole)
     # the state matters: the last chunk decoded as a new video differs from its continuation
     with torch.no_grad():
         fresh, _ = model(latents[:, :, -split[-1] :])
-    assert (fresh - parts[-1][:, :, 3:]).abs().max() > 1e-3
+    assert (fresh - parts[-1][:, :, 3:]).abs().max() > 0.05
 
 
 @settings(max_examples=12, deadline=None)
