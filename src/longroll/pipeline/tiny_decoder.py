@@ -1,7 +1,8 @@
 """A tiny streaming video decoder of the TAEHV architecture (Wan 2.1 latents -> RGB), for ``taew2_1``-style weights.
 
 TAEHV is a small convolutional autoencoder for the latent spaces of Hunyuan Video and Wan. Only its decoder is
-built here. Every layer is a 2-D convolution applied to each frame; time enters in two places only:
+built here. Its layers (2-D convolutions, ReLU, upsampling) work on each frame on its own; time enters in two
+places only:
 
 * a *memory block* concatenates each frame's input with the previous frame's input to the same block (zeros
   before the first frame), runs three 3x3 convolutions on that and adds the frame's input back (ReLU after);
@@ -18,7 +19,7 @@ does not grow time), 64 decoder tensors.
 The decoder is causal, so the first ``temporal_factor - 1`` output frames (which precede the first real frame
 in Wan's ``1 + 4 (F - 1)`` frame layout) are dropped: ``F`` latent frames give ``4 F - 3`` video frames, like
 the Wan VAE. Its input is the DiT's *normalised* latents as they are (no ``latents_mean``/``latents_std``
-mapping: the tiny decoder was trained on those), its output RGB in [0, 1].
+mapping: TAEHV's Wan decoders take them so), its output RGB in [0, 1].
 
 Streaming: :meth:`TinyVideoDecoder.forward` decodes a chunk of latent frames in parallel over its frames and
 returns, with the frames, a :class:`TinyDecoderState` holding the last input frame of every memory block. Fed
