@@ -50,6 +50,27 @@ def test_block_sparse_kernel_matches_reference_in_half_precision(dtype, lq, lk, 
         _check(res, q, k, v, idx, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"schedule": "persistent"},
+        {"split_k": 4},
+        {"triton_config": {"USE_TMA": True}},
+        {"triton_config": {"USE_TMA": False, "num_warps": 8, "num_stages": 3}},
+        {"schedule": "grid", "split_k": 1},
+    ],
+)
+def test_kernel_schedules_and_variants_match_reference(dtype, options):
+    # The copy-engine (TMA) path, the persistent schedule and split-K, compiled, on a (B, L, H, D) view.
+    from tests.test_block_sparse import _check, _index, _inputs
+
+    q, k, v, bias = _gpu(*_inputs(333, 2049, dtype, h=4, hk=2, d=128, layout="blhd"))
+    idx = _index(1, 4, 333, 2049, 64, 128, 0.6, seed=2).to(DEV)
+    res = block_sparse_attention(q, k, v, idx, bias, backend="triton", **options)
+    _check(res, q, k, v, idx, bias)
+
+
 @pytest.mark.parametrize("route", ["chunked", "sdpa", "sdpa_augmented", "triton", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("lq", "lk", "d"), [(97, 1025, 128), (1025, 4097, 64), (16, 33, 128)])

@@ -11,7 +11,6 @@ decode + MP4 writing, i.e. what a user waits for; model loading excluded).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ import torch
 from longroll.pipeline.decoder import StreamingDecoder
 from longroll.pipeline.loader import LoadedPipeline
 from longroll.pipeline.outdir import prepare_out_dir
-from longroll.pipeline.record import current_command, run_record
+from longroll.pipeline.record import run_record
 from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.pipeline.video import Mp4Writer
@@ -216,14 +215,16 @@ def _write_partial(
 ) -> None:
     """``stats.partial.json`` of a run that stopped: what was completed, and why it stopped."""
     reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    record = run_record(pipe.device, command)
     stats: dict[str, Any] = {
         "partial": True,
         "stopped_by": " ".join(reason.split()),
         "chunks_completed": len(records),
         "video": None if video is None else str(video),
         "video_frames": video_frames,
-        "command": command if command is not None else current_command(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": record["command"],
+        "date": record["date"],
+        "environment": record["environment"],
         **settings,
         "chunks": records,
         **(extra or {}),

@@ -188,9 +188,12 @@ class CachedProcessor:
         return self.caches[0].committed_frames
 
     def layer_cache(self, layer: int) -> LayerKVCache:
-        """``layer``'s KV cache (for reports and probes; stage and commit go through :meth:`self_attention`)."""
+        """``layer``'s KV cache (for reports and probes; stage and commit go through :meth:`self_attention`).
+        The current stream first waits for commits still running on the side stream, so what it reads is
+        committed."""
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(self.caches):
             raise ValueError(f"layer must be an int in [0, {len(self.caches)}), got {layer!r}")
+        self.join_commits()
         return self.caches[layer]
 
     def is_sparse(self, layer: int) -> bool:
