@@ -8,7 +8,7 @@ CPU smoke run (tiny shapes, Triton interpreter; checks the script end to end, ti
 
 (a) bf16 correctness on small shapes for each kernel variant (max error against the float64 reference, next to
     torch's own bf16 error, and the tests' tolerance rule);
-(b) at the issue's shapes (B=1, H=12, D=128, Lq=4,680, Lk 4,680-262,080, densities 0.1/0.3/0.5, random
+(b) at Wan2.1-1.3B shapes (B=1, H=12, D=128, Lq=4,680, Lk 4,680-262,080, densities 0.1/0.3/0.5, random
     index with the same count in every row, per-key bias): cuDNN SDPA dense (the yardstick), SDPA with the bias
     as a mask, the head-dim augmentation route, and the kernel variants below, each with its TFLOP/s on kept
     blocks (4*H*Lq*Lk*D*density), ratio to cuDNN dense, and max error against a float64 reference over a
@@ -355,7 +355,7 @@ def main() -> int:
             )
     report["phases"]["correctness_s"] = elapsed()
 
-    # ---------------------------------------------------------------- (b) timings at the issue's shapes
+    # ---------------------------------------------------------------- (b) timings at Wan2.1-1.3B shapes
     def record(**kw: Any) -> dict[str, Any]:
         report["timings"].append(kw)
         return kw

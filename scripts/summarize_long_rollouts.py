@@ -1,4 +1,4 @@
-"""Summarise the H100 long-rollout runs in ``results/gpu/long_rollout`` against the issue's targets.
+"""Summarise the H100 long-rollout runs in ``results/gpu/long_rollout`` against the project's targets.
 
     python3 scripts/summarize_long_rollouts.py [--dir results/gpu/long_rollout]
 
@@ -19,7 +19,7 @@ from typing import Any
 
 #: Video frames per latent frame (Wan VAE) and latent frames per chunk in these runs.
 TEMPORAL, FPC = 4, 3
-#: The issue's reference points, in latent frames: 240 and 3,000 video frames.
+#: The reference points, in latent frames: 240 and 3,000 video frames.
 AT_240, AT_3000 = 60, 750
 OVERHEAD = ("ann_select", "ann_plan", "cache_commit")
 

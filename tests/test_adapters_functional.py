@@ -22,7 +22,7 @@ from longroll.adapters.functional import (
     layer_states,
     self_attention,
 )
-from longroll.adapters.self_forcing import SelfForcingAttention, SelfForcingSession
+from longroll.adapters.self_forcing import SelfForcingAttention, SelfForcingRollout
 from longroll.cache import SinkWindowPolicy
 from longroll.ops.attention import attention
 from longroll.policies.config import PolicyConfig
@@ -111,17 +111,17 @@ class SFModel(nn.Module):
         return self.mlp(x)
 
 
-def _wrapped(plain: SFModel, policy: str | PolicyConfig, memory_frames: int = 4) -> tuple[SFModel, SelfForcingSession]:
+def _wrapped(plain: SFModel, policy: str | PolicyConfig, memory_frames: int = 4) -> tuple[SFModel, SelfForcingRollout]:
     states = layer_states(
         policy, num_layers=len(plain.layers), batch=B, heads=H, head_dim=D, tokens_per_frame=TPF,
         frames_per_chunk=FPC, memory_frames=memory_frames, check_finite=True,
     )  # fmt: skip
-    session = SelfForcingSession(states, num_steps=STEPS)
+    rollout = SelfForcingRollout(states, num_steps=STEPS)
     project = lambda m, x, start: m.project(x, start)
-    layers = [SelfForcingAttention(m, session, i, project) for i, m in enumerate(plain.layers)]
+    layers = [SelfForcingAttention(m, rollout, i, project) for i, m in enumerate(plain.layers)]
     wrapped = SFModel(layers)
     wrapped.mlp = plain.mlp
-    return wrapped, session
+    return wrapped, rollout
 
 
 def _rollout(model: SFModel, caches: list[dict], chunks: int, seed: int = 0) -> list[torch.Tensor]:
@@ -146,12 +146,12 @@ def test_dense_policy_equals_the_plain_self_forcing_module() -> None:
     plain = _plain()
     chunks = 5
     expected = _rollout(plain, [_sf_cache(chunks * FPC * TPF) for _ in range(2)], chunks)
-    wrapped, session = _wrapped(plain, "dense")
+    wrapped, rollout = _wrapped(plain, "dense")
     caches = [_sf_cache(0) for _ in range(2)]  # longroll holds the K/V: the dict's k/v can be empty
     actual = _rollout(wrapped, caches, chunks)
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"pass {i}: {m}")
-    assert session.committed_frames == chunks * FPC
+    assert rollout.committed_frames == chunks * FPC
     assert int(caches[1]["global_end_index"]) == chunks * FPC * TPF
     assert int(caches[1]["local_end_index"]) == chunks * FPC * TPF
 
@@ -170,8 +170,8 @@ def test_self_forcing_rolling_window_with_sinks_is_sink_window() -> None:
 @pytest.mark.parametrize("policy", ["tempcache", "sink_window", "budget", "all_int8"])
 def test_bounded_policies_run_and_stay_bounded(policy: str) -> None:
     plain = _plain()
-    wrapped, session = _wrapped(plain, policy, memory_frames=4)
-    processor = session.states[0].processor
+    wrapped, rollout = _wrapped(plain, policy, memory_frames=4)
+    processor = rollout.states[0].processor
     caches = [_sf_cache(0) for _ in range(2)]
     sizes, entries = [], []
     g = torch.Generator().manual_seed(1)
@@ -184,18 +184,18 @@ def test_bounded_policies_run_and_stay_bounded(policy: str) -> None:
             entries.append(int(caches[0]["local_end_index"]))
     assert len(set(sizes[2:])) == 1, sizes  # flat once the cap is reached
     assert max(entries) <= 4 * TPF, entries
-    assert session.committed_frames == 8 * FPC
+    assert rollout.committed_frames == 8 * FPC
 
 
 def test_context_frames_commit_in_one_pass_and_bad_call_sequences_are_refused() -> None:
     plain = _plain()
-    wrapped, session = _wrapped(plain, "dense")
+    wrapped, rollout = _wrapped(plain, "dense")
     caches = [_sf_cache(0) for _ in range(2)]
     x = torch.randn(B, FPC * TPF, DIM)
     with torch.no_grad():
-        session.commit_next_chunk()
+        rollout.commit_next_chunk()
         wrapped(x, caches, 0)
-        assert session.committed_frames == FPC
+        assert rollout.committed_frames == FPC
         with pytest.raises(ValueError, match=r"current_start must be the first token of the next uncommitted frame"):
             wrapped(x, caches, 3 * FPC * TPF)
         start = FPC * TPF
@@ -203,13 +203,13 @@ def test_context_frames_commit_in_one_pass_and_bad_call_sequences_are_refused() 
         with pytest.raises(RuntimeError, match=r"saw 1 pass\(es\) of the 3 it needs"):
             wrapped(x, caches, 2 * start)
         with pytest.raises(ValueError, match="layer 1 got current_start=0"):
-            session.attend(1, *plain.layers[1].project(x, 0)[:3], caches[1], 0)
+            rollout.attend(1, *plain.layers[1].project(x, 0)[:3], caches[1], 0)
         for _ in range(STEPS):
             wrapped(x, caches, start)
         with pytest.raises(RuntimeError, match="already committed"):
             wrapped(x, caches, start)
     with pytest.raises(ValueError, match="kv_cache must hold a tensor 'local_end_index'"):
-        session.attend(0, *plain.layers[0].project(x, 0)[:3], {"global_end_index": torch.tensor([0])}, 2 * start)
+        rollout.attend(0, *plain.layers[0].project(x, 0)[:3], {"global_end_index": torch.tensor([0])}, 2 * start)
 
 
 # ---------------------------------------------------------------------------------------------------------

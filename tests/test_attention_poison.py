@@ -163,13 +163,16 @@ def test_nan_queries_pass_unchecked_only_when_checks_are_off():
     assert cache.committed_frames == F
 
 
-def test_nan_queries_that_choose_evictions_poison_the_cache_instead_of_hiding():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_queries_that_choose_evictions_poison_the_cache_instead_of_hiding(bad):
     cache = _budget_cache(check_finite=False)
     for _ in range(3):  # past the budget: the committing queries choose what stays
         _staged(cache)
         cache.commit(queries=torch.randn(1, HC, F * P, DC))
     assert torch.isfinite(cache.view().k).all()
     _staged(cache)
-    cache.commit(queries=torch.full((1, HC, F * P, DC), float("nan")))
+    queries = torch.randn(1, HC, F * P, DC)
+    queries[0, 0, 5, 0] = bad  # one poisoned value is enough
+    cache.commit(queries=queries)
     out = attention(torch.randn(1, HC, 3, DC), *cache.view()).out
     assert torch.isnan(out).all()

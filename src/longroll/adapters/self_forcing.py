@@ -7,11 +7,11 @@ absolute end of the tokens written so far) and ``local_end_index`` (the end of t
 The layer writes the chunk's roped K/V there and attends over the used part; every denoising step of a chunk
 rewrites the chunk's slots, and a last pass over the clean chunk (timestep 0) leaves its final K/V behind.
 
-:class:`SelfForcingSession` keeps that calling convention and hands the tensors to longroll instead:
+:class:`SelfForcingRollout` keeps that calling convention and hands the tensors to longroll instead:
 
-- one session per model, over the model's :class:`~longroll.adapters.functional.LayerState` s;
+- one rollout per model, over the model's :class:`~longroll.adapters.functional.LayerState` s;
 - a chunk (a ``current_start``) gets ``num_steps`` denoising passes and then the clean pass, which commits it
-  (as Self-Forcing's inference loop does); :meth:`SelfForcingSession.commit_next_chunk` makes the next chunk
+  (as Self-Forcing's inference loop does); :meth:`SelfForcingRollout.commit_next_chunk` makes the next chunk
   a single clean pass (initial frames of image-to-video or a world model's context);
 - the K/V live in longroll's cache, so the dict's ``k`` and ``v`` are not read or written and may be
   allocated with zero tokens; its two indices are still written (``global_end_index`` the end of the
@@ -37,7 +37,7 @@ from longroll.ops._checks import check_rank
 Projection = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
-class SelfForcingSession:
+class SelfForcingRollout:
     """Turns Self-Forcing-style per-layer calls into longroll passes over a model's layer states.
 
     Args:
@@ -154,12 +154,12 @@ class SelfForcingAttention(nn.Module):
 
     ``forward(x, kv_cache, current_start, *args, **kwargs)`` keeps the wrapped module's calling convention:
     ``project`` computes the roped q, k (and the pre-RoPE keys) and v with the module's own weights, the
-    session attends, and ``output`` applies the module's output projection.
+    rollout attends, and ``output`` applies the module's output projection.
 
     Args:
         module: the wrapped attention module (its parameters stay registered under ``module.``).
-        session: the model's :class:`SelfForcingSession`.
-        layer: this layer's index in the session.
+        rollout: the model's :class:`SelfForcingRollout`.
+        layer: this layer's index in the rollout.
         project: see :data:`Projection`.
         output: ``output(module, y)`` with y (batch, n, heads, head_dim_v) -> (batch, n, dim); default
             ``module.o(y.flatten(2))`` (Self-Forcing's name for the output projection).
@@ -168,16 +168,16 @@ class SelfForcingAttention(nn.Module):
     def __init__(
         self,
         module: nn.Module,
-        session: SelfForcingSession,
+        rollout: SelfForcingRollout,
         layer: int,
         project: Projection,
         output: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        if not 0 <= layer < len(session.states):
-            raise ValueError(f"layer must be in [0, {len(session.states)}), got {layer}")
+        if not 0 <= layer < len(rollout.states):
+            raise ValueError(f"layer must be in [0, {len(rollout.states)}), got {layer}")
         self.module = module
-        self.session = session
+        self.rollout = rollout
         self.layer = layer
         self.project = project
         self.output = output if output is not None else lambda m, y: m.o(y.flatten(2))
@@ -187,8 +187,8 @@ class SelfForcingAttention(nn.Module):
     ) -> torch.Tensor:
         """x: (batch, n, dim) the chunk's tokens -> (batch, n, dim)."""
         q, k, v, k_pre = self.project(self.module, x, current_start, *args, **kwargs)
-        y = self.session.attend(self.layer, q, k, v, kv_cache, current_start, k_pre_rope=k_pre)
+        y = self.rollout.attend(self.layer, q, k, v, kv_cache, current_start, k_pre_rope=k_pre)
         return self.output(self.module, y)
 
 
-__all__ = ["Projection", "SelfForcingAttention", "SelfForcingSession"]
+__all__ = ["Projection", "SelfForcingAttention", "SelfForcingRollout"]

@@ -45,9 +45,10 @@ def compact_to_budget(
     keep = score.topk(budget, dim=-1).indices.sort(dim=-1).values
     d, dv = buf.k.shape[-1], buf.v.shape[-1]
     k = buf.k.gather(2, keep[..., None].expand(*keep.shape, d))
-    # NaN queries would choose the kept entries arbitrarily; checking needs a host sync, so instead the choice
-    # is poisoned: the kept keys become NaN and every later attention over the cache shows it.
-    poisoned = torch.isnan(queries).flatten(1).any(dim=-1)[:, None, None, None]  # (B, 1, 1, 1), no sync
+    # Non-finite queries (NaN, or an Inf that turns scores into NaN or ties) would choose the kept entries
+    # arbitrarily; checking needs a host sync, so instead the choice is poisoned: the kept keys become NaN and
+    # every later attention over the cache shows it.
+    poisoned = (~torch.isfinite(queries)).flatten(1).any(dim=-1)[:, None, None, None]  # (B, 1, 1, 1), no sync
     k = torch.where(poisoned, float("nan"), k)
     v = buf.v.gather(2, keep[..., None].expand(*keep.shape, dv))
     c = buf.count.gather(2, keep)

@@ -276,10 +276,16 @@ class CachedProcessor:
             if self._side is None:
                 self._commit(layer, q)
             else:
-                # The side stream starts after everything the main stream issued so far (the staged K/V); the
-                # tensors it reads that the model frees after this layer stay allocated until it is done.
+                # The side stream starts after everything the main stream issued so far (the staged K/V). Every
+                # main-stream tensor it reads stays allocated until it is done: the inputs the model frees after
+                # this layer, the track the commit replaces (made on the main stream after a state load or a
+                # prefill), and the buffers themselves (should the processor be dropped with a commit pending).
                 self._side.wait_stream(torch.cuda.current_stream(self._side.device))
-                for t in (q, k, v, k_pre_rope):
+                buf, track = cache.buffers, cache.track
+                keep = [q, k, v, k_pre_rope, buf.k, buf.v, buf.count, buf.frame, buf.lengths]
+                if track is not None:
+                    keep += [track.slots, track.keys, track.active]
+                for t in keep:
                     t.record_stream(self._side)
                 with torch.cuda.stream(self._side):
                     self._commit(layer, q)
