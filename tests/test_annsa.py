@@ -322,7 +322,7 @@ def test_captured_selection_equals_eager_selection(ann):
             torch.testing.assert_close(b.index.kv_indices, a.index.kv_indices, rtol=0, atol=0)
             torch.testing.assert_close(b.index.kv_num_blocks, a.index.kv_num_blocks, rtol=0, atol=0)
         cache.commit()
-    assert graphed._graph is not None
+    assert graphed.select_capture.captured
 
 
 def test_graphs_setting_is_validated():
@@ -352,4 +352,4 @@ def test_cuda_graph_selection_equals_eager_on_gpu(ann):
         cache.commit()
         eager.plan(cache)
         graphed._plan = eager._plan
-    assert graphed._graph is not None and not graphed._graph_failed
+    assert graphed.select_capture.captured and not graphed.select_capture.failed

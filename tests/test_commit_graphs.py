@@ -52,7 +52,7 @@ def test_emulated_capture_equals_eager_commits(ann, match_keys):
         ):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the cap was reached early enough for a warm-up, a capture and replays
-    assert graphed._graph is not None and eager._graph is None
+    assert graphed.commit_capture.captured and not eager.commit_capture.captured
 
 
 def test_layers_sharing_static_inputs_match_eager_layers():
@@ -67,7 +67,7 @@ def test_layers_sharing_static_inputs_match_eager_layers():
     for e, g in zip(eager, graphed, strict=True):
         torch.testing.assert_close(g.buffers.v, e.buffers.v, rtol=0, atol=0)
         torch.testing.assert_close(g.track.keys, e.track.keys, rtol=0, atol=0)
-    assert all(g._graph is not None for g in graphed)
+    assert all(g.commit_capture.captured for g in graphed)
     assert shared.nbytes() > 0
 
 
@@ -102,4 +102,27 @@ def test_cuda_graph_commit_equals_eager_on_gpu():
         torch.testing.assert_close(graphed.commit(), eager.commit(), rtol=0, atol=0)
         # The last slot is the trash slot: masked writes land there in any order.
         torch.testing.assert_close(graphed.buffers.v[:, :, :-1], eager.buffers.v[:, :, :-1])
-    assert graphed._graph is not None and not graphed._graph_failed
+    assert graphed.commit_capture.captured and not graphed.commit_capture.failed
+
+
+def test_keyed_capture_life_cycle():
+    """Eager on a new key, captured on its second call, replayed after; another key starts over."""
+    from longroll.cache.graphs import KeyedCapture
+
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return (x * 2,)
+
+    kc = KeyedCapture("emulate")
+    x = torch.arange(4.0)
+    assert torch.equal(kc("a", fn, [x])[0], x * 2) and not kc.captured  # warm-up: eager
+    assert torch.equal(kc("a", fn, [x + 1])[0], (x + 1) * 2) and kc.captured  # captured, replayed
+    assert torch.equal(kc("a", fn, [x + 2])[0], (x + 2) * 2)  # replay with new inputs copied in
+    assert torch.equal(kc("b", fn, [x])[0], x * 2)  # a new key runs eagerly first
+    assert kc.captured  # the capture of "a" is kept until "b" is captured
+    kc.reset()
+    assert not kc.captured and not kc.failed
+    with pytest.raises(ValueError, match="mode"):
+        KeyedCapture("graph")  # type: ignore[arg-type]

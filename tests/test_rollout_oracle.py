@@ -187,9 +187,10 @@ def test_captured_steps_give_the_eager_rollout(policy):
     proc = _processor(policy, cuda_graphs="emulate")
     graphed = RolloutEngine(model, proc, cfg).run(ctx).latents
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
-    assert any(c._graph is not None for c in proc.caches), "the commit was never captured"
+    assert any(c.commit_capture.captured for c in proc.caches), "the commit was never captured"
     if proc.planners[0] is not None:
-        assert any(p._graph is not None for p in proc.planners if p is not None), "the selection was never captured"
+        planners = [p for p in proc.planners if p is not None]
+        assert any(p.select_capture.captured for p in planners), "the selection was never captured"
 
 
 def test_overlap_commit_is_validated_and_off_on_the_cpu():

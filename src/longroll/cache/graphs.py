@@ -115,6 +115,61 @@ class CapturedCall:
         return [o.clone() for o in self.static_out] if self.copy_outputs else list(self.static_out)
 
 
+class KeyedCapture:
+    """The warm-up / capture / replay life cycle of one function, keyed by what fixes its capture.
+
+    The first call with a new key runs ``fn`` eagerly (it warms up every kernel and library handle, and nothing
+    is captured from a path that runs once); the second captures it and replays the capture; later calls with
+    that key replay. A call with another key starts over (the previous capture is dropped). If a capture fails,
+    every later call runs eagerly (:attr:`failed`). The commit of a TempCache at its cap and AnnSA's per-step
+    selection both go through this.
+
+    Args:
+        mode: ``"cuda"`` (CUDA graphs) or ``"emulate"`` (the same discipline without a graph, for tests).
+    """
+
+    def __init__(self, mode: Literal["cuda", "emulate"]) -> None:
+        if mode not in ("cuda", "emulate"):
+            raise ValueError(f"mode must be 'cuda' or 'emulate', got {mode!r}")
+        self.mode: Literal["cuda", "emulate"] = mode
+        self.failed = False
+        self._warm: object = None
+        self._key: object = None
+        self._call: CapturedCall | None = None
+
+    @property
+    def captured(self) -> bool:
+        """Whether a capture is held (for some key)."""
+        return self._call is not None
+
+    def reset(self) -> None:
+        """Drop the capture and the warm-up (e.g. after the tensors it reads in place were replaced)."""
+        self._warm, self._key, self._call = None, None, None
+
+    def __call__(
+        self,
+        key: object,
+        fn: TensorFn,
+        inputs: Sequence[torch.Tensor],
+        *,
+        static: Sequence[torch.Tensor | None] | None = None,
+        copy_outputs: bool = True,
+    ) -> list[torch.Tensor]:
+        """``fn(*inputs)``, eagerly or through the capture for ``key`` (see the class docstring); ``static`` and
+        ``copy_outputs`` as in :class:`CapturedCall`."""
+        if self._call is not None and self._key == key:
+            return self._call(*inputs)
+        if self.failed or self._warm != key:
+            self._warm = key
+            return list(fn(*inputs))
+        call = capture(fn, inputs, self.mode, static=static, copy_outputs=copy_outputs)
+        if call is None:
+            self.failed = True
+            return list(fn(*inputs))
+        self._key, self._call = key, call
+        return call(*inputs)
+
+
 def capture(
     fn: TensorFn,
     example_inputs: Sequence[torch.Tensor],

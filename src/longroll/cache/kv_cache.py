@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -26,7 +26,7 @@ from longroll.ann import make_searcher
 from longroll.cache.budget import compact_to_budget
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWindowPolicy, TempCachePolicy
-from longroll.cache.graphs import CapturedCall, StaticInputs, capture
+from longroll.cache.graphs import KeyedCapture, StaticInputs
 from longroll.cache.tempcache import Track, commit_chunk
 from longroll.ops._checks import check_float, check_rank
 
@@ -122,9 +122,7 @@ class LayerKVCache:
         self._bias: torch.Tensor | None = None
         self._pending_len: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
         # Captured steady-state TempCache commit: ((lo, n), call), the key last run eagerly, a failure flag.
-        self._graph: tuple[tuple[int, int], CapturedCall] | None = None
-        self._graph_warm: tuple[int, int] | None = None
-        self._graph_failed = False
+        self.commit_capture = KeyedCapture("emulate" if config.commit_graphs == "emulate" else "cuda")
         self._frame0: torch.Tensor | None = None
         self._graph_inputs = graph_inputs if graph_inputs is not None else StaticInputs()
         p = config.policy
@@ -286,9 +284,8 @@ class LayerKVCache:
         for sink in sinks:
             overflow.append(not sink and upper + tpf > p.max_entries)
             upper = min(upper + tpf, p.max_entries)
-        mode = self._graph_mode()
-        if mode is not None and self.track is not None and not any(sinks) and all(overflow):
-            slots = self._commit_captured(p, lo, n, mode)
+        if self._captures_commits() and self.track is not None and not any(sinks) and all(overflow):
+            slots = self._commit_captured(p, lo, n)
         else:
             self.track, slots = commit_chunk(
                 self.buffers, self._searcher, p, self.track, self._k_match,
@@ -298,15 +295,13 @@ class LayerKVCache:
         self._start_length_readback()
         return slots
 
-    def _graph_mode(self) -> Literal["cuda", "emulate"] | None:
+    def _captures_commits(self) -> bool:
         setting = self.config.commit_graphs
         if setting == "emulate":
-            return "emulate"
-        if setting == "auto" and self.device.type == "cuda" and not self._graph_failed:
-            return "cuda"
-        return None
+            return True
+        return setting == "auto" and self.device.type == "cuda" and not self.commit_capture.failed
 
-    def _commit_captured(self, p: TempCachePolicy, lo: int, n: int, mode: Literal["cuda", "emulate"]) -> torch.Tensor:
+    def _commit_captured(self, p: TempCachePolicy, lo: int, n: int) -> torch.Tensor:
         """The steady-state commit (at the cap, no sinks, a track to match) through a captured call.
 
         The first steady-state commit at a given ``(lo, n)`` runs eagerly (it warms up every kernel and
@@ -336,23 +331,12 @@ class LayerKVCache:
             assert track is not None
             return track.slots, track.keys, track.active, out
 
-        if self._graph is None or self._graph[0] != key:
-            if self._graph_warm != key:
-                self._graph_warm = key
-                track_slots, track_keys, track_active, out = body(*inputs)
-                self.track = Track(track_slots, track_keys, track_active)
-                return out
-            arena = self._graph_inputs
-            names = ("track_slots", "track_keys", "track_active", "k_match")
-            static = [arena.get(name, x) for name, x in zip(names, inputs, strict=False)]
-            captured = capture(body, inputs, mode, static=[*static, self._frame0], copy_outputs=False)
-            if captured is None:
-                self._graph_failed = True
-                track_slots, track_keys, track_active, out = body(*inputs)
-                self.track = Track(track_slots, track_keys, track_active)
-                return out
-            self._graph = (key, captured)
-        track_slots, track_keys, track_active, out = self._graph[1](*inputs)
+        arena = self._graph_inputs
+        names = ("track_slots", "track_keys", "track_active", "k_match")
+        static = [arena.get(name, x) for name, x in zip(names, inputs, strict=False)]
+        track_slots, track_keys, track_active, out = self.commit_capture(
+            key, body, inputs, static=[*static, self._frame0], copy_outputs=False
+        )
         self.track = Track(track_slots, track_keys, track_active)
         return out.clone()
 
@@ -626,7 +610,7 @@ class LayerKVCache:
         self.track = loaded.track
         self._pending_len, self._bias = None, None
         # A captured commit holds the previous track's buffers: capture again from the restored state.
-        self._graph, self._graph_warm = None, None
+        self.commit_capture.reset()
 
     def _refresh_bound_blocking(self) -> None:
         if self._pending_len is not None:

@@ -61,7 +61,7 @@ from longroll.ann.buckets import (
 from longroll.ann.config import AnnConfig, Int8Config, LSHConfig
 from longroll.ann.lsh import SignLSH
 from longroll.cache import CacheView, LayerKVCache, SinkWindowPolicy
-from longroll.cache.graphs import CapturedCall, StaticInputs, capture
+from longroll.cache.graphs import KeyedCapture, StaticInputs
 from longroll.ops._checks import check_bias, check_qkv, check_rank
 from longroll.ops.attention import MASKED_BIAS
 from longroll.ops.block_index import BlockSparseIndex
@@ -241,9 +241,7 @@ class AnnSAPlanner:
         self.config = config
         self._graphs = graphs
         self._graph_inputs = graph_inputs if graph_inputs is not None else StaticInputs()
-        self._graph: tuple[tuple[object, ...], CapturedCall] | None = None
-        self._graph_warm: tuple[object, ...] | None = None
-        self._graph_failed = False
+        self.select_capture = KeyedCapture("emulate" if graphs == "emulate" else "cuda")
         self._plan: _Plan | None = None
         self._searcher: SignLSH | None = None
         self._searcher_key: tuple[object, ...] | None = None
@@ -397,7 +395,7 @@ class AnnSAPlanner:
         plan, hist_end = self._check(q, view, staged_tokens)
         cfg = self.config
         lq, seqlen_k = q.shape[2], view.k.shape[2]
-        if self._graphs == "off" or (self._graphs == "auto" and q.device.type != "cuda") or self._graph_failed:
+        if self._graphs == "off" or (self._graphs == "auto" and q.device.type != "cuda") or self.select_capture.failed:
             num, idx, order, mask = self._select(q, view.k, plan, hist_end)
         else:
             num, idx, order, mask = self._select_captured(q, view.k, plan, hist_end)
@@ -487,23 +485,12 @@ class AnnSAPlanner:
             tuple(q.shape), q.dtype, tuple(k.shape), k.data_ptr(), hist_end, plan.bound, plan.sink, names,
             tuple(t.shape for t in tensors),
         )  # fmt: skip
-        if self._graph is not None and self._graph[0] == key:
-            a, b, c, d = self._graph[1](q, *tensors)
-            return a, b, c, d
-        if self._graph_warm != key:
-            self._graph_warm = key
-            return self._select(q, k, plan, hist_end)
 
         def body(qs: torch.Tensor, *pt: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return self._select(qs, k, _with_tensors(plan, names, pt), hist_end)
 
         static = [self._graph_inputs.get("q", q), *([None] * len(tensors))]
-        captured = capture(body, [q, *tensors], "emulate" if self._graphs == "emulate" else "cuda", static=static)
-        if captured is None:
-            self._graph_failed = True
-            return self._select(q, k, plan, hist_end)
-        self._graph = (key, captured)
-        a, b, c, d = captured(q, *tensors)
+        a, b, c, d = self.select_capture(key, body, [q, *tensors], static=static)
         return a, b, c, d
 
     def _select_lsh(
