@@ -81,7 +81,8 @@ class LayoutCandidate:
 
 def parse_layout(text: str) -> LayoutCandidate:
     """``name=base:key=value,...`` -> a :class:`LayoutCandidate`, keys of :class:`TempCacheLayout`
-    (``sinks`` for sink_frames, ``threshold``, ``overflow``, ``group``; ``group=none`` for unbounded).
+    (``sinks`` for sink_frames, ``recent`` for recent_frames, ``threshold``, ``overflow``, ``group``;
+    ``group=none`` for unbounded).
 
     E.g. ``tc_g4=tempcache:group=4`` or ``tc_s1=tempcache:sinks=1``.
     """
@@ -89,13 +90,13 @@ def parse_layout(text: str) -> LayoutCandidate:
         name, rest = text.split("=", 1)
         base, _, opts = rest.partition(":")
         kwargs: dict[str, Any] = {}
-        keys = {"sinks": "sink_frames", "threshold": "threshold", "overflow": "overflow_threshold",
-                "group": "max_group"}  # fmt: skip
+        keys = {"sinks": "sink_frames", "recent": "recent_frames", "threshold": "threshold",
+                "overflow": "overflow_threshold", "group": "max_group"}  # fmt: skip
         for item in filter(None, (o.strip() for o in opts.split(","))):
             key, value = item.split("=", 1)
             if key not in keys:
                 raise ValueError(f"unknown layout key {key!r}; use {sorted(keys)}")
-            if key in ("sinks", "group"):
+            if key in ("sinks", "recent", "group"):
                 kwargs[keys[key]] = None if value.lower() == "none" and key == "group" else int(value)
             else:
                 kwargs[keys[key]] = float(value)

@@ -85,14 +85,19 @@ class TempCacheLayout:
         threshold: cosine similarity needed to merge.
         overflow_threshold: looser similarity used only at the cap.
         max_group: most frames one merged group may span (None: unbounded).
+        recent_frames: newest frames kept verbatim before they merge (at most what the memory holds besides
+            the sinks and a chunk; fewer are kept when it is smaller).
     """
 
     sink_frames: int = SINK_FRAMES
     threshold: float = 0.9
     overflow_threshold: float = 0.75
     max_group: int | None = 8
+    recent_frames: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.recent_frames, int) or isinstance(self.recent_frames, bool) or self.recent_frames < 0:
+            raise ValueError(f"recent_frames must be an int >= 0, got {self.recent_frames!r}")
         if not isinstance(self.sink_frames, int) or isinstance(self.sink_frames, bool) or self.sink_frames < 0:
             raise ValueError(f"sink_frames must be an int >= 0, got {self.sink_frames!r}")
         if not 0.0 < self.threshold <= 1.0:
@@ -103,11 +108,13 @@ class TempCacheLayout:
         if self.max_group is not None and (not isinstance(self.max_group, int) or self.max_group < 1):
             raise ValueError(f"max_group must be None or an int >= 1, got {self.max_group!r}")
 
-    def policy(self, max_entries: int, sink_frames: int, ann: AnnConfig) -> TempCachePolicy:
-        """The cache policy of this layout at a cap of ``max_entries`` tokens, ``sink_frames`` (clamped) sinks."""
+    def policy(self, max_entries: int, sink_frames: int, ann: AnnConfig, recent_frames: int = 0) -> TempCachePolicy:
+        """The cache policy of this layout at a cap of ``max_entries`` tokens, ``sink_frames`` and
+        ``recent_frames`` (both already clamped to the memory)."""
         return TempCachePolicy(
             threshold=self.threshold, max_entries=max_entries, sink_frames=sink_frames,
             overflow_threshold=self.overflow_threshold, ann=ann, max_group=self.max_group,
+            recent_frames=recent_frames,
         )  # fmt: skip
 
 
@@ -140,12 +147,15 @@ def preset(
     budget = memory_frames * tokens_per_frame
     sink = min(SINK_FRAMES, memory_frames - frames_per_chunk)
     tc_sink = min(layout.sink_frames, memory_frames - frames_per_chunk)
+    tc_recent = min(layout.recent_frames, memory_frames - frames_per_chunk - tc_sink)
     table: dict[str, PolicyConfig] = {
         "dense": PolicyConfig("dense", FullPolicy()),
         "sink_window": PolicyConfig("sink_window", SinkWindowPolicy(sink, memory_frames - sink)),
         "budget": PolicyConfig("budget", BudgetPolicy(budget_tokens=budget, sink_frames=sink)),
-        "tempcache": PolicyConfig("tempcache", layout.policy(budget, tc_sink, Int8Config())),
-        "tempcache_lsh": PolicyConfig("tempcache_lsh", layout.policy(budget, tc_sink, LSHConfig(bits=16, tables=2))),
+        "tempcache": PolicyConfig("tempcache", layout.policy(budget, tc_sink, Int8Config(), tc_recent)),
+        "tempcache_lsh": PolicyConfig(
+            "tempcache_lsh", layout.policy(budget, tc_sink, LSHConfig(bits=16, tables=2), tc_recent)
+        ),
     }
     tc_lsh = table["tempcache_lsh"].cache
     tc_int8 = table["tempcache"].cache
