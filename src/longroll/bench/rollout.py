@@ -84,6 +84,8 @@ class RolloutBenchConfig:
         overlap_commit: commits and AnnSA plans on a side stream (``auto``, ``off``); see
             :class:`~longroll.policies.cached.CachedProcessor`. With ``components`` set to time them in line,
             use ``off``: a side-stream commit's span measures its own duration, not what it adds to the chunk.
+        group_commits: every layer's TempCache committed in one batched call (``auto``) or per layer (``off``);
+            see :class:`~longroll.policies.cached.CachedProcessor`.
     """
 
     preset: str = "tiny"
@@ -107,6 +109,7 @@ class RolloutBenchConfig:
     decoder: str = "wan"
     cuda_graphs: str = "auto"
     overlap_commit: str = "auto"
+    group_commits: str = "auto"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -145,6 +148,8 @@ class RolloutBenchConfig:
             raise ValueError(f"cuda_graphs must be 'auto' or 'off', got {self.cuda_graphs!r}")
         if self.overlap_commit not in ("auto", "off"):
             raise ValueError(f"overlap_commit must be 'auto' or 'off', got {self.overlap_commit!r}")
+        if self.group_commits not in ("auto", "off"):
+            raise ValueError(f"group_commits must be 'auto' or 'off', got {self.group_commits!r}")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -256,6 +261,7 @@ class _Bench:
             timer=ComponentTimer(self.device) if c.components else None,
             cuda_graphs="auto" if c.cuda_graphs == "auto" else "off",
             overlap_commit="auto" if c.overlap_commit == "auto" else "off",
+            group_commits="auto" if c.group_commits == "auto" else "off",
         )
 
     def _rollout(

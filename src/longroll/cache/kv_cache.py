@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from longroll.ann import make_searcher
+from longroll.ann import Searcher, make_searcher
 from longroll.cache.budget import compact_to_budget
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWindowPolicy, TempCachePolicy
@@ -85,6 +85,9 @@ class LayerKVCache:
             passes its ids and behaves exactly like the matching slice of an unsharded cache.
         graph_inputs: static input buffers shared with other layers' captured commits (saves one set of
             chunk-sized buffers per layer); default: private ones.
+        storage: ``(buffers, recent)`` to use instead of allocating them: views into a stacked storage
+            (:class:`~longroll.cache.group.CacheGroup`), of this cache's shapes.
+        searcher: the ANN searcher of TempCache's matches instead of this layer's own (a group's stacked one).
     """
 
     def __init__(
@@ -100,6 +103,8 @@ class LayerKVCache:
         layer: int = 0,
         head_ids: tuple[int, ...] | None = None,
         graph_inputs: StaticInputs | None = None,
+        storage: tuple[CacheBuffers, RecentWindow | None] | None = None,
+        searcher: Searcher | None = None,
     ) -> None:
         for name, val in (("batch", batch), ("heads", heads), ("head_dim", head_dim)):
             if val < 1:
@@ -113,9 +118,20 @@ class LayerKVCache:
         self.head_ids = tuple(range(heads)) if head_ids is None else tuple(head_ids)
         if len(self.head_ids) != heads:
             raise ValueError(f"head_ids must name {heads} heads, got {len(self.head_ids)}")
-        self.buffers = CacheBuffers.allocate(
-            batch, heads, self._initial_slots(), head_dim, self.v_dim, dtype, self.device
-        )
+        p = config.policy
+        ring = p.recent_frames if isinstance(p, TempCachePolicy) else 0
+        if storage is None:
+            self.buffers = CacheBuffers.allocate(
+                batch, heads, self._initial_slots(), head_dim, self.v_dim, dtype, self.device
+            )
+            self.recent: RecentWindow | None = (
+                RecentWindow.allocate(batch, heads, ring, config.tokens_per_frame, self.device) if ring else None
+            )
+        else:
+            self.buffers, self.recent = storage
+            self._check_storage(ring)
+        #: Times the state was replaced by :meth:`load_state_dict` (a group of caches watches it).
+        self.loads = 0
         self.committed_frames = 0
         self.bound = 0
         self.staged_tokens = 0
@@ -126,17 +142,33 @@ class LayerKVCache:
         self.commit_capture = KeyedCapture("emulate" if config.commit_graphs == "emulate" else "cuda")
         self._frame0: torch.Tensor | None = None
         self._graph_inputs = graph_inputs if graph_inputs is not None else StaticInputs()
-        p = config.policy
-        self._searcher = (
-            make_searcher(p.ann, head_dim, layer=layer, head_ids=self.head_ids, device=self.device)
-            if isinstance(p, TempCachePolicy)
-            else None
-        )
-        self.recent: RecentWindow | None = (
-            RecentWindow.allocate(batch, heads, p.recent_frames, config.tokens_per_frame, self.device)
-            if isinstance(p, TempCachePolicy) and p.recent_frames
-            else None
-        )
+        self._searcher: Searcher | None = None
+        if isinstance(p, TempCachePolicy):
+            self._searcher = (
+                make_searcher(p.ann, head_dim, layer=layer, head_ids=self.head_ids, device=self.device)
+                if searcher is None
+                else searcher
+            )
+
+    def _check_storage(self, ring: int) -> None:
+        buf, want = self.buffers, self._initial_slots()
+        shape = (self.batch, self.heads, want + 1)
+        if (
+            tuple(buf.k.shape) != (*shape, self.head_dim)
+            or tuple(buf.v.shape) != (*shape, self.v_dim)
+            or tuple(buf.count.shape) != shape
+            or buf.k.dtype != self.dtype
+            or buf.k.device != self.device
+        ):
+            raise ValueError(
+                f"storage buffers must hold k of shape {(*shape, self.head_dim)} {self.dtype} on {self.device}, "
+                f"got {tuple(buf.k.shape)} {buf.k.dtype} on {buf.k.device}"
+            )
+        if (self.recent is None) != (ring == 0) or (
+            self.recent is not None
+            and tuple(self.recent.idx.shape) != (self.batch, self.heads, ring, self.config.tokens_per_frame)
+        ):
+            raise ValueError(f"storage recent window must match recent_frames={ring} (None when 0)")
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -489,6 +521,9 @@ class LayerKVCache:
         if self.staged_tokens:
             raise RuntimeError("state_dict() with a chunk staged: commit it first")
         self._refresh_bound_blocking()
+        if isinstance(self.policy, TempCachePolicy):
+            # A group of caches keeps one bound for all its layers: save this layer's exact one.
+            self.bound = int(self.buffers.lengths.max())
         n = self.bound
         buf = self.buffers
         state = {
@@ -644,6 +679,7 @@ class LayerKVCache:
         buf.lengths.copy_(loaded.lengths)
         self.committed_frames, self.bound, self.staged_tokens = loaded.committed_frames, bound, 0
         self.track = loaded.track
+        self.loads += 1
         if self.recent is not None and loaded.recent is not None:
             # In place: a captured commit reads and writes these very tensors.
             self.recent.idx.copy_(loaded.recent.idx)

@@ -67,6 +67,10 @@ class RecentWindow:
     def nbytes(self) -> int:
         return self.idx.numel() * self.idx.element_size() + self.cos.numel() * self.cos.element_size()
 
+    def rows(self, start: int, stop: int) -> RecentWindow:
+        """Batch rows ``[start, stop)`` as views (see :meth:`CacheBuffers.rows`)."""
+        return RecentWindow(self.idx[start:stop], self.cos[start:stop])
+
 
 def append_verbatim(buf: CacheBuffers, k: torch.Tensor, v: torch.Tensor, frame: Frame) -> torch.Tensor:
     """Append a frame without merging (sink frames). k: (B, H, P, D); v: (B, H, P, Dv). Returns slots (B, H, P)."""

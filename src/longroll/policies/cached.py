@@ -12,8 +12,9 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from longroll.cache.config import CacheConfig
+from longroll.cache.config import CacheConfig, TempCachePolicy
 from longroll.cache.graphs import StaticInputs
+from longroll.cache.group import CacheGroup
 from longroll.cache.kv_cache import STATE_FORMAT, LayerKVCache
 from longroll.ops.attention import attention
 from longroll.ops.block_index import BlockSparseIndex
@@ -84,6 +85,10 @@ class CachedProcessor:
             that their many small kernels overlap the rest of the commit pass (nothing reads a committed
             history before the next chunk, whose first pass waits for the side stream); ``"off"`` runs them
             in line. Same kernels in the same order per cache either way, so results are identical.
+        group_commits: ``"auto"`` stacks every layer's TempCache over one storage and commits them all in one
+            batched call after the commit pass's last layer (:class:`~longroll.cache.group.CacheGroup`: one set of
+            a few hundred kernels per chunk instead of one per layer); ``"off"`` commits each layer after its
+            attention. Identical results; other cache policies always commit per layer.
     """
 
     def __init__(
@@ -103,30 +108,34 @@ class CachedProcessor:
         timer: ComponentTimer | None = None,
         cuda_graphs: Literal["auto", "off", "emulate"] = "auto",
         overlap_commit: Literal["auto", "off"] = "auto",
+        group_commits: Literal["auto", "off"] = "auto",
     ) -> None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if overlap_commit not in ("auto", "off"):
             raise ValueError(f"overlap_commit must be 'auto' or 'off', got {overlap_commit!r}")
+        if group_commits not in ("auto", "off"):
+            raise ValueError(f"group_commits must be 'auto' or 'off', got {group_commits!r}")
         self.policy = policy
         cfg = CacheConfig(
             tokens_per_frame, frames_per_chunk, policy.cache, check_finite=check_finite, commit_graphs=cuda_graphs
         )
         self.graph_inputs = StaticInputs()
-        self.caches = [
-            LayerKVCache(
-                cfg,
-                batch=batch,
-                heads=heads,
-                head_dim=head_dim,
-                dtype=dtype,
-                device=device,
-                layer=i,
-                head_ids=head_ids,
-                graph_inputs=self.graph_inputs,
-            )
-            for i in range(num_layers)
-        ]
+        self.group: CacheGroup | None = None
+        if group_commits == "auto" and isinstance(policy.cache, TempCachePolicy):
+            self.group = CacheGroup(
+                cfg, layers=num_layers, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device,
+                head_ids=head_ids, graph_inputs=self.graph_inputs,
+            )  # fmt: skip
+            self.caches = self.group.caches
+        else:
+            self.caches = []
+            for i in range(num_layers):
+                cache = LayerKVCache(
+                    cfg, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, layer=i,
+                    head_ids=head_ids, graph_inputs=self.graph_inputs,
+                )  # fmt: skip
+                self.caches.append(cache)
         self.pass_info: PassInfo | None = None
         self.timer = timer
         self.tokens_per_frame = tokens_per_frame
@@ -251,6 +260,8 @@ class CachedProcessor:
         self.join_commits()
         if info.frame_start != self.committed_frames:
             raise ValueError(f"frame_start must be {self.committed_frames}, got {info.frame_start}")
+        if self.group is not None and self.caches[0].staged_tokens == 0:
+            self.group.begin()
         self.pass_info = info
 
     def self_attention(
@@ -272,7 +283,11 @@ class CachedProcessor:
         else:
             with self._span("attention"):
                 out = attention(q, *view, backend=self.policy.attention_backend).out
-        if info.commit:
+        if info.commit and self.group is not None:
+            self.group.stage_match(layer, k_pre_rope)
+            if layer == len(self.caches) - 1:
+                self._commit_group()
+        elif info.commit:
             if self._side is None:
                 self._commit(layer, q)
             else:
@@ -300,6 +315,35 @@ class CachedProcessor:
             with self._span("ann_plan"):
                 planner.plan(cache)
             self._planned[layer] = True
+
+    def _commit_group(self) -> None:
+        """Every layer's commit in one batched call, then the AnnSA plans (on the side stream when it is on)."""
+        group = self.group
+        assert group is not None
+
+        def run() -> None:
+            with self._span("cache_commit"):
+                group.commit()
+            for i, planner in enumerate(self.planners):
+                if planner is not None:
+                    with self._span("ann_plan"):
+                        planner.plan(self.caches[i])
+                    self._planned[i] = True
+
+        if self._side is None:
+            run()
+            return
+        self._side.wait_stream(torch.cuda.current_stream(self._side.device))
+        buf = group.stacked.buffers
+        keep = [buf.k, buf.v, buf.count, buf.frame, buf.lengths]
+        for c in self.caches:
+            if c.track is not None:
+                keep += [c.track.slots, c.track.keys, c.track.active]
+        for t in keep:
+            t.record_stream(self._side)
+        with torch.cuda.stream(self._side):
+            run()
+        self._side_pending = True
 
     def join_commits(self) -> None:
         """Make the current stream wait for commits still running on the side stream (no host sync)."""
