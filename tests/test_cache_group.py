@@ -131,3 +131,12 @@ def test_group_refuses_layers_out_of_step():
         group.stage_match(1, k[1])
     with pytest.raises(ValueError, match="TempCachePolicy"):
         CacheGroup(CacheConfig(P, FPC), layers=L, batch=B, heads=H, head_dim=D)
+
+
+@pytest.mark.parametrize(("rows", "budget"), [(7, 1), (7, 97), (5, 10**9)])
+def test_argmax_by_rows_equals_one_argmax(rows, budget):
+    from longroll.ann.slices import argmax_by_rows
+
+    s = torch.randn(rows, 2, 3, 11, generator=torch.Generator().manual_seed(rows))
+    got = argmax_by_rows(lambda r: s[r], rows, 2 * 3 * 11, budget=budget)
+    torch.testing.assert_close(got, s.argmax(-1), rtol=0, atol=0)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from longroll.ann.config import LSHConfig
+from longroll.ann.slices import argmax_by_rows
 from longroll.ops._checks import check_rank
 
 
@@ -85,8 +86,9 @@ class SignLSH:
         if candidates.shape[2] == 0:
             raise ValueError("candidates must hold at least one vector, got seqlen 0")
         # Agreement of +-1 codes = nbits - 2 * Hamming, so argmax of the product is the Hamming nearest.
-        agree = torch.matmul(self.signs(queries), self.signs(candidates).transpose(-1, -2))
-        return agree.argmax(dim=-1)
+        sq, sc = self.signs(queries), self.signs(candidates)
+        b, h, n, _ = sq.shape
+        return argmax_by_rows(lambda r: torch.matmul(sq[r], sc[r].transpose(-1, -2)), b, h * n * sc.shape[2])
 
 
 class StackedSignLSH:
@@ -137,5 +139,6 @@ class StackedSignLSH:
         """As :meth:`SignLSH.top1`, with the stacked rows of :meth:`signs`. Returns (rows, heads, n) int64."""
         if candidates.shape[2] == 0:
             raise ValueError("candidates must hold at least one vector, got seqlen 0")
-        agree = torch.matmul(self.signs(queries), self.signs(candidates).transpose(-1, -2))
-        return agree.argmax(dim=-1)
+        sq, sc = self.signs(queries), self.signs(candidates)
+        b, h, n, _ = sq.shape
+        return argmax_by_rows(lambda r: torch.matmul(sq[r], sc[r].transpose(-1, -2)), b, h * n * sc.shape[2])

@@ -137,30 +137,27 @@ def _new_slots(
     return torch.where(new, slots, buf.trash)
 
 
-def match_frames(searcher: Searcher, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 correspondence of every frame of a chunk with the frame before it, in one ANN call.
+def match_frame(searcher: Searcher, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 correspondence of a frame's tokens with the frame before it.
 
-    The previous frame's matching keys are known before any merge (they are that frame's own keys), so the
-    searches of all frames are independent and run batched; only the merges must be sequential.
+    The previous frame's matching keys are its own keys (known before any merge), so a chunk's searches are
+    independent of its merges; a frame at a time keeps the temporaries at one frame's scores, which matters
+    when one call commits every layer (:class:`~longroll.cache.group.CacheGroup`).
 
     Args:
         searcher: the ANN family.
-        x: (B, H, F, P, D) unit-norm matching keys of the chunk's frames.
-        prev: (B, H, P, D) unit-norm matching keys of the frame before the chunk, or None.
+        x: (B, H, P, D) unit-norm matching keys of the frame.
+        prev: (B, H, P, D) unit-norm matching keys of the frame before it, or None (zeros stand in; the
+            caller ignores the result).
 
     Returns:
-        idx: (F, B, H, P) int64 index of each token's match in its previous frame; cos: (F, B, H, P) float32
-        cosine similarity of the pair (meaningless for frame 0 when ``prev`` is None).
+        idx: (B, H, P) int64 index of each token's match in the previous frame; cos: (B, H, P) float32 cosine
+        similarity of the pair.
     """
-    b, h, nf, p, d = x.shape
-    first = torch.zeros_like(x[:, :, 0]) if prev is None else prev.to(x.dtype)
-    cand = torch.cat([first[:, :, None], x[:, :, :-1]], dim=2)
-    # frames go to the batch axis: (F * B, H, P, D); heads stay put so per-head projections still apply
-    qf = x.permute(2, 0, 1, 3, 4).reshape(nf * b, h, p, d)
-    cf = cand.permute(2, 0, 1, 3, 4).reshape(nf * b, h, p, d)
-    idx = searcher.top1(qf, cf)
-    cos = (qf * cf.gather(2, idx[..., None].expand_as(qf))).sum(-1)
-    return idx.view(nf, b, h, p), cos.view(nf, b, h, p)
+    cand = torch.zeros_like(x) if prev is None else prev.to(x.dtype)
+    idx = searcher.top1(x, cand)
+    cos = (x * cand.gather(2, idx[..., None].expand_as(x))).sum(-1)
+    return idx, cos
 
 
 def merge_frame(
@@ -331,31 +328,34 @@ def commit_chunk(
     ring = policy.recent_frames > 0
     if ring and (recent is None or recent_full is None or len(recent_full) != nf):
         raise ValueError("commit_chunk with recent_frames > 0 needs recent and one recent_full flag per frame")
-    # The staged range can be overwritten by the new slots: read it out first.
-    k_all = buf.k[:, :, lo : lo + n].clone()
-    v_all = buf.v[:, :, lo : lo + n].clone()
+    # The staged range can be overwritten by the new slots (and scatters refuse sources that alias their
+    # destination): read it out first.
+    staged = slice(lo, lo + n)
+    k_all = buf.k[:, :, staged].clone()
+    v_all = buf.v[:, :, staged].clone()
     km_all = k_all if policy.match_keys == "post_rope" or k_match is None else k_match
-    x = F.normalize(km_all.float(), dim=-1).unflatten(2, (nf, tpf))
-    idx, cos = match_frames(searcher, x, None if track is None else track.keys)
-    buf.count[:, :, lo : lo + n] = 0.0
-    buf.frame[:, :, lo : lo + n] = -1
+    prev = None if track is None else track.keys
+    buf.count[:, :, staged] = 0.0
+    buf.frame[:, :, staged] = -1
     slots = []
     for i in range(nf):
         sl = slice(i * tpf, (i + 1) * tpf)
+        x = F.normalize(km_all[:, :, sl].float(), dim=-1)
         if sinks[i]:
             slots.append(append_verbatim(buf, k_all[:, :, sl], v_all[:, :, sl], frames[i]))
             track = None
-        elif ring:
-            assert recent is not None and recent_full is not None
-            track, s = commit_recent(
-                buf, recent, track, k_all[:, :, sl], v_all[:, :, sl], x[:, :, i], (idx[i], cos[i]), frames[i],
-                policy, full=recent_full[i], may_overflow=may_overflow[i],
-            )  # fmt: skip
-            slots.append(s)
         else:
-            track, s = merge_frame(
-                buf, track, k_all[:, :, sl], v_all[:, :, sl], x[:, :, i], (idx[i], cos[i]), frames[i], policy,
-                may_overflow[i],
-            )  # fmt: skip
+            match = match_frame(searcher, x, prev)
+            if ring:
+                assert recent is not None and recent_full is not None
+                track, s = commit_recent(
+                    buf, recent, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy,
+                    full=recent_full[i], may_overflow=may_overflow[i],
+                )  # fmt: skip
+            else:
+                track, s = merge_frame(
+                    buf, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy, may_overflow[i]
+                )
             slots.append(s)
+        prev = x
     return track, torch.cat(slots, dim=2)
