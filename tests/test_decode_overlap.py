@@ -1,0 +1,143 @@
+"""Decoding one chunk behind the DiT (DecodeQueue, generate's streaming sink): the same frames in the same order
+with the overlap on, emulated and off; the decoders' channels-last layout; the compiled DiT chunk with the
+attention policy outside the graphs."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from longroll.models.wan import CausalWanModel, WanConfig
+from longroll.pipeline.compiled import CompiledChunkDenoiser
+from longroll.pipeline.generate import _StreamingSink
+from longroll.pipeline.overlap import DecodeQueue
+from longroll.pipeline.rollout import RolloutConfig, RolloutEngine
+from longroll.pipeline.tiny_decoder import TinyDecoderConfig, TinyLatentDecoder, TinyVideoDecoder
+from longroll.policies.cached import CachedProcessor
+from longroll.policies.config import preset
+
+TINY = WanConfig.from_preset("tiny")
+SMALL = TinyDecoderConfig(widths=(16, 8, 8, 8), blocks_per_stage=1)
+
+
+def _decoder(seed: int = 0, **options: bool) -> TinyLatentDecoder:
+    torch.manual_seed(seed)
+    model = TinyVideoDecoder(SMALL)
+    with torch.no_grad():  # outputs spread over (0, 1) rather than clamped flat
+        for p in model.parameters():
+            p.mul_(2.0)
+    return TinyLatentDecoder(model, **options)
+
+
+def _chunks(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 16, 3, 5, 7, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["off", "emulate", "auto"])
+def test_queue_hands_over_every_chunk_in_order_one_behind(mode: str) -> None:
+    want = _decoder()
+    expected = [want.decode_chunk(z) for z in _chunks()]
+    got: list[tuple[int, np.ndarray]] = []
+    queue = DecodeQueue(_decoder(), lambda i, frames: got.append((i, frames)), mode)
+    assert not queue.overlapped  # no CUDA stream on the CPU
+    for i, z in enumerate(_chunks()):
+        queue.submit(i, z)
+        # off: consumed at once; one behind otherwise (chunk i is consumed when chunk i + 1 arrives)
+        assert [c for c, _ in got] == list(range(i + 1 if mode == "off" else i))
+    queue.finish()
+    assert [c for c, _ in got] == [0, 1, 2, 3]
+    for (_, frames), ref in zip(got, expected, strict=True):
+        assert frames.dtype == np.uint8 and np.array_equal(frames, ref)
+    assert expected[0].shape[0] == 4 * 3 - 3 and expected[1].shape[0] == 12
+
+
+def test_queue_rejects_unknown_mode() -> None:
+    with pytest.raises(ValueError, match=r"overlap mode must be one of \['auto', 'off', 'emulate'\], got 'on'"):
+        DecodeQueue(_decoder(), lambda i, f: None, "on")
+
+
+class _Frames:
+    """Mp4Writer stand-in: keeps the appended frames."""
+
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray] = []
+
+    def append(self, frames: np.ndarray) -> None:
+        self.frames.append(frames.copy())
+
+
+def _rollout_through_sink(mode: str) -> tuple[list[np.ndarray], list[dict], torch.Tensor]:
+    torch.manual_seed(0)
+    model = CausalWanModel(TINY).eval()
+    h, w = 4, 6
+    tpf = TINY.tokens_per_frame(h, w)
+    cfg = RolloutConfig(num_frames=9, frames_per_chunk=3, latent_shape=(TINY.in_channels, h, w))
+    pol = preset("sink_window", tokens_per_frame=tpf, frames_per_chunk=3, memory_frames=6)
+    proc = CachedProcessor.for_model(
+        pol, TINY, tokens_per_frame=tpf, frames_per_chunk=3, dtype=torch.float32, device="cpu"
+    )
+    writer = _Frames()
+    sink = _StreamingSink(_decoder(), writer, cfg.num_chunks, None, mode)  # type: ignore[arg-type]
+    ctx = torch.randn(1, 7, TINY.text_dim, generator=torch.Generator().manual_seed(2))
+    latents = RolloutEngine(model, proc, cfg).run(ctx, on_chunk=sink).latents
+    sink.finish()
+    return writer.frames, sink.records, latents
+
+
+def test_generate_sink_writes_the_same_video_with_overlap_on_emulated_and_off() -> None:
+    ref_frames, ref_records, ref_latents = _rollout_through_sink("off")
+    assert len(ref_frames) == 3 and [r["chunk"] for r in ref_records] == [0, 1, 2]
+    for mode in ("emulate", "auto"):
+        frames, records, latents = _rollout_through_sink(mode)
+        assert torch.equal(latents, ref_latents), mode
+        assert len(frames) == len(ref_frames)
+        for a, b in zip(frames, ref_frames, strict=True):
+            assert np.array_equal(a, b), mode
+        assert [r["chunk"] for r in records] == [0, 1, 2]
+        assert [r["video_frames"] for r in records] == [r["video_frames"] for r in ref_records] == [9, 12, 12]
+        assert all(r["decode_seconds"] >= 0 and r["write_seconds"] >= 0 for r in records)
+
+
+def test_tiny_decoder_channels_last_gives_the_same_video() -> None:
+    base = _decoder()
+    cl = TinyLatentDecoder(copy.deepcopy(base.model), channels_last=True)
+    assert cl.model.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
+    for z in _chunks(3):
+        a, b = base.decode_chunk_float(z), cl.decode_chunk_float(z)
+        # same maths, possibly another convolution algorithm: float32 rounding only
+        assert float((a - b).abs().max()) <= 1e-5
+
+
+@pytest.mark.slow  # ~20 s on 2 busy cores, nearly all of it Dynamo tracing: the only test of the compiled chunk
+def test_compiled_chunk_matches_eager_with_a_bounded_number_of_graphs() -> None:
+    """aot_eager traces the same graphs Inductor would compile; the policy (a sink-window cache that fills
+    and then slides) runs outside them, and graphs stop being added once the offsets are symbolic."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = CausalWanModel(WanConfig.from_preset("tiny", num_layers=1)).eval()
+    h, w = 4, 6
+    tpf = TINY.tokens_per_frame(h, w)
+    cfg = RolloutConfig(num_frames=9, frames_per_chunk=3, latent_shape=(TINY.in_channels, h, w))
+    ctx = torch.randn(1, 7, TINY.text_dim, generator=torch.Generator().manual_seed(2))
+
+    def run(denoiser: object, graphs: list[int]) -> torch.Tensor:
+        pol = preset("sink_window", tokens_per_frame=tpf, frames_per_chunk=3, memory_frames=6)
+        proc = CachedProcessor.for_model(
+            pol, model.config, tokens_per_frame=tpf, frames_per_chunk=3, dtype=torch.float32, device="cpu"
+        )
+        on_chunk = lambda i, lat, st: graphs.append(counters["stats"]["unique_graphs"])
+        return RolloutEngine(denoiser, proc, cfg).run(ctx, on_chunk=on_chunk).latents  # type: ignore[arg-type]
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = run(model, [])
+    graphs: list[int] = []
+    compiled = run(CompiledChunkDenoiser(model, backend="aot_eager"), graphs)
+    assert torch.equal(compiled, eager)
+    assert graphs[-1] == graphs[-2], graphs  # chunk 2: a third frame offset  # no new graph for the last chunk
+    assert 0 < graphs[-1] <= 16, graphs
