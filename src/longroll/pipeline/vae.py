@@ -63,7 +63,8 @@ class LatentDecoder:
             cuDNN's fastest bf16 convolutions; the values computed are the same up to the convolution
             algorithms' rounding.
         compile: run the decoder's per-frame step under ``torch.compile`` (compiled on the first frame of a video
-            and once more for the next; the feature cache is a list the compiled code updates in place).
+            and once more for the next; the feature cache is a list the compiled code updates in place), with
+            ``compile_backend`` (``aot_eager`` traces without building kernels, for CPU checks).
 
     Latents given to :meth:`decode_chunk` are the *normalised* latents the DiT produces; they are mapped back
     with the VAE config's ``latents_mean``/``latents_std`` (``z * std + mean``) as diffusers' ``WanPipeline``
@@ -78,6 +79,7 @@ class LatentDecoder:
         dtype: torch.dtype | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         cfg = vae.config
         for name in ("z_dim", "latents_mean", "latents_std"):
@@ -94,7 +96,7 @@ class LatentDecoder:
         self.channels_last = channels_last
         if channels_last:
             to_channels_last(self.vae)
-        self._step: Any = torch.compile(self.vae.decoder) if compile else self.vae.decoder
+        self._step: Any = torch.compile(self.vae.decoder, backend=compile_backend) if compile else self.vae.decoder
         self.latent_channels: int = int(cfg.z_dim)
         self.spatial_factor: int = int(getattr(vae, "spatial_compression_ratio", None) or 8)
         self.temporal_factor: int = int(getattr(cfg, "scale_factor_temporal", None) or 4)
