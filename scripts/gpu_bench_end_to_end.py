@@ -235,6 +235,33 @@ def summarize(r: Runner, headline: str, fp8_err: dict[str, Any]) -> dict[str, An
     }
 
 
+def write_summary(
+    r: Runner, head: str, fp8_err: dict[str, Any], out: Path, t0: float, *, complete: bool
+) -> dict[str, Any]:
+    """Write ``out/summary.json`` from the runs so far (after every run: a call stopped from outside keeps
+    what finished); returns its content."""
+    record = run_record(r.device, " ".join(["python3", *sys.argv]))
+    h, w = RolloutBenchConfig(preset=r.args.preset).size
+    summary = {
+        "device": record["environment"]["device_name"],
+        **summarize(r, head, fp8_err),
+        "complete": complete,
+        "date": record["date"],
+        "command": record["command"],
+        "versions": record["environment"]["versions"],
+        "environment": record["environment"],
+        "preset": r.args.preset,
+        "size": [h, w],
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.p.items()},
+        "bench_config_headline": json_safe(dataclasses.asdict(r.config(head))),
+        "total_seconds": time.perf_counter() - t0,
+        "runs": r.runs,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("results/gpu/end_to_end"))
@@ -244,57 +271,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=7.0, help="no run starts after this")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for name in ("longroll",):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("longroll").setLevel(logging.WARNING)
     r = Runner(args)
     if r.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --preset tiny --device cpu")
     head = args.headline
     t0 = time.perf_counter()
+    fp8_err: dict[str, Any] = {"rel_l2": None, "reason": "not measured yet"}
+
+    def run(name: str, variant: str, **options: Any) -> dict[str, Any] | None:
+        out = r.run(name, variant, **options)
+        write_summary(r, head, fp8_err, args.out, t0, complete=False)
+        return out
+
     tiny = {"decode": True, "decoder": "tiny"}
-    if r.run("all_tiny_serial", head, overlap_decode="off", **tiny) is None and head != "eager_fused":
+    if run("all_tiny_serial", head, overlap_decode="off", **tiny) is None and head != "eager_fused":
         log.warning("headline %s failed; the headline runs use eager_fused instead", head)
         r.runs[f"all_tiny_serial_{head}"] = r.runs.pop("all_tiny_serial")
         head = "eager_fused"
-        r.run("all_tiny_serial", head, overlap_decode="off", **tiny)
-    r.run("all_tiny_overlap", head, overlap_decode="auto", **tiny)
-    r.run("dense_history", head, policies=("dense",), history_frames=r.p["history"], num_frames=6)
+        run("all_tiny_serial", head, overlap_decode="off", **tiny)
+    run("all_tiny_overlap", head, overlap_decode="auto", **tiny)
+    run("dense_history", head, policies=("dense",), history_frames=r.p["history"], num_frames=6)
     if importlib.util.find_spec("diffusers") is None:
         r.runs["all_wan_overlap"] = {
             "status": "not measured: diffusers is not installed (the Wan VAE is diffusers' AutoencoderKLWan; "
             "longroll has no implementation of its own)"
         }
     else:
-        r.run("all_wan_overlap", head, overlap_decode="auto", decode=True, decoder="wan")
+        run("all_wan_overlap", head, overlap_decode="auto", decode=True, decoder="wan")
     for variant in VARIANTS:
         if variant != head:
-            r.run(f"dit_{variant}", variant)
-    r.run("all_tiny_overlap_decoder_compiled", head, overlap_decode="auto", decoder_compile=True, **tiny)
+            run(f"dit_{variant}", variant)
+    run("all_tiny_overlap_decoder_compiled", head, overlap_decode="auto", decoder_compile=True, **tiny)
     h, w = RolloutBenchConfig(preset=args.preset).size
     try:
         fp8_err = fp8_output_error(args.preset, r.device, r.p["dtype"], (h, w))
     except Exception as e:  # reported, like a failed run
         fp8_err = {"rel_l2": None, "reason": f"failed: {type(e).__name__}: {' '.join(str(e).split()[:40])}"}
-    record = run_record(r.device, " ".join(["python3", *sys.argv]))
-    summary = {
-        "device": record["environment"]["device_name"],
-        **summarize(r, head, fp8_err),
-        "date": record["date"],
-        "command": record["command"],
-        "versions": record["environment"]["versions"],
-        "environment": record["environment"],
-        "preset": args.preset,
-        "size": [h, w],
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.p.items()},
-        "bench_config_headline": json_safe(dataclasses.asdict(r.config(head))),
-        "total_seconds": time.perf_counter() - t0,
-        "runs": r.runs,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "summary.json"
-    path.write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
+    summary = write_summary(r, head, fp8_err, args.out, t0, complete=True)
     keys = ("fps_e2e_tiny_decoder", "fps_e2e_wan_vae", "fps_dit_only", "speedup_e2e_vs_dense")
-    log.info("wrote %s: %s", path, {k: summary[k] for k in keys})
+    log.info("wrote %s: %s", args.out / "summary.json", {k: summary[k] for k in keys})
     return 0
 
 

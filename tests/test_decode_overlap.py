@@ -5,6 +5,7 @@ attention policy outside the graphs."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ TINY = WanConfig.from_preset("tiny")
 SMALL = TinyDecoderConfig(widths=(16, 8, 8, 8), blocks_per_stage=1)
 
 
-def _decoder(seed: int = 0, **options: bool) -> TinyLatentDecoder:
+def _decoder(seed: int = 0, **options: Any) -> TinyLatentDecoder:
     torch.manual_seed(seed)
     model = TinyVideoDecoder(SMALL)
     with torch.no_grad():  # outputs spread over (0, 1) rather than clamped flat
@@ -175,3 +176,25 @@ def test_wan_vae_compiled_gives_the_same_video() -> None:
     for z in _chunks(3):
         z1 = z[:, :, :1]
         assert float((compiled.decode_chunk_float(z1) - base.decode_chunk_float(z1)).abs().max()) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_side_stream_decode_equals_in_line_decode_on_cuda(dtype: torch.dtype) -> None:
+    """The side-stream path: the chunk is produced on the main stream right before submit (the side stream must
+    wait for it), and freed right after (record_stream keeps its memory from the main stream's next chunk)."""
+    want = _decoder(device="cuda", dtype=dtype, channels_last=True)
+    expected = [want.decode_chunk(z.cuda()) for z in _chunks(5)]
+    got: list[np.ndarray] = []
+    queue = DecodeQueue(_decoder(device="cuda", dtype=dtype, channels_last=True), lambda i, f: got.append(f))
+    assert queue.overlapped
+    for i, z in enumerate(_chunks(5)):
+        lat = (z.cuda() * 2.0) / 2.0  # written by a kernel on the main stream just now
+        queue.submit(i, lat)
+        del lat
+        torch.cuda._sleep(1_000_000)  # main-stream work that would overwrite a recycled chunk meanwhile
+        torch.randn(1, 16, 3, 5, 7, device="cuda")
+    queue.finish()
+    assert len(got) == 5
+    for a, b in zip(got, expected, strict=True):
+        assert np.array_equal(a, b)
