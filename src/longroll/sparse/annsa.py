@@ -18,7 +18,8 @@ Plan/run, in the flashinfer style, one planner per layer:
 
 Layout of the view the selection refers to (``L = view.k.shape[2]``)::
 
-    [0, sink)                    sink frames, never moved (first sink_frames * tokens_per_frame slots)
+    [0, sink)                    pinned slots, never moved: the sink frames and TempCache's verbatim ring
+                                 (``cache.pinned_tokens``)
     [sink, sink + n_valid_h)     history of head h, bucket-sorted by plan(); empty slots after it
     [L - staged_tokens, L)       the staged chunk (its own keys), written by cache.stage() every step
 
@@ -101,7 +102,8 @@ class AnnSAConfig:
         top_k_blocks: key blocks per query block for the int8 family.
         anchors: int8 family: anchor keys (strided sample of the history) whose nearest one orders keys and
             queries into buckets.
-        attend_sinks: always attend the sink frames' key blocks (else they go through the ANN like history).
+        attend_sinks: always attend the pinned key blocks (sinks, TempCache's verbatim ring; else they go through
+            the ANN like history).
         attend_own_chunk: always attend the staged chunk's key blocks (else they are hashed every step).
         backend: block-sparse attention backend (``"auto"``, ``"triton"``, ``"torch"``).
     """
@@ -208,10 +210,6 @@ class _Plan:
     block_ok: torch.Tensor | None = None  # (B, Hk, nkb_hist) bool
 
 
-def _sink_frames(cache: LayerKVCache) -> int:
-    return int(getattr(cache.policy, "sink_frames", 0))
-
-
 class AnnSAPlanner:
     """Per-layer AnnSA planner: :meth:`plan` once per commit, :meth:`run` at every denoising step.
 
@@ -275,7 +273,8 @@ class AnnSAPlanner:
         if anchors is not None:
             self._check_anchors(cache, anchors)
         bound = cache.bound
-        sink = min(_sink_frames(cache) * cache.config.tokens_per_frame, bound)
+        # Sinks (and TempCache's verbatim ring) stay in place and are always attended.
+        sink = cache.pinned_tokens
         plan = _Plan(bound, sink, cache.batch, cache.heads, cache.head_dim)
         if isinstance(self.config.ann, LSHConfig):
             self._plan_lsh(cache, plan)
