@@ -198,3 +198,52 @@ def test_side_stream_decode_equals_in_line_decode_on_cuda(dtype: torch.dtype) ->
     assert len(got) == 5
     for a, b in zip(got, expected, strict=True):
         assert np.array_equal(a, b)
+
+
+class _FailOnChunk:
+    """A denoiser that raises once the rollout reaches latent frame ``frame``."""
+
+    def __init__(self, model: CausalWanModel, frame: int) -> None:
+        self.model, self.frame = model, frame
+
+    def __call__(self, x: torch.Tensor, *args: Any, frame_offset: int = 0, **kw: Any) -> torch.Tensor:
+        if frame_offset >= self.frame:
+            raise RuntimeError("DiT failed")
+        return self.model(x, *args, frame_offset=frame_offset, **kw)
+
+
+@pytest.mark.parametrize("fail_in", ["dit", "progress"])
+def test_failure_keeps_the_finished_chunks_being_decoded(fail_in: str) -> None:
+    """A DiT failure in chunk 1 still writes chunk 0 (decoded behind the DiT); a failure inside the sink (a
+    write or the progress callback, e.g. an interrupt) writes nothing more."""
+    from longroll.pipeline.generate import _flush_after_failure
+
+    torch.manual_seed(0)
+    model = CausalWanModel(TINY).eval()
+    tpf = TINY.tokens_per_frame(4, 6)
+    cfg = RolloutConfig(num_frames=9, frames_per_chunk=3, latent_shape=(TINY.in_channels, 4, 6))
+    pol = preset("sink_window", tokens_per_frame=tpf, frames_per_chunk=3, memory_frames=6)
+    proc = CachedProcessor.for_model(
+        pol, TINY, tokens_per_frame=tpf, frames_per_chunk=3, dtype=torch.float32, device="cpu"
+    )
+
+    def progress(done: int, total: int) -> None:
+        if fail_in == "progress" and done == 1:
+            raise KeyboardInterrupt
+
+    writer = _Frames()
+    sink = _StreamingSink(_decoder(), writer, cfg.num_chunks, progress, "emulate")  # type: ignore[arg-type]
+    denoiser = _FailOnChunk(model, 3 if fail_in == "dit" else 6)
+    ctx = torch.randn(1, 7, TINY.text_dim)
+
+    def run() -> None:  # what generate does around the rollout
+        try:
+            RolloutEngine(denoiser, proc, cfg).run(ctx, on_chunk=sink)  # type: ignore[arg-type]
+        except BaseException:
+            _flush_after_failure(sink)
+            raise
+
+    with pytest.raises(RuntimeError if fail_in == "dit" else KeyboardInterrupt):
+        run()
+    assert [f.shape[0] for f in writer.frames] == [9]  # chunk 0 only, either way
+    assert [r["chunk"] for r in sink.records] == [0] and sink.records[0]["decode_seconds"] is not None

@@ -97,18 +97,23 @@ class _StreamingSink:
         self.records: list[dict[str, Any]] = []
         self._pending: dict[int, dict[str, Any]] = {}
         self._write_seconds = 0.0  # spent in _write during the current call
+        self.stopped_in_sink = False  # a write or the progress callback raised: write nothing more
 
     def _write(self, chunk: int, frames: np.ndarray) -> None:
-        t0 = time.perf_counter()
-        self.writer.append(frames)
-        dt = time.perf_counter() - t0
-        self._write_seconds += dt
-        rec = self._pending.pop(chunk)
-        rec["video_frames"] = int(frames.shape[0])
-        rec["write_seconds"] = dt
-        self.records.append(rec)
-        if self.progress is not None:
-            self.progress(chunk + 1, self.total)
+        try:
+            t0 = time.perf_counter()
+            self.writer.append(frames)
+            dt = time.perf_counter() - t0
+            self._write_seconds += dt
+            rec = self._pending.pop(chunk)
+            rec["video_frames"] = int(frames.shape[0])
+            rec["write_seconds"] = dt
+            self.records.append(rec)
+            if self.progress is not None:
+                self.progress(chunk + 1, self.total)
+        except BaseException:
+            self.stopped_in_sink = True
+            raise
 
     def __call__(self, chunk: int, latents: torch.Tensor, st: ChunkStats) -> None:
         dev = self.decoder.device
@@ -130,10 +135,12 @@ class _StreamingSink:
         self._pending[chunk] = rec  # completed and listed in records when its frames are written
         self._write_seconds = 0.0
         t0 = time.perf_counter()
-        self.queue.submit(chunk, latents)  # off: decodes and writes; overlapped: enqueues, writes chunk - 1
-        # Host time of the decode (overlapped: its enqueueing and any wait), the MP4 writing taken out.
-        rec["decode_seconds"] = time.perf_counter() - t0 - self._write_seconds
-        rec["decode_peak_bytes"] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+        try:
+            self.queue.submit(chunk, latents)  # off: decodes and writes; overlapped: enqueues, writes chunk - 1
+        finally:
+            # Host time of the decode (overlapped: its enqueueing and any wait), the MP4 writing taken out.
+            rec["decode_seconds"] = time.perf_counter() - t0 - self._write_seconds
+            rec["decode_peak_bytes"] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
         log.debug("chunk %d: DiT %.3f s", chunk, st.seconds)
 
     def finish(self) -> None:
@@ -142,8 +149,13 @@ class _StreamingSink:
 
 
 def _flush_after_failure(sink: _StreamingSink) -> None:
-    """Write the chunks whose decode was under way when the rollout failed (they are complete), so that the
-    partial video holds every finished chunk; a second failure there only drops them."""
+    """Write the chunks whose decode was under way when the rollout failed in the DiT (they are complete), so
+    that the partial video holds every finished chunk, as without the overlap. When the failure came from the
+    sink itself (a write, or the progress callback, e.g. an interrupt), nothing more is written; a second
+    failure here only drops the rest."""
+    if sink.stopped_in_sink:
+        sink.queue.discard()
+        return
     try:
         sink.finish()
     except Exception as e:  # the original error is the one to raise
