@@ -8,6 +8,9 @@ CPU check (2 episodes, no probes, two policies and one layout)::
 
     PYTHONPATH=src .venv/bin/python scripts/eval_memory.py --out /tmp/memory --smoke
 
+FP8 quality: the same call with ``--fp8 row`` (or ``tensor``) quantizes every block Linear of the world model;
+compare its ``eval.json`` with the ``--fp8 off`` run (same episodes, noise and policies).
+
 Protocol (:mod:`longroll.eval.memory`): held-out revisit episodes of 48 frames whose first 21 are ground truth
 (the outward run and the loop's first side), the rest generated with each policy from the same context and
 noise; every bounded policy holds 15 frames. Writes into ``--out``:
@@ -96,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--smoke", action="store_true", help="CPU check: 2 episodes, no probes, 1 layout")
+    p.add_argument(
+        "--fp8",
+        choices=("off", "row", "tensor"),
+        default="off",
+        help="FP8 linears in the blocks (torch._scaled_mm, row or tensor scales): the quality change is the "
+        "difference of this run's scores against an --fp8 off run of the same episodes",
+    )
     return p.parse_args(argv)
 
 
@@ -133,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     dtype = getattr(torch, args.dtype)
     model = load_world_model(args.checkpoint, device=device, dtype=dtype)
+    if args.fp8 != "off":
+        model.quantize_fp8(args.fp8)
     log.info("device %s (%s), torch %s; %d episodes; policies %s; layouts %s", device,
              torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch.__version__,
              cfg.episodes, ",".join(cfg.policies), ",".join(c.name for c in cfg.layouts))  # fmt: skip
     budget = max(0.0, args.minutes * 60 - (time.perf_counter() - START))
     report = evaluate_memory(model, cfg, device=device, time_budget_s=budget)
-    report["details"]["model"] = {"checkpoint": args.checkpoint or "shipped", "dtype": args.dtype}
+    report["details"]["model"] = {"checkpoint": args.checkpoint or "shipped", "dtype": args.dtype, "fp8": args.fp8}
     summary, details = split_report(json_safe(report))
     (args.out / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "details.json").write_text(json.dumps(details, indent=1) + "\n")

@@ -162,6 +162,13 @@ def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
         help="latent decoder: wan (the folder's VAE, default) or tiny (a TAEHV taew2_1-style file, --tiny-decoder)",
     )
     p.add_argument("--tiny-decoder", metavar="PATH", help="with --decoder tiny: the .pth or .safetensors weights")
+    p.add_argument(
+        "--overlap-decode",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: decode each chunk on a side CUDA stream while the next chunk's DiT runs (default); off: "
+        "decode before the next chunk (the video is the same)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_sampler_args(p)
     p.set_defaults(handler=_cmd_generate, flags=_flag_map(p))
@@ -436,6 +443,7 @@ def _cmd_generate(args: argparse.Namespace, command: str) -> int:
             command=command,
             progress=progress,
             extra={"load_seconds": load_s},
+            overlap_decode=args.overlap_decode,
         )
     t = res.stats["timing"]
     print(f"video: {res.video_path} ({res.video_frames} frames)")
