@@ -187,9 +187,9 @@ def test_captured_steps_give_the_eager_rollout(policy):
     proc = _processor(policy, cuda_graphs="emulate")
     graphed = RolloutEngine(model, proc, cfg).run(ctx).latents
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
-    assert any(c.commit_capture.captured for c in proc.caches), "the commit was never captured"
-    if proc.planners[0] is not None:
-        planners = [p for p in proc.planners if p is not None]
+    assert any(c.commit_capture.captured for c in proc.caches()), "the commit was never captured"
+    if proc.policy.annsa is not None:
+        planners = [lay.planner for lay in proc.layers if lay.planner is not None]
         assert any(p.select_capture.captured for p in planners), "the selection was never captured"
 
 
@@ -197,7 +197,7 @@ def test_overlap_commit_is_validated_and_off_on_the_cpu():
     with pytest.raises(ValueError, match="overlap_commit"):
         _processor("tempcache", overlap_commit="yes")
     proc = _processor("tempcache")
-    assert proc._side is None  # no side stream on the CPU: commits run in line
+    assert proc.commits.stream is None  # no side stream on the CPU: commits run in line
     proc.join_commits()  # a no-op without pending side-stream work
 
 
@@ -218,5 +218,5 @@ def test_commits_on_a_side_stream_give_the_in_line_rollout(policy):
 
     inline, _ = run("off")
     side, proc = run("auto")
-    assert proc._side is not None
+    assert proc.commits.stream is not None
     torch.testing.assert_close(side, inline, rtol=0, atol=0)

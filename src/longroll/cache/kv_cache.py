@@ -371,6 +371,12 @@ class LayerKVCache:
             )
         self.buffers = self.buffers.grown(max(needed, int(self.buffers.slots * 1.5)))
 
+    def plannable_range(self) -> tuple[int, int]:
+        """Committed slots ``[start, end)`` whose order a planner may change (:meth:`reorder_`): past the sink
+        frames, which stay in place, up to the bound. Slots before ``start`` are never moved."""
+        sink = int(getattr(self.policy, "sink_frames", 0)) * self.config.tokens_per_frame
+        return min(sink, self.bound), self.bound
+
     def reorder_(self, order: torch.Tensor, start: int = 0) -> None:
         """Permute committed slots ``[start, start + n)`` of every head (e.g. to make ANN buckets contiguous).
 

@@ -30,7 +30,7 @@ from longroll.cache.config import SinkWindowPolicy
 from longroll.eval.stats import paired_difference
 from longroll.eval.world import ProbedProcessor, run_record
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, SINK_FRAMES, PolicyConfig, TempCacheLayout, preset
+from longroll.policies.config import EQUAL_MEMORY_FRAMES, SINK_FRAMES, AttentionPolicy, TempCacheLayout, preset
 from longroll.world.episode import (
     FAMILIES,
     NOVEL,
@@ -154,7 +154,7 @@ class MemoryEvalConfig:
         if self.context_frames >= self.frames:
             raise ValueError(f"context_frames={self.context_frames} must be below frames={self.frames}")
 
-    def policy_configs(self, model: WorldWanModel) -> list[PolicyConfig]:
+    def policy_configs(self, model: WorldWanModel) -> list[AttentionPolicy]:
         """Every policy to run, in order, at the model's geometry (layouts renamed to their labels)."""
         spec = model.spec
         tpf, fpc, mem = spec.tokens_per_frame, spec.frames_per_chunk, self.memory_frames
@@ -162,10 +162,10 @@ class MemoryEvalConfig:
         for cand in self.layouts:
             if cand.base == "sink_window":
                 sinks = min(cand.layout.sink_frames, mem - fpc)
-                out.append(PolicyConfig(cand.name, SinkWindowPolicy(sinks, mem - sinks)))
+                out.append(AttentionPolicy(cand.name, SinkWindowPolicy(sinks, mem - sinks)))
                 continue
             p = preset(cand.base, tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=mem, layout=cand.layout)
-            out.append(PolicyConfig(cand.name, p.cache, p.attention_backend, p.annsa, p.annca, p.schedule, p.radial))
+            out.append(AttentionPolicy(cand.name, p.cache, p.attention_backend, p.annsa, p.annca, p.schedule, p.radial))
         return out
 
 
