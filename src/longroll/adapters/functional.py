@@ -16,8 +16,9 @@ Every pass of a chunk stages the chunk's K/V (the history is read-only); the pas
 ``commit=True`` also commits them, so that the policy (full, sink-window, budget, TempCache; AnnSA plans,
 AnnCA prompt selection; see :func:`longroll.policies.config.preset`) decides what the history keeps.
 
-A :class:`LayerState` is one layer's share of a :class:`~longroll.policies.cached.CachedProcessor` (its KV
-cache, AnnSA plan and AnnCA prompt); the layers of one model share the processor's pass and schedule.
+A :class:`LayerState` names one layer of a :class:`~longroll.policies.cached.CachedProcessor`: its
+:class:`~longroll.policies.layer.LayerAttention` (KV cache, AnnSA plan, AnnCA prompt and gate); the layers of
+one model share the processor's pass and schedule.
 
 Layouts (``layout=``): ``"bhld"`` is (batch, heads, seqlen, head_dim), ``"blhd"`` is (batch, seqlen, heads,
 head_dim) as flash-attn, diffusers and Self-Forcing lay tensors out. Outputs come back in the layout given.
@@ -38,6 +39,7 @@ from longroll.ops.attention import Backend
 from longroll.ops.custom_ops import attention_op
 from longroll.policies.cached import CachedProcessor, PassInfo
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, AttentionPolicy
+from longroll.policies.layer import LayerAttention
 
 Layout = Literal["bhld", "blhd"]
 LAYOUTS: tuple[str, ...] = ("bhld", "blhd")
@@ -61,6 +63,11 @@ class LayerState:
         n = self.processor.num_layers
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < n:
             raise ValueError(f"layer must be an int in [0, {n}), got {self.layer!r}")
+
+    @property
+    def attention(self) -> LayerAttention:
+        """This layer's :class:`LayerAttention` (its cache, AnnSA plan, AnnCA prompt and gate)."""
+        return self.processor.layer(self.layer)
 
     @property
     def cache(self) -> LayerKVCache:

@@ -48,7 +48,7 @@ from longroll.world.training import EVAL_SEED, MEMORY_CONTEXT_FRAMES
 log = logging.getLogger(__name__)
 
 #: Policies of the memory test (dense first: the reference of every comparison; sink_window second: the baseline).
-MEMORY_POLICIES: tuple[str, ...] = ("dense", "sink_window", "tempcache", "all", "all_int8")
+MEMORY_PRESETS: tuple[str, ...] = ("dense", "sink_window", "tempcache", "all", "all_int8")
 #: The presets a layout can be applied to: the TempCache ones, and sink-window (of which only the layout's
 #: ``sink_frames`` applies, the window taking the rest of the memory).
 LAYOUT_BASES: tuple[str, ...] = ("tempcache", "tempcache_lsh", "all", "all_int8", "sink_window")
@@ -71,7 +71,7 @@ class LayoutCandidate:
     layout: TempCacheLayout
 
     def __post_init__(self) -> None:
-        if not self.name or self.name in MEMORY_POLICIES or self.name in LAYOUT_BASES:
+        if not self.name or self.name in MEMORY_PRESETS or self.name in LAYOUT_BASES:
             raise ValueError(f"name must be a new non-empty label, got {self.name!r}")
         if self.base not in LAYOUT_BASES:
             raise ValueError(f"base must be one of {LAYOUT_BASES}, got {self.base!r}")
@@ -120,7 +120,7 @@ class MemoryEvalConfig:
         resamples: bootstrap resamples of each interval.
     """
 
-    policies: tuple[str, ...] = MEMORY_POLICIES
+    policies: tuple[str, ...] = MEMORY_PRESETS
     layouts: tuple[LayoutCandidate, ...] = ()
     episodes: int = 32
     frames: int = 48
@@ -133,7 +133,7 @@ class MemoryEvalConfig:
 
     def __post_init__(self) -> None:
         pols = tuple(self.policies)
-        allowed = [*MEMORY_POLICIES, "budget", "tempcache_lsh", "annsa", "annsa_int8", "annca"]
+        allowed = [*MEMORY_PRESETS, "budget", "tempcache_lsh", "annsa", "annsa_int8", "annca"]
         bad = [p for p in pols if p not in allowed]
         if bad or len(set(pols)) != len(pols):
             raise ValueError(f"policies must be distinct names from {allowed}, got {list(pols)}")
@@ -376,7 +376,7 @@ def memory_table(report: dict[str, Any]) -> str:
 
 __all__ = [
     "LAYOUT_BASES",
-    "MEMORY_POLICIES",
+    "MEMORY_PRESETS",
     "LayoutCandidate",
     "MemoryEvalConfig",
     "episode_scores",

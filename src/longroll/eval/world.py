@@ -58,7 +58,7 @@ from longroll.world.training import EVAL_SEED
 log = logging.getLogger(__name__)
 
 #: Policies of a default evaluation (dense first: every other one is compared with it).
-DEFAULT_POLICIES: tuple[str, ...] = ("dense", "sink_window", "budget", "tempcache", "annsa", "annca", "all", "all_int8")
+DEFAULT_PRESETS: tuple[str, ...] = ("dense", "sink_window", "budget", "tempcache", "annsa", "annca", "all", "all_int8")
 #: Fingerprint projection seed for matching cached keys to the shadow cache's (see :func:`match_keys`).
 _FINGERPRINT_SEED = 7
 
@@ -305,7 +305,7 @@ class WorldEvalConfig:
         probe_every: probe every ``probe_every``-th chunk.
     """
 
-    policies: tuple[str, ...] = DEFAULT_POLICIES
+    policies: tuple[str, ...] = DEFAULT_PRESETS
     families: tuple[Family, ...] = FAMILIES
     episodes: int = 2
     frames: int = 48
@@ -681,7 +681,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
 
 __all__ = [
-    "DEFAULT_POLICIES",
+    "DEFAULT_PRESETS",
     "ProbeRecord",
     "ProbedProcessor",
     "WorldEvalConfig",

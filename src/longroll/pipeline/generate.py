@@ -236,7 +236,7 @@ def generate(
     prompt: str,
     *,
     num_frames: int,
-    policy_name: str,
+    preset: str,
     seed: int,
     out_dir: str | os.PathLike[str],
     frames_per_chunk: int = 3,
@@ -256,7 +256,7 @@ def generate(
         prompt: the text prompt.
         num_frames: latent frames to generate (multiple of ``frames_per_chunk``); the video has
             ``1 + 4 (num_frames - 1)`` frames.
-        policy_name: a name of :data:`longroll.policies.config.PRESET_NAMES`.
+        preset: the attention preset, a name of :data:`longroll.policies.config.PRESET_NAMES`.
         seed: noise seed (chunk c uses ``seed + c``).
         out_dir: created if needed (and checked writable before any work); receives ``video.mp4`` and
             ``stats.json``, or, when the run is interrupted or fails, ``video.partial.mp4`` (the chunks done,
@@ -277,7 +277,7 @@ def generate(
     latent_shape = _latent_shape(pipe, height, width)
     tpf = pipe.wan_config.tokens_per_frame(latent_shape[1], latent_shape[2])
     processor = CachedProcessor.for_model(
-        policy_name, pipe.wan_config, tokens_per_frame=tpf, frames_per_chunk=frames_per_chunk, dtype=pipe.dtype,
+        preset, pipe.wan_config, tokens_per_frame=tpf, frames_per_chunk=frames_per_chunk, dtype=pipe.dtype,
         device=pipe.device, memory_frames=memory_frames,
     )  # fmt: skip
     rollout = RolloutConfig(num_frames, frames_per_chunk, latent_shape, sampler, seed)
@@ -296,7 +296,7 @@ def generate(
     pipe.decoder.reset()
     settings = {
         "prompt": prompt,
-        "policy": policy_name,
+        "policy": preset,
         "policy_config": _json_safe(processor.policy),
         "seed": seed,
         "num_latent_frames": num_frames,

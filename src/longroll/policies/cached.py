@@ -263,7 +263,9 @@ class CachedProcessor:
     ) -> torch.Tensor:
         info = self._info()
         lay = self.layers[layer]
-        sparse = self._sparse(layer)
+        # The schedule is asked only by policies with a sparse path (a dense pass may declare no steps).
+        pol = self.policy
+        sparse = (pol.annsa is not None or pol.radial is not None) and self._sparse(layer)
         lay.stage(k, v, frame_start=info.frame_start, k_pre_rope=k_pre_rope)
         radial = self._radial_for(lay.cache) if sparse and self.policy.radial is not None else None
         out = lay.attend(q, sparse=sparse, radial=radial)
@@ -272,9 +274,8 @@ class CachedProcessor:
         return out
 
     def cross_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.layers[layer].cross_attention(
-            q, k, v, sparse=self._sparse(layer), tokens_per_frame=self.tokens_per_frame
-        )
+        sparse = self.policy.annca is not None and self._sparse(layer)
+        return self.layers[layer].cross_attention(q, k, v, sparse=sparse, tokens_per_frame=self.tokens_per_frame)
 
     def join_commits(self) -> None:
         """Make the current stream wait for commits still running on the side stream (no host sync)."""
