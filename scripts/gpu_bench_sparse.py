@@ -10,7 +10,7 @@ For every cache length (B=1, H=12, D=128, bf16, Lq=4,680 = one chunk of 3 latent
 around shared cluster centres on the device) and every ANN setting, a full-policy ``LayerKVCache`` is filled
 through stage/commit and then, with CUDA events (medians after warm-up):
 
-- ``plan_ms``: ``AnnSAPlanner.plan`` (bucket the history + reorder the cache), paid once per commit;
+- ``plan_ms``: ``AnnSAPlanner.plan`` + ``AnnSAPlan.apply_to`` (bucket the history, reorder the cache), once per commit;
 - ``index_ms``: ``AnnSAPlanner.select`` (query hashing + sort + block selection + index), paid every step;
 - ``sparse_attn_ms``: ``block_sparse_attention`` on the bucket-sorted queries (Triton on CUDA), plus the
   query permutation and un-permutation of ``run``;

@@ -176,3 +176,13 @@ def test_one_factory_from_a_preset_name_or_a_policy():
         CachedProcessor.for_model(3, TINY, **kw)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="policy must be an AttentionPolicy, got str"):
         CachedProcessor("dense", num_layers=1, batch=1, heads=1, head_dim=8, **kw)  # type: ignore[arg-type]
+
+
+def test_layer_refuses_a_cache_config_of_another_policy():
+    pol = preset("tempcache", tokens_per_frame=P, frames_per_chunk=FPC, memory_frames=5)
+    other = CacheConfig(P, FPC, preset("dense", tokens_per_frame=P, frames_per_chunk=FPC).cache)
+    with pytest.raises(ValueError, match="cache_config must be a CacheConfig of the policy's cache"):
+        LayerAttention(pol, other, layer=0, batch=1, heads=H, head_dim=D, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="policy must be an AttentionPolicy, got str"):
+        LayerAttention("tempcache", other, layer=0, batch=1, heads=H, head_dim=D, dtype=torch.float32,  # type: ignore[arg-type]
+                       device="cpu")  # fmt: skip

@@ -17,6 +17,7 @@ sink-window and dense with percentile-bootstrap 95 % intervals (:mod:`longroll.e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -30,7 +31,14 @@ from longroll.cache.config import SinkWindowPolicy
 from longroll.eval.stats import paired_difference
 from longroll.eval.world import ProbedProcessor, run_record
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, SINK_FRAMES, AttentionPolicy, TempCacheLayout, preset
+from longroll.policies.config import (
+    EQUAL_MEMORY_FRAMES,
+    PRESET_NAMES,
+    SINK_FRAMES,
+    AttentionPolicy,
+    TempCacheLayout,
+    preset,
+)
 from longroll.world.episode import (
     FAMILIES,
     NOVEL,
@@ -133,7 +141,7 @@ class MemoryEvalConfig:
 
     def __post_init__(self) -> None:
         pols = tuple(self.policies)
-        allowed = [*MEMORY_PRESETS, "budget", "tempcache_lsh", "annsa", "annsa_int8", "annca"]
+        allowed = [p for p in PRESET_NAMES if p != "radial"]  # the probes do not cover radial masks
         bad = [p for p in pols if p not in allowed]
         if bad or len(set(pols)) != len(pols):
             raise ValueError(f"policies must be distinct names from {allowed}, got {list(pols)}")
@@ -165,7 +173,7 @@ class MemoryEvalConfig:
                 out.append(AttentionPolicy(cand.name, SinkWindowPolicy(sinks, mem - sinks)))
                 continue
             p = preset(cand.base, tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=mem, layout=cand.layout)
-            out.append(AttentionPolicy(cand.name, p.cache, p.attention_backend, p.annsa, p.annca, p.schedule, p.radial))
+            out.append(dataclasses.replace(p, name=cand.name))
         return out
 
 

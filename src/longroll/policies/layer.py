@@ -4,11 +4,12 @@ A :class:`LayerAttention` owns everything a layer keeps across a rollout: its KV
 last commit, AnnCA's collapsed prompt and the per-prompt decision whether selection pays, and its commits in
 flight on a side stream. Each chunk runs one life cycle::
 
-    for step in passes:                   # denoising steps, then the clean (commit) pass
-        layer.stage(k, v, frame_start=f0, k_pre_rope=kp)
-        out = layer.attend(q, sparse=...)     # dense, AnnSA over the plan, or a static mask
-    layer.commit(q)                       # the cache policy keeps what it keeps, then plan()
-    layer.plan()                          #   (called by commit): a plan value, applied to the cache
+    for step in passes:                       # denoising steps, then the clean pass
+        layer.stage(k, v, frame_start=f0, k_pre_rope=kp)  # the chunk's K/V; the history is read-only
+        out = layer.attend(q, sparse=...)     # dense, AnnSA over the current plan, or a static mask
+    layer.commit(q)                           # clean pass: the cache policy decides what stays, then
+                                              # layer.plan(): AnnSA plans the cache (a value) and the
+                                              # layer applies the plan to its cache
 
 The :class:`~longroll.policies.cached.CachedProcessor` is the schedule (which pass, which layers run sparse)
 over a list of these.
@@ -128,6 +129,9 @@ class LayerAttention:
     ) -> None:
         if not isinstance(policy, AttentionPolicy):
             raise ValueError(f"policy must be an AttentionPolicy, got {type(policy).__name__}")
+        if not isinstance(cache_config, CacheConfig) or cache_config.policy != policy.cache:
+            got = getattr(cache_config, "policy", type(cache_config).__name__)
+            raise ValueError(f"cache_config must be a CacheConfig of the policy's cache {policy.cache!r}, got {got!r}")
         self.policy = policy
         self.index = layer
         inputs = graph_inputs if graph_inputs is not None else StaticInputs()
