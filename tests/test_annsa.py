@@ -198,6 +198,18 @@ def test_planning_reads_the_cache_and_the_plan_is_what_the_reordered_cache_gives
     assert all(torch.equal(a, b) for a, b in zip(stored, _storage(cache), strict=True))
 
 
+def test_plannable_range_starts_past_the_sink_frames():
+    data = _data(16, 1, 4, heads=2, d=16)
+    assert _cache(FullPolicy(), 16, 1, 3, data).plannable_range() == (0, 48)
+    budget = _cache(BudgetPolicy(budget_tokens=48, sink_frames=2), 16, 1, 4, data)
+    assert budget.plannable_range() == (32, 48)
+    young = _cache(TempCachePolicy(max_entries=64, sink_frames=2), 16, 1, 1, data)
+    assert young.plannable_range() == (16, 16)  # fewer frames than sinks: nothing to reorder
+    plan = AnnSAPlanner(AnnSAConfig(ann=Int8Config(), backend="torch")).plan(young)
+    assert plan.order.shape == (1, 2, 0)
+    plan.apply_to(young)  # an empty range moves nothing
+
+
 @pytest.mark.parametrize("ann", [LSHConfig(bits=4, tables=2, probes=1), Int8Config()])
 def test_heads_subset_is_the_slice_of_all_heads(ann):
     data = _data(97, 1, 3)
