@@ -20,8 +20,8 @@ noise; every bounded policy holds 15 frames. Writes into ``--out``:
   sink-window and dense with its bootstrap 95 % interval, per-layer recall and density, timings;
 - ``table.md``: the summary table; ``eval.log``: the log.
 
-Layout candidates (``--layouts``, ``name=base:key=value,...``; keys ``sinks``, ``threshold``, ``overflow``,
-``group``) run after the presets, while ``--minutes`` allows.
+Layout candidates (``--layouts``, ``name=base:key=value,...``; keys ``sinks``, ``recent``, ``threshold``,
+``overflow``, ``group``) run after the presets, while ``--minutes`` allows.
 """
 
 from __future__ import annotations
@@ -50,11 +50,21 @@ from longroll.world.training import MEMORY_CONTEXT_FRAMES
 log = logging.getLogger("eval_memory")
 START = time.perf_counter()
 
-#: The layout sweep, most informative first (later ones are skipped if --minutes runs out): no soft merges below
-#: the merge threshold at the cap (the oldest groups are evicted instead; a soft merge drops the newest token's
-#: key, which costs recently seen detail), group span, thresholds, sinks (1 as the old presets had, 6), the
-#: same for ``all``; and a sink-window with one sink (what the old presets' sink count does to a sink-window).
+#: The layout sweep, most informative first (later ones are skipped if --minutes runs out): the verbatim recent
+#: window (3, 6, 9 of the 15 frames; the rest of the memory after the sinks holds the merged older frames) alone
+#: and with no soft merges below the merge threshold at the cap (the oldest groups are evicted instead; a soft
+#: merge drops the newest token's key, which costs recently seen detail), the same for ``all``; then group span,
+#: thresholds, sinks (1 as the old presets had, 6) and a sink-window with one sink.
 DEFAULT_LAYOUTS = (
+    "tc_r3=tempcache:recent=3",
+    "tc_r6=tempcache:recent=6",
+    "tc_r9=tempcache:recent=9",
+    "tc_r6_ov90=tempcache:recent=6,overflow=0.9",
+    "tc_r9_ov90=tempcache:recent=9,overflow=0.9",
+    "all_r6=all:recent=6",
+    "all_r9=all:recent=9",
+    "tc_r6_t95=tempcache:recent=6,threshold=0.95,overflow=0.9",
+    "tc_r6_g4=tempcache:recent=6,group=4",
     "tc_ov90=tempcache:overflow=0.9",
     "all_ov90=all:overflow=0.9",
     "tc_g4=tempcache:group=4",
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # scores compare policies: keep float32 matmuls exact
-    layouts_text = "tc_s1=tempcache:sinks=1" if args.smoke else args.layouts
+    layouts_text = "tc_r3=tempcache:recent=3" if args.smoke else args.layouts
     policies = ("dense", "sink_window", "tempcache") if args.smoke else tuple(
         p.strip() for p in args.policies.split(",") if p.strip()
     )  # fmt: skip

@@ -173,7 +173,7 @@ def test_planning_reads_the_cache_and_the_plan_is_what_the_reordered_cache_gives
     before = _storage(cache)
     plan = planner.plan(cache)
     assert all(torch.equal(a, b) for a, b in zip(before, _storage(cache), strict=True)), "planning wrote storage"
-    start, end = cache.plannable_range()
+    start, end = cache.pinned_tokens, cache.bound
     assert (plan.start, plan.bound) == (start, end) == (97, cache.bound)
     assert torch.equal(plan.order.sort(-1).values, torch.arange(end - start).expand_as(plan.order))
     assert any(not torch.equal(plan.order[0, h], torch.arange(end - start)) for h in range(4)), "nothing to sort"
@@ -193,20 +193,20 @@ def test_planning_reads_the_cache_and_the_plan_is_what_the_reordered_cache_gives
     cache.stage(k[:, :, -97:], v[:, :, -97:], frame_start=cache.committed_frames)
     cache.commit()
     stored = _storage(cache)
-    with pytest.raises(ValueError, match="plannable range"):
+    with pytest.raises(ValueError, match="plannable slots"):
         again.apply_to(cache)
     assert all(torch.equal(a, b) for a, b in zip(stored, _storage(cache), strict=True))
 
 
-def test_plannable_range_starts_past_the_sink_frames():
+def test_plans_start_past_the_pinned_slots():
     data = _data(16, 1, 4, heads=2, d=16)
-    assert _cache(FullPolicy(), 16, 1, 3, data).plannable_range() == (0, 48)
+    int8 = AnnSAPlanner(AnnSAConfig(ann=Int8Config(), backend="torch"))
+    full = _cache(FullPolicy(), 16, 1, 3, data)
     budget = _cache(BudgetPolicy(budget_tokens=48, sink_frames=2), 16, 1, 4, data)
-    assert budget.plannable_range() == (32, 48)
+    assert [(p.start, p.bound) for p in (int8.plan(full), int8.plan(budget))] == [(0, 48), (32, 48)]
     young = _cache(TempCachePolicy(max_entries=64, sink_frames=2), 16, 1, 1, data)
-    assert young.plannable_range() == (16, 16)  # fewer frames than sinks: nothing to reorder
-    plan = AnnSAPlanner(AnnSAConfig(ann=Int8Config(), backend="torch")).plan(young)
-    assert plan.order.shape == (1, 2, 0)
+    plan = int8.plan(young)  # fewer frames than sinks: nothing to reorder
+    assert (plan.start, plan.bound) == (16, 16) and plan.order.shape == (1, 2, 0)
     plan.apply_to(young)  # an empty range moves nothing
 
 

@@ -45,7 +45,7 @@ def test_life_cycle_stage_attend_commit_plan(name):
     for c in range(3):
         _run_chunk(lay, c, sparse=True)
         plan = lay.annsa_plan
-        assert plan is not None and (plan.start, plan.bound) == lay.cache.plannable_range()
+        assert plan is not None and (plan.start, plan.bound) == (lay.cache.pinned_tokens, lay.cache.bound)
         # The layer applied its plan: planning the cache again finds it in the plan's order.
         again = lay.planner.plan(lay.cache, anchors=plan.anchors)
         assert torch.equal(again.order, torch.arange(plan.bound - plan.start).expand_as(again.order))

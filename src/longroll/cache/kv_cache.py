@@ -27,7 +27,7 @@ from longroll.cache.budget import compact_to_budget
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWindowPolicy, TempCachePolicy
 from longroll.cache.graphs import KeyedCapture, StaticInputs
-from longroll.cache.tempcache import Track, commit_chunk
+from longroll.cache.tempcache import RecentWindow, Track, commit_chunk
 from longroll.ops._checks import check_float, check_rank
 
 #: Version of the layout written by :meth:`LayerKVCache.state_dict` (checked on load).
@@ -58,6 +58,7 @@ class LoadedState:
     frame: torch.Tensor
     lengths: torch.Tensor
     track: Track | None = None
+    recent: RecentWindow | None = None
 
 
 class CacheView(NamedTuple):
@@ -131,6 +132,11 @@ class LayerKVCache:
             if isinstance(p, TempCachePolicy)
             else None
         )
+        self.recent: RecentWindow | None = (
+            RecentWindow.allocate(batch, heads, p.recent_frames, config.tokens_per_frame, self.device)
+            if isinstance(p, TempCachePolicy) and p.recent_frames
+            else None
+        )
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -161,8 +167,17 @@ class LayerKVCache:
         return self.buffers.slots - c.chunk_tokens
 
     def nbytes(self) -> int:
-        """Bytes held by the cache's buffers (constant for every policy but ``full``)."""
-        return self.buffers.nbytes()
+        """Bytes held by the cache's buffers (constant for every policy but ``full``), TempCache's verbatim
+        ring's correspondences included."""
+        return self.buffers.nbytes() + (self.recent.nbytes() if self.recent is not None else 0)
+
+    @property
+    def pinned_tokens(self) -> int:
+        """Leading committed slots that never move and are always attended: the sink frames and, for TempCache
+        with ``recent_frames``, its verbatim ring (fewer while they fill up)."""
+        p, tpf = self.policy, self.config.tokens_per_frame
+        frames = getattr(p, "sink_frames", 0) + (p.recent_frames if isinstance(p, TempCachePolicy) else 0)
+        return min(frames * tpf, self.bound)
 
     # ----------------------------------------------------------------- stage / view
     def stage(self, k: torch.Tensor, v: torch.Tensor, *, frame_start: int, k_match: torch.Tensor | None = None) -> None:
@@ -280,16 +295,19 @@ class LayerKVCache:
             raise RuntimeError("TempCache commit without an ANN searcher")
         frames = [self.committed_frames + i for i in range(nf)]
         sinks = [f < p.sink_frames for f in frames]
+        full = [f - p.sink_frames >= p.recent_frames for f in frames]
         overflow, upper = [], lo
         for sink in sinks:
             overflow.append(not sink and upper + tpf > p.max_entries)
             upper = min(upper + tpf, p.max_entries)
-        if self._captures_commits() and self.track is not None and not any(sinks) and all(overflow):
+        steady = self.track is not None and not any(sinks) and all(overflow) and all(full)
+        if self._captures_commits() and steady:
             slots = self._commit_captured(p, lo, n)
         else:
             self.track, slots = commit_chunk(
                 self.buffers, self._searcher, p, self.track, self._k_match,
                 lo=lo, tokens_per_frame=tpf, frames=frames, sinks=sinks, may_overflow=overflow,
+                recent=self.recent, recent_full=full if self.recent is not None else None,
             )  # fmt: skip
         self.bound = upper
         self._start_length_readback()
@@ -326,7 +344,8 @@ class LayerKVCache:
             track, out = commit_chunk(
                 buf, searcher, p, Track(slots, keys, active), km,
                 lo=lo, tokens_per_frame=tpf, frames=[frame0 + i for i in range(nf)], sinks=[False] * nf,
-                may_overflow=[True] * nf,
+                may_overflow=[True] * nf, recent=self.recent,
+                recent_full=[True] * nf if self.recent is not None else None,
             )  # fmt: skip
             assert track is not None
             return track.slots, track.keys, track.active, out
@@ -370,12 +389,6 @@ class LayerKVCache:
                 f"cache of policy {type(self.policy).__name__} needs {needed} slots, holds {self.buffers.slots}"
             )
         self.buffers = self.buffers.grown(max(needed, int(self.buffers.slots * 1.5)))
-
-    def plannable_range(self) -> tuple[int, int]:
-        """Committed slots ``[start, end)`` whose order a planner may change (:meth:`reorder_`): past the sink
-        frames, which stay in place, up to the bound. Slots before ``start`` are never moved."""
-        sink = int(getattr(self.policy, "sink_frames", 0)) * self.config.tokens_per_frame
-        return min(sink, self.bound), self.bound
 
     def reorder_(self, order: torch.Tensor, start: int = 0) -> None:
         """Permute committed slots ``[start, start + n)`` of every head (e.g. to make ANN buckets contiguous).
@@ -469,7 +482,9 @@ class LayerKVCache:
         ``meta`` (3,) int64 [committed_frames, n, layer]; ``head_ids`` (heads,) int64; ``k`` (B, H, n, D) and
         ``v`` (B, H, n, Dv) in the cache dtype; ``count`` (B, H, n) float32; ``frame`` (B, H, n) int32;
         ``lengths`` (B, H) int64; with TempCache after a non-sink frame, ``track_slots`` (B, H, P) int64,
-        ``track_keys`` (B, H, P, D) float32 and ``track_active`` (B, H, P) bool.
+        ``track_keys`` (B, H, P, D) float32 and ``track_active`` (B, H, P) bool; with TempCache's
+        ``recent_frames`` = W > 0, ``recent_idx`` (B, H, W, P) int32 and ``recent_cos`` (B, H, W, P) float32
+        (:class:`~longroll.cache.tempcache.RecentWindow`).
         """
         if self.staged_tokens:
             raise RuntimeError("state_dict() with a chunk staged: commit it first")
@@ -486,6 +501,8 @@ class LayerKVCache:
             "meta": torch.tensor([self.committed_frames, self.bound, self.layer], dtype=torch.int64),
             "head_ids": torch.tensor(self.head_ids, dtype=torch.int64),
         }
+        if self.recent is not None:
+            state |= {"recent_idx": self.recent.idx.clone(), "recent_cos": self.recent.cos.clone()}
         if self.track is not None:
             t = self.track
             # Copies: a captured commit overwrites its track in place.
@@ -516,6 +533,8 @@ class LayerKVCache:
         tempcache = isinstance(self.policy, TempCachePolicy)
         required = {"format", "meta", "head_ids", "k", "v", "count", "frame", "lengths"}
         track_keys = {"track_slots", "track_keys", "track_active"}
+        if self.recent is not None:
+            required |= {"recent_idx", "recent_cos"}
         missing = sorted(required - set(state))
         if missing:
             raise ValueError(f"state is missing {missing}")
@@ -594,6 +613,17 @@ class LayerKVCache:
             if not bool(torch.isfinite(keys).all()):
                 raise ValueError("state['track_keys'] holds NaN or Inf values")
             loaded.track = Track(slots, keys, state["track_active"].to(self.device, copy=True))
+        if self.recent is not None:
+            shape = tuple(self.recent.idx.shape)
+            _expect(state, "recent_idx", shape, torch.int32)
+            _expect(state, "recent_cos", shape, torch.float32)
+            ridx = state["recent_idx"].to(self.device, copy=True)
+            rcos = state["recent_cos"].to(self.device, copy=True)
+            if bool((ridx < 0).any()) or bool((ridx >= p).any()):
+                raise ValueError(f"state['recent_idx'] must lie in [0, {p})")
+            if bool(torch.isnan(rcos).any()) or bool((rcos > 1.0 + 1e-3).any()):
+                raise ValueError("state['recent_cos'] must be cosines (<= 1) or -inf, without NaN")
+            loaded.recent = RecentWindow(ridx, rcos)
         return loaded
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor] | LoadedState) -> None:
@@ -614,6 +644,10 @@ class LayerKVCache:
         buf.lengths.copy_(loaded.lengths)
         self.committed_frames, self.bound, self.staged_tokens = loaded.committed_frames, bound, 0
         self.track = loaded.track
+        if self.recent is not None and loaded.recent is not None:
+            # In place: a captured commit reads and writes these very tensors.
+            self.recent.idx.copy_(loaded.recent.idx)
+            self.recent.cos.copy_(loaded.recent.cos)
         self._pending_len, self._bias = None, None
         # A captured commit holds the previous track's buffers: capture again from the restored state.
         self.commit_capture.reset()

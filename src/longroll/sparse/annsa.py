@@ -3,7 +3,7 @@
 Plan/run, in the flashinfer style, one planner per layer:
 
 - :meth:`AnnSAPlanner.plan` runs once per commit (after ``cache.commit()``, nothing staged). It hashes the
-  committed keys of the cache's plannable range (``cache.plannable_range()``: past the sink frames) and
+  committed keys past the cache's pinned slots (``cache.pinned_tokens``: sinks, TempCache's ring) and
   returns an :class:`AnnSAPlan`, a value: the slot order that makes every bucket (LSH table 0, or nearest int8
   anchor) one contiguous slot range, empty slots last, and what selection reads in that order. Planning only
   reads the cache; the layer then applies the order (:meth:`AnnSAPlan.apply_to`, one ``cache.reorder_``).
@@ -20,7 +20,8 @@ Plan/run, in the flashinfer style, one planner per layer:
 
 Layout of the view the selection refers to (``L = view.k.shape[2]``)::
 
-    [0, start)                   sink frames, never moved (before the cache's plannable range)
+    [0, start)                   pinned slots, never moved: the sink frames and TempCache's verbatim ring
+                                 (``cache.pinned_tokens``)
     [start, start + n_valid_h)   history of head h, bucket-sorted by the plan; empty slots after it
     [L - staged_tokens, L)       the staged chunk (its own keys), written by cache.stage() every step
 
@@ -103,7 +104,8 @@ class AnnSAConfig:
         top_k_blocks: key blocks per query block for the int8 family.
         anchors: int8 family: anchor keys (strided sample of the history) whose nearest one orders keys and
             queries into buckets.
-        attend_sinks: always attend the sink frames' key blocks (else they go through the ANN like history).
+        attend_sinks: always attend the pinned key blocks (sinks, TempCache's verbatim ring; else they go through
+            the ANN like history).
         attend_own_chunk: always attend the staged chunk's key blocks (else they are hashed every step).
         backend: block-sparse attention backend (``"auto"``, ``"triton"``, ``"torch"``).
     """
@@ -202,8 +204,9 @@ class AnnSAPlan:
 
     Attributes:
         bound: committed slots per head when planned (``cache.bound``).
-        start: first slot of the reordered range ``[start, bound)`` (``cache.plannable_range()``); the slots
-            before it (the sink frames) keep their place and, with ``attend_sinks``, are attended at every step.
+        start: first slot of the reordered range ``[start, bound)`` (``cache.pinned_tokens``); the pinned slots
+            before it (sinks, TempCache's ring) keep their place and, with ``attend_sinks``, are attended at every
+            step.
         batch, heads, head_dim: key geometry of the planned cache.
         order: (B, Hk, bound - start) int64 permutation: slot ``start + i`` of the planned layout receives slot
             ``start + order[..., i]`` of the cache as it was when planned (occupied slots first, by bucket).
@@ -250,9 +253,10 @@ class AnnSAPlan:
                 f"cache holds (B, H, D) = {geometry} with {cache.staged_tokens} staged tokens; the plan is of "
                 f"{(self.batch, self.heads, self.head_dim)} with nothing staged"
             )
-        if cache.plannable_range() != (self.start, self.bound):
+        if (cache.pinned_tokens, cache.bound) != (self.start, self.bound):
             raise ValueError(
-                f"cache's plannable range is {cache.plannable_range()}, the plan's ({self.start}, {self.bound}): "
+                f"cache's plannable slots are [{cache.pinned_tokens}, {cache.bound}), the plan's "
+                f"[{self.start}, {self.bound}): "
                 "plan it again after each commit"
             )
         if self.bound > self.start:
@@ -322,7 +326,7 @@ class AnnSAPlanner:
 
     # ----------------------------------------------------------------- plan
     def plan(self, cache: LayerKVCache, *, anchors: Int8Codes | None = None) -> AnnSAPlan:
-        """Bucket the committed keys of ``cache.plannable_range()`` (once per commit); ``cache`` is only read.
+        """Bucket the committed keys past ``cache.pinned_tokens`` (once per commit); ``cache`` is only read.
 
         Args:
             cache: the layer's cache, right after ``commit()`` (nothing staged).
@@ -350,7 +354,8 @@ class AnnSAPlanner:
             raise ValueError("cache has a staged chunk; call plan() after commit(), before the next stage()")
         if anchors is not None:
             self._check_anchors(cache, anchors)
-        start, bound = cache.plannable_range()
+        # Sinks (and TempCache's verbatim ring) stay in place and are always attended.
+        start, bound = cache.pinned_tokens, cache.bound
         if isinstance(self.config.ann, LSHConfig):
             plan = self._plan_lsh(cache, start, bound)
         else:
