@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from longroll.eval.memory import (
-    MEMORY_POLICIES,
+    MEMORY_PRESETS,
     MemoryEvalConfig,
     evaluate_memory,
     memory_table,
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=48)
     p.add_argument("--context-frames", type=int, default=MEMORY_CONTEXT_FRAMES)
     p.add_argument("--memory-frames", type=int, default=15)
-    p.add_argument("--policies", default=",".join(MEMORY_POLICIES), help="comma-separated preset names")
+    p.add_argument("--policies", default=",".join(MEMORY_PRESETS), help="comma-separated preset names")
     p.add_argument("--layouts", default=";".join(DEFAULT_LAYOUTS), help="';'-separated layout candidates ('' none)")
     p.add_argument("--no-probe", action="store_true", help="skip per-layer recall/density (faster)")
     p.add_argument("--probe-every", type=int, default=1)

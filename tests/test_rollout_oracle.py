@@ -187,10 +187,10 @@ def test_captured_steps_give_the_eager_rollout(policy):
     proc = _processor(policy, cuda_graphs="emulate")
     graphed = RolloutEngine(model, proc, cfg).run(ctx).latents
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
-    captures = [c.commit_capture for c in proc.caches] + ([proc.group.stacked.commit_capture] if proc.group else [])
+    captures = [c.commit_capture for c in proc.caches()] + ([proc.group.stacked.commit_capture] if proc.group else [])
     assert any(c.captured for c in captures), "the commit was never captured"
-    if proc.planners[0] is not None:
-        planners = [p for p in proc.planners if p is not None]
+    if proc.policy.annsa is not None:
+        planners = [lay.planner for lay in proc.layers if lay.planner is not None]
         assert any(p.select_capture.captured for p in planners), "the selection was never captured"
 
 
@@ -208,7 +208,7 @@ def test_grouped_commits_give_the_per_layer_rollout(policy):
 
     alone, _ = run("off")
     grouped, proc = run("auto")
-    assert proc.group is not None and proc.caches[0].recent is not None
+    assert proc.group is not None and proc.caches()[0].recent is not None
     assert proc.group.stacked.commit_capture.captured
     torch.testing.assert_close(grouped, alone, rtol=0, atol=0)
     with pytest.raises(ValueError, match="group_commits"):
@@ -219,7 +219,7 @@ def test_overlap_commit_is_validated_and_off_on_the_cpu():
     with pytest.raises(ValueError, match="overlap_commit"):
         _processor("tempcache", overlap_commit="yes")
     proc = _processor("tempcache")
-    assert proc._side is None  # no side stream on the CPU: commits run in line
+    assert proc.commits.stream is None  # no side stream on the CPU: commits run in line
     proc.join_commits()  # a no-op without pending side-stream work
 
 
@@ -241,5 +241,5 @@ def test_commits_on_a_side_stream_give_the_in_line_rollout(policy, group):
 
     inline, _ = run("off")
     side, proc = run("auto")
-    assert proc._side is not None
+    assert proc.commits.stream is not None
     torch.testing.assert_close(side, inline, rtol=0, atol=0)

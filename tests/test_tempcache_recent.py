@@ -162,7 +162,9 @@ def test_annsa_plan_leaves_the_ring_in_place():
     _run(cache, list(_chunks(6)))
     pinned = cache.pinned_tokens
     before = cache.buffers.k[:, :, :pinned].clone()
-    AnnSAPlanner(AnnSAConfig(ann=Int8Config(), q_block_size=16, kv_block_size=16, anchors=4)).plan(cache)
+    plan = AnnSAPlanner(AnnSAConfig(ann=Int8Config(), q_block_size=16, kv_block_size=16, anchors=4)).plan(cache)
+    assert plan.start == pinned
+    plan.apply_to(cache)
     torch.testing.assert_close(cache.buffers.k[:, :, :pinned], before, rtol=0, atol=0)
 
 

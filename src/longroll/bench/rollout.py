@@ -36,7 +36,7 @@ from longroll.pipeline.record import run_record
 from longroll.pipeline.rollout import ChunkDenoiser, ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, preset
+from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES
 from longroll.policies.timing import ComponentTimer
 
 log = logging.getLogger(__name__)
@@ -307,19 +307,14 @@ class _Bench:
 
     def _processor(self, policy: str) -> CachedProcessor:
         c, w = self.cfg, self.wan
-        pol = preset(
-            policy,
-            tokens_per_frame=self.tokens_per_frame,
-            frames_per_chunk=c.frames_per_chunk,
-            memory_frames=c.memory_frames,
-        )
         return CachedProcessor.for_model(
-            pol,
+            policy,
             w,
             tokens_per_frame=self.tokens_per_frame,
             frames_per_chunk=c.frames_per_chunk,
             dtype=self.dtype,
             device=self.device,
+            memory_frames=c.memory_frames,
             timer=ComponentTimer(self.device) if c.components else None,
             cuda_graphs="auto" if c.cuda_graphs == "auto" else "off",
             overlap_commit="auto" if c.overlap_commit == "auto" else "off",
@@ -341,7 +336,7 @@ class _Bench:
         fpc, p = self.cfg.frames_per_chunk, self.tokens_per_frame
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
         shape = (1, self.wan.num_heads, fpc * p, self.wan.head_dim)
-        for cache in proc.caches:
+        for cache in proc.caches():
             for f0 in range(0, frames, fpc):
                 k = torch.randn(shape, generator=g, device=self.device).to(self.dtype)
                 cache.stage(k, torch.randn_like(k), frame_start=f0)

@@ -45,7 +45,7 @@ _USER_ERRORS = (
     ImportError,
 )
 #: Library field names that a command line knows under another flag.
-_ALIASES = {"num_frames": "frames", "policy_name": "policy", "out_dir": "out"}
+_ALIASES = {"num_frames": "frames", "out_dir": "out"}
 
 
 class UsageError(Exception):
@@ -431,7 +431,7 @@ def _cmd_generate(args: argparse.Namespace, command: str) -> int:
             pipe,
             args.prompt,
             num_frames=args.frames,
-            policy_name=args.policy,
+            preset=args.policy,
             seed=args.seed,
             out_dir=out,
             frames_per_chunk=args.frames_per_chunk,
@@ -633,12 +633,12 @@ def _cmd_demo(args: argparse.Namespace, command: str) -> int:
 def _cmd_eval(args: argparse.Namespace, command: str) -> int:
     import torch
 
-    from longroll.eval.world import DEFAULT_POLICIES, WorldEvalConfig, as_table, evaluate_world, write_report
+    from longroll.eval.world import DEFAULT_PRESETS, WorldEvalConfig, as_table, evaluate_world, write_report
     from longroll.world.model import load_world_model, shipped_checkpoint_path
 
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
     cfg = WorldEvalConfig(
-        policies=args.policies or DEFAULT_POLICIES,
+        policies=args.policies or DEFAULT_PRESETS,
         families=families,  # type: ignore[arg-type]  # validated by WorldEvalConfig
         episodes=args.episodes,
         frames=args.frames,

@@ -31,7 +31,14 @@ from longroll.cache.config import SinkWindowPolicy
 from longroll.eval.stats import paired_difference
 from longroll.eval.world import ProbedProcessor, run_record
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, SINK_FRAMES, PolicyConfig, TempCacheLayout, preset
+from longroll.policies.config import (
+    EQUAL_MEMORY_FRAMES,
+    PRESET_NAMES,
+    SINK_FRAMES,
+    AttentionPolicy,
+    TempCacheLayout,
+    preset,
+)
 from longroll.world.episode import (
     FAMILIES,
     NOVEL,
@@ -49,7 +56,7 @@ from longroll.world.training import EVAL_SEED, MEMORY_CONTEXT_FRAMES
 log = logging.getLogger(__name__)
 
 #: Policies of the memory test (dense first: the reference of every comparison; sink_window second: the baseline).
-MEMORY_POLICIES: tuple[str, ...] = ("dense", "sink_window", "tempcache", "all", "all_int8")
+MEMORY_PRESETS: tuple[str, ...] = ("dense", "sink_window", "tempcache", "all", "all_int8")
 #: The presets a layout can be applied to: the TempCache ones, and sink-window (of which only the layout's
 #: ``sink_frames`` applies, the window taking the rest of the memory).
 LAYOUT_BASES: tuple[str, ...] = ("tempcache", "tempcache_lsh", "all", "all_int8", "sink_window")
@@ -79,7 +86,7 @@ class LayoutCandidate:
     annca: bool = True
 
     def __post_init__(self) -> None:
-        if not self.name or self.name in MEMORY_POLICIES or self.name in LAYOUT_BASES:
+        if not self.name or self.name in MEMORY_PRESETS or self.name in LAYOUT_BASES:
             raise ValueError(f"name must be a new non-empty label, got {self.name!r}")
         if self.base not in LAYOUT_BASES:
             raise ValueError(f"base must be one of {LAYOUT_BASES}, got {self.base!r}")
@@ -146,7 +153,7 @@ class MemoryEvalConfig:
         resamples: bootstrap resamples of each interval.
     """
 
-    policies: tuple[str, ...] = MEMORY_POLICIES
+    policies: tuple[str, ...] = MEMORY_PRESETS
     layouts: tuple[LayoutCandidate, ...] = ()
     episodes: int = 32
     frames: int = 48
@@ -159,7 +166,7 @@ class MemoryEvalConfig:
 
     def __post_init__(self) -> None:
         pols = tuple(self.policies)
-        allowed = [*MEMORY_POLICIES, "budget", "tempcache_lsh", "annsa", "annsa_int8", "annca"]
+        allowed = [p for p in PRESET_NAMES if p != "radial"]  # the probes do not cover radial masks
         bad = [p for p in pols if p not in allowed]
         if bad or len(set(pols)) != len(pols):
             raise ValueError(f"policies must be distinct names from {allowed}, got {list(pols)}")
@@ -180,7 +187,7 @@ class MemoryEvalConfig:
         if self.context_frames >= self.frames:
             raise ValueError(f"context_frames={self.context_frames} must be below frames={self.frames}")
 
-    def policy_configs(self, model: WorldWanModel) -> list[PolicyConfig]:
+    def policy_configs(self, model: WorldWanModel) -> list[AttentionPolicy]:
         """Every policy to run, in order, at the model's geometry (layouts renamed to their labels)."""
         spec = model.spec
         tpf, fpc, mem = spec.tokens_per_frame, spec.frames_per_chunk, self.memory_frames
@@ -188,7 +195,7 @@ class MemoryEvalConfig:
         for cand in self.layouts:
             if cand.base == "sink_window":
                 sinks = min(cand.layout.sink_frames, mem - fpc)
-                out.append(PolicyConfig(cand.name, SinkWindowPolicy(sinks, mem - sinks)))
+                out.append(AttentionPolicy(cand.name, SinkWindowPolicy(sinks, mem - sinks)))
                 continue
             p = preset(cand.base, tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=mem, layout=cand.layout)
             annsa = p.annsa
@@ -197,7 +204,7 @@ class MemoryEvalConfig:
             if annsa is not None and cand.max_density is not None:
                 annsa = dataclasses.replace(annsa, max_density=cand.max_density)
             annca = p.annca if cand.annca else None
-            out.append(PolicyConfig(cand.name, p.cache, p.attention_backend, annsa, annca, p.schedule, p.radial))
+            out.append(dataclasses.replace(p, name=cand.name, annsa=annsa, annca=annca))
         return out
 
 
@@ -408,7 +415,7 @@ def memory_table(report: dict[str, Any]) -> str:
 
 __all__ = [
     "LAYOUT_BASES",
-    "MEMORY_POLICIES",
+    "MEMORY_PRESETS",
     "LayoutCandidate",
     "MemoryEvalConfig",
     "episode_scores",

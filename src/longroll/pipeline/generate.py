@@ -34,7 +34,7 @@ from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.pipeline.video import Mp4Writer
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, PolicyConfig, preset
+from longroll.policies.config import EQUAL_MEMORY_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +173,6 @@ def _latent_shape(pipe: LoadedPipeline, height: int, width: int) -> tuple[int, i
     return pipe.wan_config.in_channels, height // f, width // f
 
 
-def _processor(pipe: LoadedPipeline, policy: PolicyConfig, tpf: int, fpc: int) -> CachedProcessor:
-    return CachedProcessor.for_model(
-        policy, pipe.wan_config, tokens_per_frame=tpf, frames_per_chunk=fpc, dtype=pipe.dtype, device=pipe.device
-    )
-
-
 def _timing(records: list[dict[str, Any]], text_s: float, e2e_s: float, fpc: int) -> dict[str, Any]:
     """DiT-only and end-to-end totals and rates (video frames per second unless named ``latent``)."""
     dit = sum(r["dit_seconds"] for r in records)
@@ -289,7 +283,7 @@ def generate(
     prompt: str,
     *,
     num_frames: int,
-    policy_name: str,
+    preset: str,
     seed: int,
     out_dir: str | os.PathLike[str],
     frames_per_chunk: int = 3,
@@ -310,7 +304,7 @@ def generate(
         prompt: the text prompt.
         num_frames: latent frames to generate (multiple of ``frames_per_chunk``); the video has
             ``1 + 4 (num_frames - 1)`` frames.
-        policy_name: a name of :data:`longroll.policies.config.PRESET_NAMES`.
+        preset: the attention preset, a name of :data:`longroll.policies.config.PRESET_NAMES`.
         seed: noise seed (chunk c uses ``seed + c``).
         out_dir: created if needed (and checked writable before any work); receives ``video.mp4`` and
             ``stats.json``, or, when the run is interrupted or fails, ``video.partial.mp4`` (the chunks done,
@@ -335,7 +329,10 @@ def generate(
         raise ValueError(f"prompt must be a non-empty text, got {prompt!r}")
     latent_shape = _latent_shape(pipe, height, width)
     tpf = pipe.wan_config.tokens_per_frame(latent_shape[1], latent_shape[2])
-    policy = preset(policy_name, tokens_per_frame=tpf, frames_per_chunk=frames_per_chunk, memory_frames=memory_frames)
+    processor = CachedProcessor.for_model(
+        preset, pipe.wan_config, tokens_per_frame=tpf, frames_per_chunk=frames_per_chunk, dtype=pipe.dtype,
+        device=pipe.device, memory_frames=memory_frames,
+    )  # fmt: skip
     rollout = RolloutConfig(num_frames, frames_per_chunk, latent_shape, sampler, seed)
     out = prepare_out_dir(out_dir, name="out_dir")
     video_path, stats_path = out / VIDEO_FILE, out / STATS_FILE
@@ -343,7 +340,7 @@ def generate(
     # Files of an earlier run in this folder would pass for this run's results.
     for stale in (video_path, stats_path, partial_video, partial_stats):
         stale.unlink(missing_ok=True)
-    engine = RolloutEngine(pipe.model, _processor(pipe, policy, tpf, frames_per_chunk), rollout)
+    engine = RolloutEngine(pipe.model, processor, rollout)
     sync(pipe.device)
     t_start = time.perf_counter()
     context = pipe.text_encoder.encode([prompt]).to(device=pipe.device, dtype=pipe.dtype)
@@ -352,8 +349,8 @@ def generate(
     pipe.decoder.reset()
     settings = {
         "prompt": prompt,
-        "policy": policy_name,
-        "policy_config": _json_safe(policy),
+        "policy": preset,
+        "policy_config": _json_safe(processor.policy),
         "seed": seed,
         "num_latent_frames": num_frames,
         "frames_per_chunk": frames_per_chunk,

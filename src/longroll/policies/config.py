@@ -14,7 +14,7 @@ from longroll.sparse.radial import RadialConfig
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
+class AttentionPolicy:
     """What a rollout does to attention.
 
     Args:
@@ -133,7 +133,7 @@ def preset(
     frames_per_chunk: int,
     memory_frames: int = EQUAL_MEMORY_FRAMES,
     layout: TempCacheLayout | None = None,
-) -> PolicyConfig:
+) -> AttentionPolicy:
     """A named policy at a model's geometry.
 
     Names: ``dense`` (unbounded cache), ``sink_window`` (LongLive), ``budget`` (importance budget),
@@ -156,12 +156,12 @@ def preset(
     sink = min(SINK_FRAMES, memory_frames - frames_per_chunk)
     tc_sink = min(layout.sink_frames, memory_frames - frames_per_chunk)
     tc_recent = min(layout.recent_frames, memory_frames - frames_per_chunk - tc_sink)
-    table: dict[str, PolicyConfig] = {
-        "dense": PolicyConfig("dense", FullPolicy()),
-        "sink_window": PolicyConfig("sink_window", SinkWindowPolicy(sink, memory_frames - sink)),
-        "budget": PolicyConfig("budget", BudgetPolicy(budget_tokens=budget, sink_frames=sink)),
-        "tempcache": PolicyConfig("tempcache", layout.policy(budget, tc_sink, Int8Config(), tc_recent)),
-        "tempcache_lsh": PolicyConfig(
+    table: dict[str, AttentionPolicy] = {
+        "dense": AttentionPolicy("dense", FullPolicy()),
+        "sink_window": AttentionPolicy("sink_window", SinkWindowPolicy(sink, memory_frames - sink)),
+        "budget": AttentionPolicy("budget", BudgetPolicy(budget_tokens=budget, sink_frames=sink)),
+        "tempcache": AttentionPolicy("tempcache", layout.policy(budget, tc_sink, Int8Config(), tc_recent)),
+        "tempcache_lsh": AttentionPolicy(
             "tempcache_lsh", layout.policy(budget, tc_sink, LSHConfig(bits=16, tables=2), tc_recent)
         ),
     }
@@ -176,12 +176,12 @@ def preset(
     # 1.5 dB on recently seen tiles in all_int8 (33.39 -> 31.86), the LSH one nothing measurable.
     ca_lsh = AnnCAConfig(ann=LSHConfig(bits=8), max_kept=256)
     table |= {
-        "annsa": PolicyConfig("annsa", FullPolicy(), annsa=sa_lsh),
-        "annsa_int8": PolicyConfig("annsa_int8", FullPolicy(), annsa=sa_int8),
-        "annca": PolicyConfig("annca", FullPolicy(), annca=ca_lsh),
-        "radial": PolicyConfig("radial", FullPolicy(), radial=RadialConfig()),
-        "all": PolicyConfig("all", tc_lsh, annsa=sa_lsh, annca=ca_lsh),
-        "all_int8": PolicyConfig("all_int8", tc_int8, annsa=sa_int8, annca=ca_lsh),
+        "annsa": AttentionPolicy("annsa", FullPolicy(), annsa=sa_lsh),
+        "annsa_int8": AttentionPolicy("annsa_int8", FullPolicy(), annsa=sa_int8),
+        "annca": AttentionPolicy("annca", FullPolicy(), annca=ca_lsh),
+        "radial": AttentionPolicy("radial", FullPolicy(), radial=RadialConfig()),
+        "all": AttentionPolicy("all", tc_lsh, annsa=sa_lsh, annca=ca_lsh),
+        "all_int8": AttentionPolicy("all_int8", tc_int8, annsa=sa_int8, annca=ca_lsh),
     }
     if tuple(table) != PRESET_NAMES:  # one list of names: the table may not drift from it
         raise RuntimeError(f"preset table {tuple(table)} differs from PRESET_NAMES {PRESET_NAMES}")
@@ -204,4 +204,4 @@ def sparse_block_size(tokens_per_frame: int) -> int:
     return max(16, 1 << ((tokens_per_frame // 2).bit_length() - 1)) if tokens_per_frame >= 2 else 16
 
 
-__all__ = ["EQUAL_MEMORY_FRAMES", "PRESET_NAMES", "PolicyConfig", "TempCacheLayout", "preset"]
+__all__ = ["EQUAL_MEMORY_FRAMES", "PRESET_NAMES", "AttentionPolicy", "TempCacheLayout", "preset"]
