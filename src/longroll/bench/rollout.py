@@ -122,7 +122,7 @@ class RolloutBenchConfig:
     decoder: str = "wan"
     cuda_graphs: str = "auto"
     overlap_commit: str = "auto"
-    group_commits: str = "auto"
+    group_commits: str = "off"
     overlap_decode: str = "off"
     decoder_channels_last: bool = False
     decoder_compile: bool = False
