@@ -1,0 +1,212 @@
+"""Head-parallel inference: 2 and 4 processes (gloo, localhost) reproduce the single-process rollout for every
+policy, on a tiny Wan and on the shipped world model, and a rollout resumed from each rank's saved state
+continues bit-identically.
+
+Process start-up costs seconds, so each group size runs one spawned job that does every check and writes its
+results; the comparisons happen here. The tolerance follows the project rule: sharding only changes the order
+of the sums (the output projections' all-reduce), so the allowed error is twice what float32 itself errs on
+the same rollout (dense, against float64) plus the float32 epsilon term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load, save
+
+from longroll.models.wan import CausalWanModel, WanConfig
+from longroll.parallel import (
+    ALL_REDUCE_SPAN,
+    HeadParallelGroup,
+    HeadParallelProcessor,
+    free_port,
+    shard_wan_model,
+)
+from longroll.pipeline.rollout import RolloutConfig, RolloutEngine
+from longroll.pipeline.sampler import SamplerConfig
+from longroll.policies.cached import CachedProcessor
+from longroll.policies.config import PRESET_NAMES, preset
+from longroll.policies.timing import ComponentTimer
+from longroll.world import EpisodeConfig, load_world_model, sample_episodes
+from longroll.world.rollout import rollout_world, world_policy, world_sampler
+from longroll.world.text import load_prompt_embeddings
+from tests.tolerance import dtype_atol
+
+# Tiny Wan with 4 heads, so that 4 ranks hold one each (the "tiny" preset has 2).
+WAN = dataclasses.replace(WanConfig.from_preset("tiny"), num_heads=4)
+FPC, CHUNKS, LH, LW, MEMORY = 2, 4, 8, 8, 4
+P = (LH // 2) * (LW // 2)
+SAMPLER = SamplerConfig(timesteps=(1000, 500))
+WAN_RESUME = 2  # the state is saved after this many chunks
+# The world model: 5 heads (uneven over 2 and 4 ranks), 3-frame chunks: 3 context frames and 2 generated
+# chunks of 2 steps (the second step is sparse); a 4-frame memory, so the bounded policies evict or merge
+# before the last chunk, which a resumed run generates from the state saved after the first.
+WORLD_FRAMES, WORLD_MEMORY, WORLD_STEPS, WORLD_RESUME = 3 + 2 * 3, 4, 2, 1
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def _wan_model(dtype: torch.dtype = torch.float32) -> CausalWanModel:
+    torch.manual_seed(0)
+    return CausalWanModel(WAN).to(dtype).eval()
+
+
+def _wan_context(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(1, 5, WAN.text_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+
+def _wan_processor(policy: str, group: HeadParallelGroup | None, dtype: torch.dtype = torch.float32):
+    pol = preset(policy, tokens_per_frame=P, frames_per_chunk=FPC, memory_frames=MEMORY)
+    kw = dict(tokens_per_frame=P, frames_per_chunk=FPC, dtype=dtype, device="cpu", check_finite=True)
+    if group is None:
+        return CachedProcessor.for_model(pol, WAN, **kw)
+    return HeadParallelProcessor.for_model(pol, WAN, group=group, **kw)
+
+
+def _wan_config(chunks: int) -> RolloutConfig:
+    return RolloutConfig(chunks * FPC, FPC, (WAN.in_channels, LH, LW), SAMPLER)
+
+
+def _saver(states: dict[str, bytes], key: str, processor: CachedProcessor, after: int):
+    """on_chunk: serialise the processor's state after ``after`` chunks (a copy, taken mid-rollout)."""
+
+    def on_chunk(chunk: int, latents: torch.Tensor, stats) -> None:
+        if chunk == after - 1:
+            states[key] = save(processor.state_dict())
+
+    return on_chunk
+
+
+def _wan_rollout(model, policy, group=None, states=None, dtype=torch.float32) -> torch.Tensor:
+    proc = _wan_processor(policy, group, dtype)
+    on_chunk = None if states is None else _saver(states, policy, proc, WAN_RESUME)
+    return RolloutEngine(model, proc, _wan_config(CHUNKS)).run(_wan_context(dtype), on_chunk=on_chunk).latents
+
+
+def _wan_resume(model, policy, group, state: bytes) -> torch.Tensor:
+    proc = _wan_processor(policy, group)
+    proc.load_state_dict(load(state))
+    return RolloutEngine(model, proc, _wan_config(CHUNKS - WAN_RESUME)).run(_wan_context()).latents
+
+
+def _episodes():
+    return sample_episodes(1, 5, EpisodeConfig(num_frames=WORLD_FRAMES))
+
+
+def _world_processor(model, policy, group=None):
+    pol = world_policy(model.spec, policy, WORLD_MEMORY)
+    spec, dtype = model.spec, model.patch_embedding.weight.dtype
+    kw = dict(tokens_per_frame=spec.tokens_per_frame, frames_per_chunk=spec.frames_per_chunk, dtype=dtype,
+              device="cpu", check_finite=True)  # fmt: skip
+    if group is None:
+        return CachedProcessor.for_model(pol, model.config, **kw)
+    return HeadParallelProcessor.for_model(pol, model.config, group=group, **kw)
+
+
+def _world_rollout(model, policy, group=None, states=None) -> torch.Tensor:
+    proc = _world_processor(model, policy, group)
+    on_chunk = None if states is None else _saver(states, policy, proc, WORLD_RESUME)
+    return rollout_world(model, policy, _episodes(), steps=WORLD_STEPS, processor=proc, on_chunk=on_chunk).latents
+
+
+def _world_resume(model, policy, group, state: bytes) -> torch.Tensor:
+    """The rest of the world rollout from a saved state: the remaining chunks with their actions and poses."""
+    spec, eps = model.spec, _episodes()
+    proc = _world_processor(model, policy, group)
+    proc.load_state_dict(load(state))
+    done = proc.committed_frames
+    cfg = RolloutConfig(WORLD_FRAMES - done, spec.frames_per_chunk, spec.latent_shape, world_sampler(spec, WORLD_STEPS))
+    context = load_prompt_embeddings().context(eps.world_ids)
+    with model.bind_poses(eps.poses * (eps.config.step_px // spec.token_px)):
+        return RolloutEngine(model, proc, cfg).run(context, actions=eps.actions[:, done:]).latents
+
+
+# ------------------------------------------------------------------------------------------ the ranks
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    """One process of a group: every policy on both models, uninterrupted and resumed; saves its latents."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results: dict[str, torch.Tensor] = {}
+        timer = ComponentTimer("cpu")
+        group = HeadParallelGroup(uneven_heads=True, timer=timer)
+        wan = shard_wan_model(_wan_model(), group)
+        states: dict[str, bytes] = {}
+        for policy in PRESET_NAMES:
+            results[f"wan/{policy}"] = _wan_rollout(wan, policy, group, states)
+            results[f"wan/{policy}/resumed"] = _wan_resume(wan, policy, group, states[policy])
+        results["all_reduce_seconds"] = torch.tensor(timer.collect().get(ALL_REDUCE_SPAN, 0.0))
+        world_model = shard_wan_model(load_world_model(), group)
+        states = {}
+        for policy in PRESET_NAMES:
+            results[f"world/{policy}"] = _world_rollout(world_model, policy, group, states)
+            results[f"world/{policy}/resumed"] = _world_resume(world_model, policy, group, states[policy])
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded(world: int, root: Path) -> list[dict[str, torch.Tensor]]:
+    """Run the group of ``world`` processes; returns each rank's results."""
+    out = root / f"group{world}"
+    out.mkdir()
+    mp.start_processes(_rank_main, args=(world, free_port(), str(out)), nprocs=world, join=True, start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+@cache
+def _references() -> dict[str, torch.Tensor]:
+    """Single-process rollouts of every policy in float32, and in float64 for the tolerance."""
+    ref = {}
+    wan, wan64 = _wan_model(), _wan_model(torch.float64)
+    world_model, world64 = load_world_model(), load_world_model(dtype=torch.float64)
+    for policy in PRESET_NAMES:
+        ref[f"wan/{policy}"] = _wan_rollout(wan, policy)
+        ref[f"wan/{policy}/fp64"] = _wan_rollout(wan64, policy, dtype=torch.float64)
+        ref[f"world/{policy}"] = _world_rollout(world_model, policy)
+        ref[f"world/{policy}/fp64"] = _world_rollout(world64, policy)
+    return ref
+
+
+def _tolerance(ref: dict[str, torch.Tensor], key: str) -> float:
+    """2 x float32's own error on this rollout (the single-process run against float64) + the eps term."""
+    r32, r64 = ref[key], ref[f"{key}/fp64"]
+    return 2 * float((r32.double() - r64).abs().max()) + dtype_atol(r64, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.slow  # about 40 s: 2 x 11 policies x 2 models, in 4 precisions and layouts, and 6 processes
+def test_sharded_rollouts_equal_the_single_process_one(tmp_path):
+    """Every policy, both models, 2 and 4 ranks: each rank's latents equal rank 0's exactly (the all-reduce
+    hands every rank the same sums), equal the single-process rollout within the rule, and the resumed run
+    continues the uninterrupted sharded one bit for bit."""
+    ref = _references()
+    failures = []
+    for world in (2, 4):
+        failures += _compare(ref, _sharded(world, tmp_path), world)
+    assert not failures, "\n".join(failures)
+
+
+def _compare(ref: dict[str, torch.Tensor], ranks: list[dict[str, torch.Tensor]], world: int) -> list[str]:
+    failures = [] if float(ranks[0]["all_reduce_seconds"]) > 0 else [f"{world} ranks: no all-reduce was timed"]
+    for model in ("wan", "world"):
+        for policy in PRESET_NAMES:
+            key = f"{model}/{policy}"
+            tol = _tolerance(ref, key)
+            out = ranks[0][key]
+            for r in range(1, world):
+                for k in (key, f"{key}/resumed"):
+                    if not torch.equal(ranks[r][k], ranks[0][k]):
+                        failures.append(f"{world} ranks, {k}: rank {r} differs from rank 0")
+            err = float((out.double() - ref[key].double()).abs().max())
+            if not err <= tol:
+                failures.append(f"{world} ranks, {key}: max error {err:.3e} > {tol:.3e}")
+            resumed = ranks[0][f"{key}/resumed"]  # the frames generated after the saved chunk
+            if not torch.equal(resumed, out[:, :, out.shape[2] - resumed.shape[2] :]):
+                failures.append(f"{world} ranks, {key}: resumed run differs from the uninterrupted one")
+    return failures
