@@ -11,6 +11,7 @@ the same rollout (dense, against float64) plus the float32 epsilon term.
 from __future__ import annotations
 
 import dataclasses
+import json
 from functools import cache
 from pathlib import Path
 
@@ -23,10 +24,13 @@ from safetensors.torch import load, save
 from longroll.models.wan import CausalWanModel, WanConfig
 from longroll.parallel import (
     ALL_REDUCE_SPAN,
+    GroupAnnCA,
     HeadParallelGroup,
     HeadParallelProcessor,
     free_port,
+    is_sharded,
     shard_wan_model,
+    split_range,
 )
 from longroll.pipeline.rollout import RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
@@ -36,7 +40,7 @@ from longroll.policies.timing import ComponentTimer
 from longroll.world import EpisodeConfig, load_world_model, sample_episodes
 from longroll.world.rollout import rollout_world, world_policy, world_sampler
 from longroll.world.text import load_prompt_embeddings
-from tests.tolerance import dtype_atol
+from tests.tolerance import assert_within_rule, dtype_atol
 
 # Tiny Wan with 4 heads, so that 4 ranks hold one each (the "tiny" preset has 2).
 WAN = dataclasses.replace(WanConfig.from_preset("tiny"), num_heads=4)
@@ -141,7 +145,14 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
             results[f"wan/{policy}"] = _wan_rollout(wan, policy, group, states)
             results[f"wan/{policy}/resumed"] = _wan_resume(wan, policy, group, states[policy])
         results["all_reduce_seconds"] = torch.tensor(timer.collect().get(ALL_REDUCE_SPAN, 0.0))
-        world_model = shard_wan_model(load_world_model(), group)
+        world_model = load_world_model()
+        try:  # 5 heads over 2 or 4 ranks: refused unless uneven_heads, before anything changes
+            shard_wan_model(world_model, HeadParallelGroup())
+            refused = False
+        except ValueError as e:
+            refused = "not divisible" in str(e) and not is_sharded(world_model)
+        results["uneven_refused"] = torch.tensor(refused)
+        world_model = shard_wan_model(world_model, group)
         states = {}
         for policy in PRESET_NAMES:
             results[f"world/{policy}"] = _world_rollout(world_model, policy, group, states)
@@ -181,10 +192,14 @@ def _tolerance(ref: dict[str, torch.Tensor], key: str) -> float:
 
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.mark.slow  # about 40 s: 2 x 11 policies x 2 models, in 4 precisions and layouts, and 6 processes
-def test_sharded_rollouts_equal_the_single_process_one(tmp_path):
+def test_sharded_rollouts_equal_the_single_process_one(tmp_path, monkeypatch):
     """Every policy, both models, 2 and 4 ranks: each rank's latents equal rank 0's exactly (the all-reduce
     hands every rank the same sums), equal the single-process rollout within the rule, and the resumed run
-    continues the uninterrupted sharded one bit for bit."""
+    continues the uninterrupted sharded one bit for bit.
+
+    Block-sparse attention takes its torch route here (the Triton interpreter is switched off for this test and
+    the processes it starts): the kernel has its own tests, and interpreted it would take minutes."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ref = _references()
     failures = []
     for world in (2, 4):
@@ -194,6 +209,8 @@ def test_sharded_rollouts_equal_the_single_process_one(tmp_path):
 
 def _compare(ref: dict[str, torch.Tensor], ranks: list[dict[str, torch.Tensor]], world: int) -> list[str]:
     failures = [] if float(ranks[0]["all_reduce_seconds"]) > 0 else [f"{world} ranks: no all-reduce was timed"]
+    if not bool(ranks[0]["uneven_refused"]):
+        failures.append(f"{world} ranks: 5 heads were not refused without uneven_heads")
     for model in ("wan", "world"):
         for policy in PRESET_NAMES:
             key = f"{model}/{policy}"
@@ -210,3 +227,84 @@ def _compare(ref: dict[str, torch.Tensor], ranks: list[dict[str, torch.Tensor]],
             if not torch.equal(resumed, out[:, :, out.shape[2] - resumed.shape[2] :]):
                 failures.append(f"{world} ranks, {key}: resumed run differs from the uninterrupted one")
     return failures
+
+
+# ---------------------------------------------------------------------------------- one process, no spawn
+def test_split_range_is_balanced_and_contiguous():
+    for total, parts in ((5, 2), (5, 4), (40, 4), (12, 8), (97, 7)):
+        pieces = [split_range(total, parts, i) for i in range(parts)]
+        assert [s for s, _ in pieces] == [sum(n for _, n in pieces[:i]) for i in range(parts)]
+        assert sum(n for _, n in pieces) == total and max(n for _, n in pieces) - min(n for _, n in pieces) <= 1
+
+
+def test_a_group_of_one_shards_into_the_same_model():
+    """With one process the shard is the whole layer: the sharded code path (its own RMSNorm across heads, row
+    projections, bias after the sum) reproduces the model within the rule."""
+    model, g = _wan_model(), torch.Generator().manual_seed(1)
+    x = torch.randn(1, WAN.in_channels, FPC, LH, LW, generator=g)
+    t, ctx = torch.rand(1, FPC, generator=g) * 1000, _wan_context()
+    ref = model(x, t, ctx)
+    ref64 = _wan_model(torch.float64)(x.double(), t, ctx.double())
+    sharded = shard_wan_model(_wan_model(), HeadParallelGroup())
+    assert is_sharded(sharded) and not is_sharded(model)
+    assert_within_rule("group of one", sharded(x, t, ctx), ref64, ref)
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_wan_model(sharded, HeadParallelGroup())
+
+
+def test_processor_holds_its_heads_and_refuses_head_ids():
+    pol = preset("annca", tokens_per_frame=P, frames_per_chunk=FPC)
+    kw = dict(tokens_per_frame=P, frames_per_chunk=FPC, dtype=torch.float32, device="cpu")
+    proc = HeadParallelProcessor.for_model(pol, WAN, group=HeadParallelGroup(), **kw)
+    assert proc.heads == WAN.num_heads and proc.head_ids == tuple(range(WAN.num_heads))
+    assert all(isinstance(ca, GroupAnnCA) for ca in proc.annca)
+    with pytest.raises(ValueError, match="head_ids"):
+        HeadParallelProcessor.for_model(pol, WAN, group=HeadParallelGroup(), head_ids=(0,), **kw)
+    with pytest.raises(ValueError, match="HeadParallelGroup"):
+        HeadParallelProcessor.for_model(pol, WAN, group=None, **kw)
+
+
+def test_cli_refuses_a_world_size_that_is_not_gpus(monkeypatch, capsys):
+    from longroll.cli.main import main
+
+    env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["bench", "rollout", "--gpus", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longroll: error: --gpus 2 needs 2 processes, torchrun started 3"), err
+
+
+def test_cli_bench_rollout_on_two_processes(tmp_path, monkeypatch, capsys):
+    """``--gpus 2 --device cpu`` outside torchrun: the CLI starts torchrun, rank 0 writes the report."""
+    from longroll.cli.main import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["bench", "rollout", "--gpus", "2", "--device", "cpu", "--preset", "tiny", "--frames", "4",
+            "--frames-per-chunk", "2", "--policies", "tempcache", "--no-warmup", "--components", "--text-len", "8",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "bench_rollout.json").read_text())
+    assert data["config"]["ranks"] == 2 and list(data["summary"]) == ["dense", "tempcache"]
+    assert all(rec["measured"] and rec["components"][ALL_REDUCE_SPAN] > 0 for rec in data["chunks"])
+
+
+@pytest.mark.slow  # about 25 s: two processes each load a tiny pipeline (text encoder, DiT, VAE)
+def test_cli_generate_on_two_processes(tmp_path, monkeypatch, capsys):
+    """``generate --gpus 2``: rank 0 writes the video and stats of the head-parallel run."""
+    pytest.importorskip("diffusers")
+    from longroll.cli.main import main
+    from tests.test_pipeline import build_tiny_folder
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    folder = build_tiny_folder(tmp_path / "model", shard_size=None)
+    out = tmp_path / "run"
+    argv = ["generate", "a cat runs", "--model", str(folder), "--frames", "3", "--height", "64", "--width", "64",
+            "--text-len", "16", "--timesteps", "1000,500", "--policy", "all", "--memory-frames", "4",
+            "--gpus", "2", "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert (out / "video.mp4").stat().st_size > 0
+    assert stats["ranks"] == 2 and stats["video_frames"] == 9 and stats["policy"] == "all"

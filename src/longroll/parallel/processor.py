@@ -3,7 +3,7 @@ heads only, and the few cross-head decisions agreed over the group."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -127,12 +127,34 @@ class HeadParallelProcessor(CachedProcessor):
 
     def begin_pass(self, info: PassInfo) -> None:
         super().begin_pass(info)
-        if self.group.size > 1 and isinstance(self.policy.cache, TempCachePolicy):
-            local = [c.settle_bound() for c in self.caches]
-            agreed = torch.tensor(local, dtype=torch.int64, device=self.caches[0].device)
-            self.group.all_reduce_max(agreed)
-            for cache, bound in zip(self.caches, agreed.tolist(), strict=True):
+        self._agree_bounds()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """As :meth:`CachedProcessor.load_state_dict` (this rank's state); then the TempCache slot bounds are
+        agreed over the group (each rank saved its own longest head), and the AnnSA plans of the layers whose
+        bound grew are rebuilt over the agreed range with their restored anchors. Every rank must call it."""
+        super().load_state_dict(state)
+        for i in self._agree_bounds():
+            planner = self.planners[i]
+            if planner is not None and self.is_planned(i):
+                cache = self.caches[i]
+                planner.plan(cache, anchors=planner.check_state(cache, planner.state_dict()))
+
+    def _agree_bounds(self) -> list[int]:
+        """Raise every TempCache layer's slot bound to the longest head over the group (one all-reduce, one host
+        sync); returns the layers whose bound grew. The unsharded cache's bound is its longest head: the
+        block layout of the sparse paths follows it, so every rank must read the same slot range."""
+        if self.group.size == 1 or not isinstance(self.policy.cache, TempCachePolicy):
+            return []
+        local = [c.settle_bound() for c in self.caches]
+        agreed = torch.tensor(local, dtype=torch.int64, device=self.caches[0].device)
+        self.group.all_reduce_max(agreed)
+        grown = []
+        for i, (cache, bound) in enumerate(zip(self.caches, agreed.tolist(), strict=True)):
+            if bound != local[i]:
                 cache.widen_bound(int(bound))
+                grown.append(i)
+        return grown
 
     @property
     def head_ids(self) -> tuple[int, ...]:

@@ -254,6 +254,7 @@ def generate(
     command: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     extra: dict[str, Any] | None = None,
+    processor_factory: Callable[[PolicyConfig, int, int], CachedProcessor] | None = None,
 ) -> GenerateResult:
     """Generate a video from a prompt with a cache policy, streaming the decode into ``out_dir/video.mp4``.
 
@@ -276,6 +277,8 @@ def generate(
         command: recorded in the stats (default: this process's command line).
         progress: called with (chunks done, chunks total) after each chunk.
         extra: JSON-ready entries added to the stats (e.g. the caller's model load time).
+        processor_factory: builds the empty processor from (policy, tokens_per_frame, frames_per_chunk), e.g.
+            one rank's head-parallel processor; default: a :class:`CachedProcessor` of every head.
     """
     sampler = sampler if sampler is not None else SamplerConfig()
     if not isinstance(prompt, str) or not prompt.strip():
@@ -290,7 +293,11 @@ def generate(
     # Files of an earlier run in this folder would pass for this run's results.
     for stale in (video_path, stats_path, partial_video, partial_stats):
         stale.unlink(missing_ok=True)
-    engine = RolloutEngine(pipe.model, _processor(pipe, policy, tpf, frames_per_chunk), rollout)
+    if processor_factory is None:
+        processor = _processor(pipe, policy, tpf, frames_per_chunk)
+    else:
+        processor = processor_factory(policy, tpf, frames_per_chunk)
+    engine = RolloutEngine(pipe.model, processor, rollout)
     sync(pipe.device)
     t_start = time.perf_counter()
     context = pipe.text_encoder.encode([prompt]).to(device=pipe.device, dtype=pipe.dtype)
