@@ -5,14 +5,15 @@ continues bit-identically.
 Process start-up costs seconds, so each group size runs one spawned job that does every check and writes its
 results; the comparisons happen here. The tolerance follows the project rule: sharding only changes the order
 of the sums (the output projections' all-reduce), so the allowed error is twice what float32 itself errs on
-the same rollout (dense, against float64) plus the float32 epsilon term.
+the same rollout (against float64) plus the float32 epsilon term; the base is the dense rollout's error, and a
+policy's own only where that is exceeded (see :func:`_within_rule`; on the tiny Wan every policy meets the
+dense bound, on the world model ``all_int8`` needs its own).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -162,36 +163,64 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _sharded(world: int, root: Path) -> list[dict[str, torch.Tensor]]:
-    """Run the group of ``world`` processes; returns each rank's results."""
+def _start(world: int, root: Path) -> tuple[mp.ProcessContext, Path]:
+    """Start the group of ``world`` processes (they run while this process computes the references)."""
     out = root / f"group{world}"
     out.mkdir()
-    mp.start_processes(_rank_main, args=(world, free_port(), str(out)), nprocs=world, join=True, start_method="spawn")
-    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    ctx = mp.start_processes(
+        _rank_main, args=(world, free_port(), str(out)), nprocs=world, join=False, start_method="spawn"
+    )
+    return ctx, out
 
 
-@cache
+def _join(started: tuple[mp.ProcessContext, Path]) -> list[dict[str, torch.Tensor]]:
+    """Wait for the group (re-raising a rank's error); returns each rank's results."""
+    ctx, out = started
+    while not ctx.join():
+        pass
+    return [torch.load(out / f"rank{r}.pt") for r in range(len(ctx.processes))]
+
+
 def _references() -> dict[str, torch.Tensor]:
-    """Single-process rollouts of every policy in float32, and in float64 for the tolerance."""
+    """Single-process float32 rollouts of every policy, and the dense ones in float64 for the tolerance."""
     ref = {}
-    wan, wan64 = _wan_model(), _wan_model(torch.float64)
-    world_model, world64 = load_world_model(), load_world_model(dtype=torch.float64)
+    wan, world_model = _wan_model(), load_world_model()
     for policy in PRESET_NAMES:
         ref[f"wan/{policy}"] = _wan_rollout(wan, policy)
-        ref[f"wan/{policy}/fp64"] = _wan_rollout(wan64, policy, dtype=torch.float64)
         ref[f"world/{policy}"] = _world_rollout(world_model, policy)
-        ref[f"world/{policy}/fp64"] = _world_rollout(world64, policy)
+    _own_error(ref, "wan/dense")
+    _own_error(ref, "world/dense")
     return ref
 
 
-def _tolerance(ref: dict[str, torch.Tensor], key: str) -> float:
-    """2 x float32's own error on this rollout (the single-process run against float64) + the eps term."""
-    r32, r64 = ref[key], ref[f"{key}/fp64"]
-    return 2 * float((r32.double() - r64).abs().max()) + dtype_atol(r64, torch.float32)
+def _own_error(ref: dict[str, torch.Tensor], key: str) -> float:
+    """float32's own error on a single-process rollout: its distance to the float64 one (computed once)."""
+    if f"{key}/fp64" not in ref:
+        model, policy = key.split("/")
+        if model == "wan":
+            r64 = _wan_rollout(_wan_model(torch.float64), policy, dtype=torch.float64)
+        else:
+            r64 = _world_rollout(load_world_model(dtype=torch.float64), policy)
+        ref[f"{key}/fp64"] = r64
+    return float((ref[key].double() - ref[f"{key}/fp64"]).abs().max())
+
+
+def _within_rule(ref: dict[str, torch.Tensor], key: str, out: torch.Tensor) -> tuple[bool, str]:
+    """The rule with float32's own error on this rollout as the base: the dense rollout's, or, where that is
+    exceeded, the policy's own (a policy with discrete decisions -- int8 codes, merges, selected blocks -- may
+    flip one on a rounding difference, in float32 against float64 as much as sharded against unsharded)."""
+    err = float((out.double() - ref[key].double()).abs().max())
+    model = key.split("/")[0]
+    atol = dtype_atol(ref[f"{model}/dense"].double(), torch.float32)
+    base = _own_error(ref, f"{model}/dense")
+    if err > 2 * base + atol:
+        base = max(base, _own_error(ref, key))
+    tol = 2 * base + atol
+    return err <= tol, f"max error {err:.3e} > {tol:.3e}"
 
 
 # ------------------------------------------------------------------------------------------------ tests
-@pytest.mark.slow  # about 40 s: 2 x 11 policies x 2 models, in 4 precisions and layouts, and 6 processes
+@pytest.mark.slow  # about 60 s on 2 idle cores: 11 policies x 2 models, single process, 2 and 4 ranks
 def test_sharded_rollouts_equal_the_single_process_one(tmp_path, monkeypatch):
     """Every policy, both models, 2 and 4 ranks: each rank's latents equal rank 0's exactly (the all-reduce
     hands every rank the same sums), equal the single-process rollout within the rule, and the resumed run
@@ -200,10 +229,10 @@ def test_sharded_rollouts_equal_the_single_process_one(tmp_path, monkeypatch):
     Block-sparse attention takes its torch route here (the Triton interpreter is switched off for this test and
     the processes it starts): the kernel has its own tests, and interpreted it would take minutes."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    ref = _references()
-    failures = []
-    for world in (2, 4):
-        failures += _compare(ref, _sharded(world, tmp_path), world)
+    pair = _start(2, tmp_path)
+    ref = _references()  # while the pair runs: its ranks wait on each other much of the time
+    failures = _compare(ref, _join(pair), 2)
+    failures += _compare(ref, _join(_start(4, tmp_path)), 4)
     assert not failures, "\n".join(failures)
 
 
@@ -214,15 +243,14 @@ def _compare(ref: dict[str, torch.Tensor], ranks: list[dict[str, torch.Tensor]],
     for model in ("wan", "world"):
         for policy in PRESET_NAMES:
             key = f"{model}/{policy}"
-            tol = _tolerance(ref, key)
             out = ranks[0][key]
             for r in range(1, world):
                 for k in (key, f"{key}/resumed"):
                     if not torch.equal(ranks[r][k], ranks[0][k]):
                         failures.append(f"{world} ranks, {k}: rank {r} differs from rank 0")
-            err = float((out.double() - ref[key].double()).abs().max())
-            if not err <= tol:
-                failures.append(f"{world} ranks, {key}: max error {err:.3e} > {tol:.3e}")
+            ok, why = _within_rule(ref, key, out)
+            if not ok:
+                failures.append(f"{world} ranks, {key}: {why}")
             resumed = ranks[0][f"{key}/resumed"]  # the frames generated after the saved chunk
             if not torch.equal(resumed, out[:, :, out.shape[2] - resumed.shape[2] :]):
                 failures.append(f"{world} ranks, {key}: resumed run differs from the uninterrupted one")
@@ -243,11 +271,13 @@ def test_a_group_of_one_shards_into_the_same_model():
     model, g = _wan_model(), torch.Generator().manual_seed(1)
     x = torch.randn(1, WAN.in_channels, FPC, LH, LW, generator=g)
     t, ctx = torch.rand(1, FPC, generator=g) * 1000, _wan_context()
-    ref = model(x, t, ctx)
-    ref64 = _wan_model(torch.float64)(x.double(), t, ctx.double())
+    with torch.no_grad():
+        ref = model(x, t, ctx)
+        ref64 = _wan_model(torch.float64)(x.double(), t, ctx.double())
     sharded = shard_wan_model(_wan_model(), HeadParallelGroup())
     assert is_sharded(sharded) and not is_sharded(model)
-    assert_within_rule("group of one", sharded(x, t, ctx), ref64, ref)
+    with torch.no_grad():
+        assert_within_rule("group of one", sharded(x, t, ctx), ref64, ref)
     with pytest.raises(ValueError, match="already sharded"):
         shard_wan_model(sharded, HeadParallelGroup())
 
