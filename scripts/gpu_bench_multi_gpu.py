@@ -16,7 +16,9 @@ differences, amplified by the policy, not an error bound).
 
 Writes ``summary.json`` under ``--out`` with keys ``device``, ``gpus`` (the group sizes), ``preset`` (the
 presets), ``ms_per_chunk``, ``speedup_vs_1``, ``comm_ms_per_chunk`` (each {preset: {gpus: value}}), the
-targets and whether they were met, and ``runs`` with every measurement.
+targets and whether they were met, ``runs`` with every measurement, and ``check``: first, a float32 rollout of a
+small 8-head model (5 policies) on every group size against one process, by the project's tolerance rule
+(``check.passed``; ``--no-check`` skips it).
 
 CPU check of the script itself (gloo, tiny shapes, a few seconds)::
 
@@ -27,6 +29,7 @@ CPU check of the script itself (gloo, tiny shapes, a few seconds)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -44,6 +47,7 @@ from longroll.models.wan import CausalWanModel, WanConfig
 from longroll.parallel import ALL_REDUCE_SPAN, HeadParallelGroup, HeadParallelProcessor, init_from_env, shard_wan_model
 from longroll.pipeline.record import run_record
 from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
+from longroll.pipeline.sampler import SamplerConfig
 from longroll.policies.cached import CachedProcessor
 from longroll.policies.config import preset
 from longroll.policies.timing import ComponentTimer
@@ -55,10 +59,11 @@ TARGETS = {"wan2.1-14b": {2: 1.8, 4: 3.3}}
 
 
 def _model(cfg: WanConfig, dtype: torch.dtype, device: torch.device, seed: int) -> CausalWanModel:
-    """Random weights, built directly in ``dtype`` on ``device`` (a 14B float32 copy would not be needed)."""
+    """Random weights on ``device``: half-precision ones built directly in ``dtype`` (a 14B float32 copy is not
+    needed), float32 and float64 ones drawn in float32 (so that both hold the same weights)."""
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype if dtype.is_floating_point else default)
+    torch.set_default_dtype(dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32)
     try:
         with torch.device(device):
             model = CausalWanModel(cfg)
@@ -76,7 +81,7 @@ def _run(
 ) -> tuple[list[ChunkStats], list[float], torch.Tensor]:
     """One rollout; returns the stats and the all-reduce seconds of the chunks measured (the cache full), and
     the latents (float32, on the CPU)."""
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    dtype = getattr(args, "dtype", None) or (torch.float32 if args.device == "cpu" else torch.bfloat16)
     model = _model(cfg, dtype, device, args.seed)
     if group is not None:
         shard_wan_model(model, group)
@@ -91,7 +96,8 @@ def _run(
         proc = HeadParallelProcessor.for_model(policy, cfg, group=group, **kw)
     fill = math.ceil(args.memory_frames / fpc)
     chunks = fill + 1 + args.measured_chunks
-    rollout = RolloutConfig(chunks * fpc, fpc, (cfg.in_channels, lh, lw), seed=args.seed)
+    sampler = SamplerConfig(timesteps=args.timesteps) if getattr(args, "timesteps", None) else SamplerConfig()
+    rollout = RolloutConfig(chunks * fpc, fpc, (cfg.in_channels, lh, lw), sampler, seed=args.seed)
     g = torch.Generator(device=device).manual_seed(args.seed)
     context = torch.randn((1, args.text_len, cfg.text_dim), generator=g, device=device).to(dtype)
     comm: list[float] = []
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/gpu/multi_gpu", help="folder for summary.json")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the float32 correctness check")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     launched = init_from_env(args.device)
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     presets = [x for x in args.presets.split(",") if x]
     runs: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    check = _check(args, launched, sizes) if args.check else None
     for name in presets:
         cfg = WanConfig.from_preset(name)
         single: torch.Tensor | None = None
@@ -156,9 +164,52 @@ def main(argv: list[str] | None = None) -> int:
                              rec["comm_ms_per_chunk"])  # fmt: skip
             dist.barrier()
     if rank == 0:
-        _write(args, launched.device, sizes, presets, runs, time.perf_counter() - t_start)
+        _write(args, launched.device, sizes, presets, runs, time.perf_counter() - t_start, check)
     dist.destroy_process_group()
     return 0
+
+
+#: The correctness check: a small float32 model with 8 heads (divides 1, 2, 4 and 8 ranks), a few chunks. The
+#: int8 policies are left out: a rounding-level difference can flip one of their discrete decisions, which
+#: tests/test_parallel.py allows for by their own float32 error.
+CHECK_POLICIES = ("dense", "tempcache_lsh", "annsa", "annca", "all")
+
+
+def _check(args: argparse.Namespace, launched: Any, sizes: list[int]) -> dict[str, Any] | None:
+    """Every size's float32 rollout of :data:`CHECK_POLICIES` against the one-process one, by the project's
+    rule: error <= 2 x float32's own error (one process, against float64) + the float32 eps term. Returns the
+    result on rank 0 (None elsewhere)."""
+    cfg = dataclasses.replace(WanConfig.from_preset("tiny"), num_heads=8)
+    small = argparse.Namespace(**{**vars(args), "height": 128, "width": 128, "frames_per_chunk": 2,
+                                  "memory_frames": 4, "measured_chunks": 2, "text_len": 16,
+                                  "timesteps": (1000.0, 500.0)})  # fmt: skip
+    rank, device = launched.rank, launched.device
+    out: dict[str, Any] = {"policies": {}, "passed": True}
+    for policy in CHECK_POLICIES:
+        small.policy = policy
+        timer = ComponentTimer(device)
+        ref = ref64 = None
+        if rank == 0:
+            ref = _run(argparse.Namespace(**{**vars(small), "dtype": torch.float32}), cfg, device, None, timer)[2]
+            ref64 = _run(argparse.Namespace(**{**vars(small), "dtype": torch.float64}), cfg, device, None, timer)[2]
+        row: dict[str, Any] = {}
+        for n in sizes:
+            sub = dist.new_group(ranks=list(range(n))) if n > 1 else None
+            if n > 1 and rank < n:
+                group = HeadParallelGroup(sub, timer=timer)
+                lat = _run(argparse.Namespace(**{**vars(small), "dtype": torch.float32}), cfg, device, group, timer)[2]
+                if rank == 0:
+                    assert ref is not None and ref64 is not None
+                    base = float((ref.double() - ref64.double()).abs().max())
+                    err = float((lat.double() - ref.double()).abs().max())
+                    tol = 2 * base + 2 * float(((ref + 0.3 - 0.3) - ref).abs().max()) + torch.finfo(torch.float32).eps
+                    row[str(n)] = {"max_abs_err": err, "tolerance": tol, "ok": err <= tol}
+                    out["passed"] &= err <= tol
+            dist.barrier()
+        out["policies"][policy] = row
+        if rank == 0:
+            log.info("check %s: %s", policy, row)
+    return out if rank == 0 else None
 
 
 def _record(name: str, n: int, stats: list[ChunkStats], comm: list[float], wall: float) -> dict[str, Any]:
@@ -179,6 +230,7 @@ def _record(name: str, n: int, stats: list[ChunkStats], comm: list[float], wall:
 def _write(
     args: argparse.Namespace, device: torch.device, sizes: list[int], presets: list[str], runs: list[dict[str, Any]],
     seconds: float,
+    check: dict[str, Any] | None,
 ) -> None:
     """summary.json: per preset and group size, latency, speed-up over one GPU and all-reduce time."""
     ms: dict[str, dict[str, float]] = {name: {} for name in presets}
@@ -216,6 +268,7 @@ def _write(
         "date": record["date"],
         "environment": record["environment"],
         "seconds_total": seconds,
+        "check": check,
         "runs": runs,
     }
     out = Path(args.out)

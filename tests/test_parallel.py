@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -338,3 +339,24 @@ def test_cli_generate_on_two_processes(tmp_path, monkeypatch, capsys):
     stats = json.loads((out / "stats.json").read_text())
     assert (out / "video.mp4").stat().st_size > 0
     assert stats["ranks"] == 2 and stats["video_frames"] == 9 and stats["policy"] == "all"
+
+
+@pytest.mark.slow  # about 15 s: torchrun starts 2 processes that run the benchmark's check and a tiny timing
+def test_multi_gpu_benchmark_script_runs_on_cpu(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "scripts" / "gpu_bench_multi_gpu.py"), "--device", "cpu", "--presets", "tiny", "--height", "64",
+           "--width", "64", "--frames-per-chunk", "2", "--memory-frames", "4", "--measured-chunks", "2",
+           "--text-len", "16", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"device", "gpus", "preset", "ms_per_chunk", "speedup_vs_1", "comm_ms_per_chunk"} <= set(summary)
+    assert summary["gpus"] == [1, 2] and summary["preset"] == ["tiny"]
+    assert summary["speedup_vs_1"]["tiny"]["1"] == 1.0 and summary["comm_ms_per_chunk"]["tiny"]["2"] > 0
+    assert summary["check"]["passed"], summary["check"]
