@@ -407,8 +407,13 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the command in ``--gpus`` processes (torchrun, this host) and return their exit code."""
     import subprocess
 
-    if args.device is not None:
-        _device(args.device)  # refuse a device that is not there before starting processes
+    import torch
+
+    # Refuse a device that is not there, or too few GPUs, before starting processes.
+    dev = _device(args.device) if args.device is not None else None
+    cuda = torch.cuda.is_available() if dev is None else dev.type == "cuda"
+    if cuda and torch.cuda.device_count() < args.gpus:
+        raise ValueError(f"--gpus {args.gpus} needs {args.gpus} CUDA devices; {torch.cuda.device_count()} are visible")
     cmd = _torchrun_command(args.gpus, argv)
     logging.getLogger("longroll.cli").info("starting: %s", shlex.join(cmd))
     return subprocess.run(cmd, check=False).returncode
