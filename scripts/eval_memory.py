@@ -8,6 +8,9 @@ CPU check (2 episodes, no probes, two policies and one layout)::
 
     PYTHONPATH=src .venv/bin/python scripts/eval_memory.py --out /tmp/memory --smoke
 
+FP8 quality: the same call with ``--fp8 row`` (or ``tensor``) quantizes every block Linear of the world model;
+compare its ``eval.json`` with the ``--fp8 off`` run (same episodes, noise and policies).
+
 Protocol (:mod:`longroll.eval.memory`): held-out revisit episodes of 48 frames whose first 21 are ground truth
 (the outward run and the loop's first side), the rest generated with each policy from the same context and
 noise; every bounded policy holds 15 frames. Writes into ``--out``:
@@ -20,8 +23,8 @@ noise; every bounded policy holds 15 frames. Writes into ``--out``:
   sink-window and dense with its bootstrap 95 % interval, per-layer recall and density, timings;
 - ``table.md``: the summary table; ``eval.log``: the log.
 
-Layout candidates (``--layouts``, ``name=base:key=value,...``; keys ``sinks``, ``threshold``, ``overflow``,
-``group``) run after the presets, while ``--minutes`` allows.
+Layout candidates (``--layouts``, ``name=base:key=value,...``; keys ``sinks``, ``recent``, ``threshold``,
+``overflow``, ``group``) run after the presets, while ``--minutes`` allows.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pathlib import Path
 import torch
 
 from longroll.eval.memory import (
-    MEMORY_POLICIES,
+    MEMORY_PRESETS,
     MemoryEvalConfig,
     evaluate_memory,
     memory_table,
@@ -50,11 +53,21 @@ from longroll.world.training import MEMORY_CONTEXT_FRAMES
 log = logging.getLogger("eval_memory")
 START = time.perf_counter()
 
-#: The layout sweep, most informative first (later ones are skipped if --minutes runs out): no soft merges below
-#: the merge threshold at the cap (the oldest groups are evicted instead; a soft merge drops the newest token's
-#: key, which costs recently seen detail), group span, thresholds, sinks (1 as the old presets had, 6), the
-#: same for ``all``; and a sink-window with one sink (what the old presets' sink count does to a sink-window).
+#: The layout sweep, most informative first (later ones are skipped if --minutes runs out): the verbatim recent
+#: window (3, 6, 9 of the 15 frames; the rest of the memory after the sinks holds the merged older frames) alone
+#: and with no soft merges below the merge threshold at the cap (the oldest groups are evicted instead; a soft
+#: merge drops the newest token's key, which costs recently seen detail), the same for ``all``; then group span,
+#: thresholds, sinks (1 as the old presets had, 6) and a sink-window with one sink.
 DEFAULT_LAYOUTS = (
+    "tc_r3=tempcache:recent=3",
+    "tc_r6=tempcache:recent=6",
+    "tc_r9=tempcache:recent=9",
+    "tc_r6_ov90=tempcache:recent=6,overflow=0.9",
+    "tc_r9_ov90=tempcache:recent=9,overflow=0.9",
+    "all_r6=all:recent=6",
+    "all_r9=all:recent=9",
+    "tc_r6_t95=tempcache:recent=6,threshold=0.95,overflow=0.9",
+    "tc_r6_g4=tempcache:recent=6,group=4",
     "tc_ov90=tempcache:overflow=0.9",
     "all_ov90=all:overflow=0.9",
     "tc_g4=tempcache:group=4",
@@ -78,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=48)
     p.add_argument("--context-frames", type=int, default=MEMORY_CONTEXT_FRAMES)
     p.add_argument("--memory-frames", type=int, default=15)
-    p.add_argument("--policies", default=",".join(MEMORY_POLICIES), help="comma-separated preset names")
+    p.add_argument("--policies", default=",".join(MEMORY_PRESETS), help="comma-separated preset names")
     p.add_argument("--layouts", default=";".join(DEFAULT_LAYOUTS), help="';'-separated layout candidates ('' none)")
     p.add_argument("--no-probe", action="store_true", help="skip per-layer recall/density (faster)")
     p.add_argument("--probe-every", type=int, default=1)
@@ -86,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--smoke", action="store_true", help="CPU check: 2 episodes, no probes, 1 layout")
+    p.add_argument(
+        "--fp8",
+        choices=("off", "row", "tensor"),
+        default="off",
+        help="FP8 linears in the blocks (torch._scaled_mm, row or tensor scales): the quality change is the "
+        "difference of this run's scores against an --fp8 off run of the same episodes",
+    )
     return p.parse_args(argv)
 
 
@@ -106,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # scores compare policies: keep float32 matmuls exact
-    layouts_text = "tc_s1=tempcache:sinks=1" if args.smoke else args.layouts
+    layouts_text = "tc_r3=tempcache:recent=3" if args.smoke else args.layouts
     policies = ("dense", "sink_window", "tempcache") if args.smoke else tuple(
         p.strip() for p in args.policies.split(",") if p.strip()
     )  # fmt: skip
@@ -123,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     dtype = getattr(torch, args.dtype)
     model = load_world_model(args.checkpoint, device=device, dtype=dtype)
+    if args.fp8 != "off":
+        model.quantize_fp8(args.fp8)
     log.info("device %s (%s), torch %s; %d episodes; policies %s; layouts %s", device,
              torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch.__version__,
              cfg.episodes, ",".join(cfg.policies), ",".join(c.name for c in cfg.layouts))  # fmt: skip
     budget = max(0.0, args.minutes * 60 - (time.perf_counter() - START))
     report = evaluate_memory(model, cfg, device=device, time_budget_s=budget)
-    report["details"]["model"] = {"checkpoint": args.checkpoint or "shipped", "dtype": args.dtype}
+    report["details"]["model"] = {"checkpoint": args.checkpoint or "shipped", "dtype": args.dtype, "fp8": args.fp8}
     summary, details = split_report(json_safe(report))
     (args.out / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "details.json").write_text(json.dumps(details, indent=1) + "\n")

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--last", type=int, default=50, help="chunks in the latency median (the last ones)")
     p.add_argument("--memory-frames", type=int, default=15)
     p.add_argument("--no-overlap", action="store_true", help="commits in line in the latency run too")
+    p.add_argument("--per-layer-commits", action="store_true", help="commit each layer's TempCache on its own")
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, a few frames")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         args.memory_frames = min(args.memory_frames, 6)
     command = " ".join(["python3", *sys.argv])
     common: dict[str, Any] = {"preset": preset, "policies": policies, "include_dense": False,
-                              "memory_frames": args.memory_frames}  # fmt: skip
+                              "memory_frames": args.memory_frames,
+                              "group_commits": "off" if args.per_layer_commits else "auto"}  # fmt: skip
     overlap = "off" if args.no_overlap else "auto"
     latency = run_rollout_bench(
         RolloutBenchConfig(num_frames=args.frames, overlap_commit=overlap, **common), command=command
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "last_chunks": args.last,
             "components_frames": args.components_frames,
             "overlap_commit": overlap,
+            "group_commits": common["group_commits"],
         },
         "policies": {name: policy_summary(latency, comps, name, args.last) for name in policies},
     }

@@ -27,7 +27,6 @@ from longroll.pipeline.record import environment_info
 from longroll.pipeline.rollout import RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import preset
 
 FPC = 3
 #: (preset, tokens per frame, latent shape, device) of the real run and of the CPU smoke run.
@@ -45,9 +44,8 @@ def profile_policy(
 ) -> dict:
     """Roll out ``chunks`` chunks and profile the last one."""
     _, tpf, latent, device = geometry
-    pol = preset(policy, tokens_per_frame=tpf, frames_per_chunk=FPC, memory_frames=15)
-    proc = CachedProcessor.for_model(pol, wan, tokens_per_frame=tpf, frames_per_chunk=FPC,
-                                     dtype=context.dtype, device=device)  # fmt: skip
+    proc = CachedProcessor.for_model(policy, wan, tokens_per_frame=tpf, frames_per_chunk=FPC,
+                                     dtype=context.dtype, device=device, memory_frames=15)  # fmt: skip
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     prof = profile(activities=activities)
     walls: list[float] = []

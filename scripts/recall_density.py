@@ -63,11 +63,12 @@ def _probe(args: argparse.Namespace, data: tuple[torch.Tensor, ...], config: Ann
     cache = _cache(args, k, v)
     planner = AnnSAPlanner(config)
     t0 = time.perf_counter()
-    planner.plan(cache)
+    plan = planner.plan(cache)
+    plan.apply_to(cache)
     plan_s = time.perf_counter() - t0
     cache.stage(k[:, :, args.history :], v[:, :, args.history :], frame_start=cache.committed_frames)
     t0 = time.perf_counter()
-    recall, density = measure_layer(q, cache.view(), planner, query_sample=args.query_sample)
+    recall, density = measure_layer(q, cache.view(), planner, plan, query_sample=args.query_sample)
     return {"recall": recall, "density": density, "plan_s": plan_s, "probe_s": time.perf_counter() - t0}
 
 

@@ -70,8 +70,8 @@ def test_dense_adapter_equals_causal_wan_pass_by_pass(models) -> None:
                 expected = ours(x, ts, ctx, frame_offset=f0, processor=proc_o)
                 actual = causal.forward_chunk(x, ts, ctx, frame_start=f0, step=step, num_steps=2, commit=commit)
                 _close(actual, expected)
-        assert proc_d.caches[0].committed_frames == proc_o.caches[0].committed_frames == 4 * FPC
-        for a, b in zip(proc_d.caches, proc_o.caches, strict=True):
+        assert proc_d.committed_frames == proc_o.committed_frames == 4 * FPC
+        for a, b in zip(proc_d.caches(), proc_o.caches(), strict=True):
             _close(a.view().k, b.view().k)
 
 

@@ -25,7 +25,7 @@ from longroll.adapters.functional import (
 from longroll.adapters.self_forcing import SelfForcingAttention, SelfForcingRollout
 from longroll.cache import SinkWindowPolicy
 from longroll.ops.attention import attention
-from longroll.policies.config import PolicyConfig
+from longroll.policies.config import AttentionPolicy
 
 B, H, D, TPF, FPC, STEPS = 1, 2, 16, 8, 2, 2
 DIM = H * D
@@ -111,7 +111,9 @@ class SFModel(nn.Module):
         return self.mlp(x)
 
 
-def _wrapped(plain: SFModel, policy: str | PolicyConfig, memory_frames: int = 4) -> tuple[SFModel, SelfForcingRollout]:
+def _wrapped(
+    plain: SFModel, policy: str | AttentionPolicy, memory_frames: int = 4
+) -> tuple[SFModel, SelfForcingRollout]:
     states = layer_states(
         policy, num_layers=len(plain.layers), batch=B, heads=H, head_dim=D, tokens_per_frame=TPF,
         frames_per_chunk=FPC, memory_frames=memory_frames, check_finite=True,
@@ -161,7 +163,7 @@ def test_self_forcing_rolling_window_with_sinks_is_sink_window() -> None:
     # Self-Forcing attends to local_attn_size frames in all, the chunk's own included.
     plain = _plain(local_attn_size=sink + window + FPC, sink_size=sink)
     expected = _rollout(plain, [_sf_cache((sink + window + FPC) * TPF) for _ in range(2)], chunks)
-    wrapped, _ = _wrapped(plain, PolicyConfig("sink_window", SinkWindowPolicy(sink, window)))
+    wrapped, _ = _wrapped(plain, AttentionPolicy("sink_window", SinkWindowPolicy(sink, window)))
     actual = _rollout(wrapped, [_sf_cache(0) for _ in range(2)], chunks)
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"pass {i}: {m}")

@@ -64,6 +64,7 @@ class Roller:
         cfg = CacheConfig(P, F, self.policy, check_finite=True, commit_graphs="off")
         self.cache = LayerKVCache(cfg, batch=1, heads=H, head_dim=D, layer=1)
         self.planner = AnnSAPlanner(AnnSAConfig(ann=Int8Config(), anchors=3, kv_block_size=8)) if plan else None
+        self.plan = None
         self.prev = None
 
     def step(self, kind, seed, restages):
@@ -75,13 +76,14 @@ class Roller:
         c.stage(k, v, frame_start=c.committed_frames)
         c.commit(queries=q)
         if self.planner is not None:
-            self.planner.plan(c)
+            self.plan = self.planner.plan(c)
+            self.plan.apply_to(c)
         self.prev = k[:, :, -P:]
 
     def state(self):
         s = self.cache.state_dict()
-        if self.planner is not None:
-            s |= {f"annsa.{n}": t for n, t in self.planner.state_dict().items()}
+        if self.plan is not None:
+            s |= {f"annsa.{n}": t for n, t in self.plan.state_dict().items()}
         return {n: t.clone() for n, t in s.items()}
 
     def load(self, state, prev):
@@ -90,7 +92,8 @@ class Roller:
         if self.planner is not None and self.cache.committed_frames:
             plan_state = {n[6:]: t for n, t in state.items() if n.startswith("annsa.")}
             anchors = self.planner.check_state(self.cache, plan_state)
-            self.planner.plan(self.cache, anchors=anchors)
+            self.plan = self.planner.plan(self.cache, anchors=anchors)
+            self.plan.apply_to(self.cache)
         self.prev = prev
 
 

@@ -218,7 +218,7 @@ def test_interrupted_generate_leaves_a_partial_mp4_and_partial_stats(tmp_path, t
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        generate(pipe, "a cat runs", num_frames=6, policy_name="tempcache", seed=0, out_dir=out,
+        generate(pipe, "a cat runs", num_frames=6, preset="tempcache", seed=0, out_dir=out,
                  sampler=SamplerConfig(timesteps=(1000, 500)), height=64, width=64, memory_frames=4,
                  progress=interrupt_after_first)  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["stats.partial.json", "video.partial.mp4"]

@@ -40,7 +40,7 @@ from longroll.policies.cached import CachedProcessor
 from longroll.policies.config import PRESET_NAMES, preset
 from longroll.policies.timing import ComponentTimer
 from longroll.world import EpisodeConfig, load_world_model, sample_episodes
-from longroll.world.rollout import rollout_world, world_policy, world_sampler
+from longroll.world.rollout import rollout_world, world_sampler
 from longroll.world.text import load_prompt_embeddings
 from tests.tolerance import assert_within_rule, dtype_atol
 
@@ -105,8 +105,9 @@ def _episodes():
 
 
 def _world_processor(model, policy, group=None):
-    pol = world_policy(model.spec, policy, WORLD_MEMORY)
     spec, dtype = model.spec, model.patch_embedding.weight.dtype
+    pol = preset(policy, tokens_per_frame=spec.tokens_per_frame, frames_per_chunk=spec.frames_per_chunk,
+                 memory_frames=WORLD_MEMORY)  # fmt: skip
     kw = dict(tokens_per_frame=spec.tokens_per_frame, frames_per_chunk=spec.frames_per_chunk, dtype=dtype,
               device="cpu", check_finite=True)  # fmt: skip
     if group is None:
@@ -288,7 +289,7 @@ def test_processor_holds_its_heads_and_refuses_head_ids():
     kw = dict(tokens_per_frame=P, frames_per_chunk=FPC, dtype=torch.float32, device="cpu")
     proc = HeadParallelProcessor.for_model(pol, WAN, group=HeadParallelGroup(), **kw)
     assert proc.heads == WAN.num_heads and proc.head_ids == tuple(range(WAN.num_heads))
-    assert all(isinstance(ca, GroupAnnCA) for ca in proc.annca)
+    assert all(isinstance(lay.annca, GroupAnnCA) for lay in proc.layers)
     with pytest.raises(ValueError, match="head_ids"):
         HeadParallelProcessor.for_model(pol, WAN, group=HeadParallelGroup(), head_ids=(0,), **kw)
     with pytest.raises(ValueError, match="HeadParallelGroup"):

@@ -235,7 +235,7 @@ def test_generate_writes_mp4_and_stats(pipe, tmp_path: Path) -> None:
         pipe,
         "a cat runs on the beach",
         num_frames=6,
-        policy_name="sink_window",
+        preset="sink_window",
         seed=0,
         out_dir=tmp_path,
         sampler=FAST,
@@ -264,7 +264,7 @@ def test_generate_writes_mp4_and_stats(pipe, tmp_path: Path) -> None:
 
 
 def test_generate_is_deterministic_and_rejects_bad_sizes(pipe, tmp_path: Path) -> None:
-    kw = {"num_frames": 3, "policy_name": "dense", "seed": 5, "sampler": FAST, "height": PX, "width": PX}
+    kw = {"num_frames": 3, "preset": "dense", "seed": 5, "sampler": FAST, "height": PX, "width": PX}
     a = generate(pipe, "a dog", out_dir=tmp_path / "a", **kw)
     b = generate(pipe, "a dog", out_dir=tmp_path / "b", **kw)
     assert torch.equal(a.latents, b.latents)

@@ -23,7 +23,10 @@ def test_bounded_presets_hold_equal_sinks_and_equal_bytes(tpf, fpc, memory):
     for name, p in pols.items():
         cache = LayerKVCache(CacheConfig(tpf, fpc, p.cache), batch=1, heads=2, head_dim=8, dtype=torch.float16)
         assert cache.capacity == memory * tpf, name
-        nbytes[name] = cache.nbytes()
+        nbytes[name] = cache.buffers.nbytes()
+        # TempCache's ring correspondences come on top of the equal KV storage: 8 bytes per ring token
+        ring = 0 if cache.recent is None else 8 * cache.recent.idx.numel()
+        assert cache.nbytes() == nbytes[name] + ring, name
     assert len(set(nbytes.values())) == 1, nbytes
     assert {type(pols[n].cache) for n in BOUNDED} == {SinkWindowPolicy, BudgetPolicy, TempCachePolicy}
 
@@ -45,7 +48,9 @@ def test_tempcache_layout_sets_the_tempcache_presets():
     small = preset("tempcache", tokens_per_frame=64, frames_per_chunk=3, memory_frames=6, layout=layout)
     assert small.cache.sink_frames == 3
     default = preset("tempcache", tokens_per_frame=64, frames_per_chunk=3).cache
-    assert (default.sink_frames, default.threshold, default.max_group) == (SINK_FRAMES, 0.9, 8)
+    assert (default.sink_frames, default.threshold, default.max_group, default.recent_frames) == (
+        SINK_FRAMES, 0.9, 16, 3
+    )
 
 
 def test_tempcache_layout_validation():

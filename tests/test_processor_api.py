@@ -29,7 +29,7 @@ def test_processor_accessors_replace_reaching_into_its_caches() -> None:
     for layer in range(2):
         proc.self_attention(layer, k, k, k, k)
     assert proc.committed_frames == 2
-    assert proc.layer_cache(1) is proc.caches[1] and proc.layer_cache(1).committed_frames == 2
+    assert proc.layer_cache(1) is proc.layer(1).cache is proc.caches()[1] and proc.layer_cache(1).committed_frames == 2
     with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\), got 2"):
         proc.layer_cache(2)
     with pytest.raises(ValueError, match="frame_start must be 2, got 0"):

@@ -187,23 +187,46 @@ def test_captured_steps_give_the_eager_rollout(policy):
     proc = _processor(policy, cuda_graphs="emulate")
     graphed = RolloutEngine(model, proc, cfg).run(ctx).latents
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
-    assert any(c.commit_capture.captured for c in proc.caches), "the commit was never captured"
-    if proc.planners[0] is not None:
-        planners = [p for p in proc.planners if p is not None]
+    captures = [c.commit_capture for c in proc.caches()] + ([proc.group.stacked.commit_capture] if proc.group else [])
+    assert any(c.captured for c in captures), "the commit was never captured"
+    if proc.policy.annsa is not None:
+        planners = [lay.planner for lay in proc.layers if lay.planner is not None]
         assert any(p.select_capture.captured for p in planners), "the selection was never captured"
+
+
+@pytest.mark.parametrize("policy", ["tempcache", "all", "all_int8"])
+def test_grouped_commits_give_the_per_layer_rollout(policy):
+    """Every layer's TempCache committed in one batched call (the default) equals per-layer commits, with a
+    verbatim ring (6 frames of memory: 3 sinks, 1 recent frame) and through a resume."""
+    model = _model()
+    ctx = torch.randn(1, 5, CFG.text_dim, generator=torch.Generator().manual_seed(2))
+    cfg = RolloutConfig(7 * FPC, FPC, (CFG.in_channels, LH, LW), SamplerConfig(timesteps=(1000, 500)))
+
+    def run(group):
+        proc = _processor(policy, memory_frames=6, group_commits=group, cuda_graphs="emulate")
+        return RolloutEngine(model, proc, cfg).run(ctx).latents, proc
+
+    alone, _ = run("off")
+    grouped, proc = run("auto")
+    assert proc.group is not None and proc.caches()[0].recent is not None
+    assert proc.group.stacked.commit_capture.captured
+    torch.testing.assert_close(grouped, alone, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="group_commits"):
+        _processor(policy, group_commits="yes")
 
 
 def test_overlap_commit_is_validated_and_off_on_the_cpu():
     with pytest.raises(ValueError, match="overlap_commit"):
         _processor("tempcache", overlap_commit="yes")
     proc = _processor("tempcache")
-    assert proc._side is None  # no side stream on the CPU: commits run in line
+    assert proc.commits.stream is None  # no side stream on the CPU: commits run in line
     proc.join_commits()  # a no-op without pending side-stream work
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("policy", ["tempcache", "all", "all_int8", "sink_window"])
-def test_commits_on_a_side_stream_give_the_in_line_rollout(policy):
+@pytest.mark.parametrize("group", ["auto", "off"])
+def test_commits_on_a_side_stream_give_the_in_line_rollout(policy, group):
     """The commit and the AnnSA plan on a side stream (overlapping the commit pass) change nothing: the same
     kernels run in the same order per cache, and the next chunk waits for them."""
     model = _model().cuda()
@@ -213,10 +236,10 @@ def test_commits_on_a_side_stream_give_the_in_line_rollout(policy):
     def run(overlap):
         pol = preset(policy, tokens_per_frame=P, frames_per_chunk=FPC, memory_frames=4)
         proc = CachedProcessor.for_model(pol, CFG, tokens_per_frame=P, frames_per_chunk=FPC, dtype=torch.float32,
-                                         device="cuda", overlap_commit=overlap)  # fmt: skip
+                                         device="cuda", overlap_commit=overlap, group_commits=group)  # fmt: skip
         return RolloutEngine(model, proc, cfg).run(ctx).latents, proc
 
     inline, _ = run("off")
     side, proc = run("auto")
-    assert proc._side is not None
+    assert proc.commits.stream is not None
     torch.testing.assert_close(side, inline, rtol=0, atol=0)

@@ -49,9 +49,10 @@ def test_calibration_from_real_planner_probes():
                 ann=LSHConfig(bits=bits, probes=int(bits == 1)), q_block_size=32, kv_block_size=32, backend="torch"
             )
         )
-        planner.plan(cache)
+        plan = planner.plan(cache)
+        plan.apply_to(cache)
         cache.stage(k[:, :, 768:], v[:, :, 768:], frame_start=3)
-        samples[layer] = measure_layer(q, cache.view(), planner, query_sample=64)
+        samples[layer] = measure_layer(q, cache.view(), planner, plan, query_sample=64)
     assert samples[0] == pytest.approx((1.0, 1.0), abs=1e-6)
     assert 0 < samples[1][1] < 1
     assert calibrate_layers(samples, target_recall=0.0, max_density=0.99) == frozenset({1})

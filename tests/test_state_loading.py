@@ -152,7 +152,8 @@ def _commit_chunks(proc, chunks, seed=0):
 
 
 def _processor_snapshot(proc):
-    return [_snapshot(c) for c in proc.caches], list(proc._gate), list(proc._planned)
+    gates = [proc.layer(i).gate for i in range(proc.num_layers)]
+    return [_snapshot(c) for c in proc.caches()], gates, [proc.is_planned(i) for i in range(proc.num_layers)]
 
 
 @pytest.mark.parametrize("policy", ["tempcache", "annsa_int8", "all"])
@@ -168,8 +169,8 @@ def test_processor_refuses_one_bad_layer_and_changes_no_layer(policy):
     caches, gates, planned = _processor_snapshot(target)
     with pytest.raises(ValueError, match=f"layer {last}: state\\['v'\\] must have shape"):
         target.load_state_dict(bad)
-    assert all(_unchanged(c, s) for c, s in zip(target.caches, caches, strict=True))
-    assert target._gate == gates and target._planned == planned
+    assert all(_unchanged(c, s) for c, s in zip(target.caches(), caches, strict=True))
+    assert _processor_snapshot(target)[1:] == (gates, planned)
     target.load_state_dict(state)  # the good state still loads
     again = target.state_dict()
     assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
@@ -197,7 +198,8 @@ def test_processor_state_problems_are_named(change, needle):
     with pytest.raises(ValueError) as err:
         target.load_state_dict(change(src.state_dict()))
     assert needle in str(err.value), str(err.value)
-    assert all(_unchanged(c, s) for c, s in zip(target.caches, caches, strict=True)) and target._planned == planned
+    assert all(_unchanged(c, s) for c, s in zip(target.caches(), caches, strict=True))
+    assert _processor_snapshot(target)[2] == planned
 
 
 def test_annca_gate_values_are_checked():

@@ -16,7 +16,7 @@ from longroll.eval.world import (
     write_report,
 )
 from longroll.world.episode import EpisodeConfig, sample_episodes
-from longroll.world.rollout import rollout_world, world_policy, world_processor
+from longroll.world.rollout import rollout_world, world_processor
 from tests.test_world import _random_weights, _tiny_model
 
 
@@ -46,8 +46,8 @@ def test_match_keys_finds_held_keys_and_ignores_empty_slots():
 
 def _probe(model, policy, frames=12, memory=4):
     eps = sample_episodes(1, 3, EpisodeConfig(num_frames=frames, family="revisit"))
-    pol = world_policy(model.spec, policy, memory)
-    proc = world_processor(model, pol, batch=1, device="cpu", cls=ProbedProcessor, query_stride=8)
+    proc = world_processor(model, policy, batch=1, device="cpu", memory_frames=memory, cls=ProbedProcessor,
+                           query_stride=8)
     out = rollout_world(model, policy, eps, steps=2, memory_frames=memory, processor=proc)
     return proc, out
 
@@ -86,15 +86,14 @@ def test_sparse_policy_probes_self_and_cross_attention(model):
 def test_probes_do_not_change_the_rollout(model):
     eps = sample_episodes(1, 4, EpisodeConfig(num_frames=9))
     plain = rollout_world(model, "all", eps, steps=2, memory_frames=4)
-    pol = world_policy(model.spec, "all", 4)
-    proc = world_processor(model, pol, batch=1, device="cpu", cls=ProbedProcessor)
+    proc = world_processor(model, "all", batch=1, device="cpu", memory_frames=4, cls=ProbedProcessor)
     probed = rollout_world(model, "all", eps, steps=2, memory_frames=4, processor=proc)
     assert torch.equal(plain.frames, probed.frames)
 
 
 def test_rollout_rejects_a_used_or_mismatched_processor(model):
     eps = sample_episodes(1, 4, EpisodeConfig(num_frames=6))
-    proc = world_processor(model, world_policy(model.spec, "dense"), batch=2, device="cpu")
+    proc = world_processor(model, "dense", batch=2, device="cpu")
     with pytest.raises(ValueError, match="batch of 1"):
         rollout_world(model, "dense", eps, steps=1, processor=proc)
 

@@ -2,7 +2,7 @@
 
 ::
 
-    processor = CachedProcessor.for_model(preset("tempcache", tokens_per_frame=P, frames_per_chunk=3), cfg, ...)
+    processor = CachedProcessor.for_model("tempcache", cfg, tokens_per_frame=P, frames_per_chunk=3, ...)
     with attach(transformer, processor) as causal:              # causal: a ChunkDenoiser
         result = RolloutEngine(causal, processor, RolloutConfig(num_frames=21, frames_per_chunk=3, ...)).run(ctx)
     # leaving the block (or causal.remove()) restores the model's own processors

@@ -16,8 +16,9 @@ Every pass of a chunk stages the chunk's K/V (the history is read-only); the pas
 ``commit=True`` also commits them, so that the policy (full, sink-window, budget, TempCache; AnnSA plans,
 AnnCA prompt selection; see :func:`longroll.policies.config.preset`) decides what the history keeps.
 
-A :class:`LayerState` is one layer's share of a :class:`~longroll.policies.cached.CachedProcessor` (its KV
-cache, AnnSA plan and AnnCA prompt); the layers of one model share the processor's pass and schedule.
+A :class:`LayerState` names one layer of a :class:`~longroll.policies.cached.CachedProcessor`: its
+:class:`~longroll.policies.layer.LayerAttention` (KV cache, AnnSA plan, AnnCA prompt and gate); the layers of
+one model share the processor's pass and schedule.
 
 Layouts (``layout=``): ``"bhld"`` is (batch, heads, seqlen, head_dim), ``"blhd"`` is (batch, seqlen, heads,
 head_dim) as flash-attn, diffusers and Self-Forcing lay tensors out. Outputs come back in the layout given.
@@ -37,7 +38,8 @@ from longroll.ops._checks import check_rank
 from longroll.ops.attention import Backend
 from longroll.ops.custom_ops import attention_op
 from longroll.policies.cached import CachedProcessor, PassInfo
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, PolicyConfig, preset
+from longroll.policies.config import EQUAL_MEMORY_FRAMES, AttentionPolicy
+from longroll.policies.layer import LayerAttention
 
 Layout = Literal["bhld", "blhd"]
 LAYOUTS: tuple[str, ...] = ("bhld", "blhd")
@@ -63,6 +65,11 @@ class LayerState:
             raise ValueError(f"layer must be an int in [0, {n}), got {self.layer!r}")
 
     @property
+    def attention(self) -> LayerAttention:
+        """This layer's :class:`LayerAttention` (its cache, AnnSA plan, AnnCA prompt and gate)."""
+        return self.processor.layer(self.layer)
+
+    @property
     def cache(self) -> LayerKVCache:
         """This layer's KV cache (read-only use: stage and commit go through :func:`self_attention`)."""
         return self.processor.layer_cache(self.layer)
@@ -73,8 +80,17 @@ class LayerState:
         return self.cache.committed_frames
 
 
+@dataclass(frozen=True)
+class _Geometry:
+    """A model's attention geometry as :meth:`CachedProcessor.for_model` reads it."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+
+
 def layer_states(
-    policy: PolicyConfig | str,
+    policy: AttentionPolicy | str,
     *,
     num_layers: int,
     batch: int,
@@ -90,7 +106,7 @@ def layer_states(
     """One :class:`LayerState` per layer, over one new :class:`CachedProcessor`.
 
     Args:
-        policy: a :class:`PolicyConfig`, or a preset name (``dense``, ``sink_window``, ``tempcache``, ... see
+        policy: an :class:`AttentionPolicy`, or a preset name (``dense``, ``sink_window``, ``tempcache``, ... see
             :func:`longroll.policies.config.preset`) built at this geometry with ``memory_frames``.
         num_layers: attention layers of the model.
         batch, heads, head_dim: shape of one layer's keys (batch, heads, seqlen, head_dim); heads are the kv
@@ -98,31 +114,21 @@ def layer_states(
         tokens_per_frame: tokens of one latent frame (the model's patch grid, e.g. 1,560 for Wan at 480x832).
         frames_per_chunk: latent frames denoised and committed together.
         dtype, device: cache storage; the K/V handed over must match them.
-        memory_frames: budget of the bounded presets, in latent frames (ignored for a PolicyConfig).
+        memory_frames: budget of the bounded presets, in latent frames (ignored for an AttentionPolicy).
         options: the other keyword arguments of :class:`CachedProcessor` (``check_finite``, ``timer``,
-            ``cuda_graphs``, ``head_ids``).
+            ``cuda_graphs``, ``head_ids``, ``group_commits``). ``group_commits`` defaults to ``"off"`` here: a
+            grouped commit waits for the last layer of the commit pass, and a foreign model's layers may be
+            called in any order or skipped, so each layer commits after its own attention.
 
     Returns:
         ``num_layers`` states sharing one processor.
     """
-    if isinstance(policy, str):
-        policy = preset(
-            policy, tokens_per_frame=tokens_per_frame, frames_per_chunk=frames_per_chunk, memory_frames=memory_frames
-        )
-    elif not isinstance(policy, PolicyConfig):
-        raise ValueError(f"policy must be a PolicyConfig or a preset name, got {type(policy).__name__}")
-    processor = CachedProcessor(
-        policy,
-        num_layers=num_layers,
-        batch=batch,
-        heads=heads,
-        head_dim=head_dim,
-        tokens_per_frame=tokens_per_frame,
-        frames_per_chunk=frames_per_chunk,
-        dtype=dtype,
-        device=device,
-        **options,
-    )
+    geometry = _Geometry(num_layers, heads, head_dim)
+    options.setdefault("group_commits", "off")
+    processor = CachedProcessor.for_model(
+        policy, geometry, tokens_per_frame=tokens_per_frame, frames_per_chunk=frames_per_chunk, dtype=dtype,
+        device=device, batch=batch, memory_frames=memory_frames, **options,
+    )  # fmt: skip
     return [LayerState(processor, i) for i in range(num_layers)]
 
 

@@ -8,9 +8,9 @@ import torch
 
 from longroll.ann.config import AnnConfig, Int8Config, LSHConfig
 from longroll.ann.int8 import Int8Searcher, int8_scores, quantize_int8
-from longroll.ann.lsh import SignLSH
+from longroll.ann.lsh import SignLSH, StackedSignLSH
 
-Searcher = SignLSH | Int8Searcher
+Searcher = SignLSH | StackedSignLSH | Int8Searcher
 
 
 def make_searcher(
@@ -31,6 +31,7 @@ __all__ = [
     "LSHConfig",
     "Searcher",
     "SignLSH",
+    "StackedSignLSH",
     "int8_scores",
     "make_searcher",
     "quantize_int8",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from longroll.ann.config import Int8Config
+from longroll.ann.slices import argmax_by_rows
 from longroll.ops._checks import check_rank
 
 
@@ -83,4 +84,5 @@ class Int8Searcher:
         check_rank("candidates", candidates, 4)
         if candidates.shape[2] == 0:
             raise ValueError("candidates must hold at least one vector, got seqlen 0")
-        return int8_scores(queries, candidates).argmax(dim=-1)
+        b, h, n, _ = queries.shape
+        return argmax_by_rows(lambda r: int8_scores(queries[r], candidates[r]), b, h * n * candidates.shape[2])

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from longroll.ann.config import LSHConfig
+from longroll.ann.slices import argmax_by_rows
 from longroll.ops._checks import check_rank
 
 
@@ -85,5 +86,59 @@ class SignLSH:
         if candidates.shape[2] == 0:
             raise ValueError("candidates must hold at least one vector, got seqlen 0")
         # Agreement of +-1 codes = nbits - 2 * Hamming, so argmax of the product is the Hamming nearest.
-        agree = torch.matmul(self.signs(queries), self.signs(candidates).transpose(-1, -2))
-        return agree.argmax(dim=-1)
+        sq, sc = self.signs(queries), self.signs(candidates)
+        b, h, n, _ = sq.shape
+        return argmax_by_rows(lambda r: torch.matmul(sq[r], sc[r].transpose(-1, -2)), b, h * n * sc.shape[2])
+
+
+class StackedSignLSH:
+    """Several layers' :class:`SignLSH` over one batch that stacks the layers: rows ``[l * batch, (l + 1) *
+    batch)`` of the stacked batch belong to layer ``l`` and hash with that layer's projections, so one call
+    answers for every layer exactly as each layer's own searcher would on its rows.
+
+    Args:
+        searchers: one per layer, in stacking order, of one config, head dim and set of heads.
+        batch: rows per layer.
+    """
+
+    def __init__(self, searchers: Sequence[SignLSH], batch: int) -> None:
+        if not searchers:
+            raise ValueError("searchers must hold at least one SignLSH, got none")
+        first = searchers[0]
+        for s in searchers:
+            if not isinstance(s, SignLSH):
+                raise ValueError(f"searchers must be SignLSH instances, got {type(s).__name__}")
+            if (s.config, s.head_dim, s.head_ids) != (first.config, first.head_dim, first.head_ids):
+                raise ValueError("searchers must share one config, head_dim and head_ids")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        self.config, self.head_dim, self.head_ids, self.batch = first.config, first.head_dim, first.head_ids, batch
+        #: (layers, heads, head_dim, tables * bits) float32 projections.
+        self.planes = torch.stack([s.planes for s in searchers])
+
+    @property
+    def layers(self) -> int:
+        return self.planes.shape[0]
+
+    def signs(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (r * layers * batch, heads, n, head_dim), layer-major within each of the r repeats ->
+        (same leading shape, n, tables * bits) of +-1 in x's dtype (fp32 on CPU)."""
+        check_rank("x", x, 4)
+        rows, h, n, d = x.shape
+        lb = self.layers * self.batch
+        if rows % lb or h != len(self.head_ids) or d != self.head_dim:
+            raise ValueError(
+                f"x must have shape (r * {lb}, {len(self.head_ids)}, n, {self.head_dim}), got {tuple(x.shape)}"
+            )
+        dt = x.dtype if x.is_cuda else torch.float32
+        xs = x.to(dt).view(rows // lb, self.layers, self.batch, h, n, d)
+        p = torch.matmul(xs, self.planes.to(device=x.device, dtype=dt)[None, :, None])
+        return torch.where(p >= 0, 1.0, -1.0).to(p.dtype).view(rows, h, n, -1)
+
+    def top1(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """As :meth:`SignLSH.top1`, with the stacked rows of :meth:`signs`. Returns (rows, heads, n) int64."""
+        if candidates.shape[2] == 0:
+            raise ValueError("candidates must hold at least one vector, got seqlen 0")
+        sq, sc = self.signs(queries), self.signs(candidates)
+        b, h, n, _ = sq.shape
+        return argmax_by_rows(lambda r: torch.matmul(sq[r], sc[r].transpose(-1, -2)), b, h * n * sc.shape[2])

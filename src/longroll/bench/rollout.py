@@ -27,14 +27,17 @@ from typing import Any
 import torch
 
 from longroll.models.wan import PRESETS, CausalWanModel, WanConfig
+from longroll.ops.fp8 import check_fp8_granularity
 from longroll.parallel import HeadParallelGroup, HeadParallelProcessor, shard_wan_model
+from longroll.pipeline.compiled import CompiledChunkDenoiser
 from longroll.pipeline.decoder import StreamingDecoder, check_decoder_name
 from longroll.pipeline.loader import default_device, resolve_dtype
+from longroll.pipeline.overlap import DecodeQueue, check_overlap_mode
 from longroll.pipeline.record import run_record
-from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
+from longroll.pipeline.rollout import ChunkDenoiser, ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, preset
+from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES
 from longroll.policies.timing import ComponentTimer
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,18 @@ class RolloutBenchConfig:
         overlap_commit: commits and AnnSA plans on a side stream (``auto``, ``off``); see
             :class:`~longroll.policies.cached.CachedProcessor`. With ``components`` set to time them in line,
             use ``off``: a side-stream commit's span measures its own duration, not what it adds to the chunk.
+        group_commits: every layer's TempCache committed in one batched call (``auto``) or per layer (``off``);
+            see :class:`~longroll.policies.cached.CachedProcessor`.
+        overlap_decode: with ``decode``: ``off`` decodes each chunk before the next chunk's DiT, ``auto``
+            decodes it on a side CUDA stream while the next chunk's DiT runs (in line off CUDA), ``emulate``
+            the one-behind schedule without streams; see :class:`~longroll.pipeline.overlap.DecodeQueue`.
+        decoder_channels_last, decoder_compile: the decoder's channels-last layout and ``torch.compile``.
+        fuse_projections: fused q/k/v (and cross-attention k/v) projections
+            (:meth:`~longroll.models.wan.CausalWanModel.fuse_projections`).
+        fp8: ``off``, or FP8 block linears with ``row`` or ``tensor`` scales
+            (:meth:`~longroll.models.wan.CausalWanModel.quantize_fp8`).
+        compile_dit: the DiT under ``torch.compile`` with the attention policy outside the graphs
+            (:class:`~longroll.pipeline.compiled.CompiledChunkDenoiser`), backend ``compile_backend``.
     """
 
     preset: str = "tiny"
@@ -108,6 +123,14 @@ class RolloutBenchConfig:
     decoder: str = "wan"
     cuda_graphs: str = "auto"
     overlap_commit: str = "auto"
+    group_commits: str = "auto"
+    overlap_decode: str = "off"
+    decoder_channels_last: bool = False
+    decoder_compile: bool = False
+    fuse_projections: bool = False
+    fp8: str = "off"
+    compile_dit: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -146,6 +169,11 @@ class RolloutBenchConfig:
             raise ValueError(f"cuda_graphs must be 'auto' or 'off', got {self.cuda_graphs!r}")
         if self.overlap_commit not in ("auto", "off"):
             raise ValueError(f"overlap_commit must be 'auto' or 'off', got {self.overlap_commit!r}")
+        if self.group_commits not in ("auto", "off"):
+            raise ValueError(f"group_commits must be 'auto' or 'off', got {self.group_commits!r}")
+        check_overlap_mode(self.overlap_decode)
+        if self.fp8 != "off":
+            check_fp8_granularity(self.fp8)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -216,7 +244,16 @@ class _Bench:
         with torch.device(self.device):
             self.model = CausalWanModel(self.wan).to_inference_dtype(self.dtype).eval()
         if self.group is not None:
+            if cfg.fuse_projections or cfg.fp8 != "off" or cfg.compile_dit:
+                raise ValueError("a head-parallel run takes neither fuse_projections, fp8 nor compile_dit (yet)")
             shard_wan_model(self.model, self.group)
+        if cfg.fuse_projections:
+            self.model.fuse_projections()
+        if cfg.fp8 != "off":
+            self.model.quantize_fp8(check_fp8_granularity(cfg.fp8))
+        self.denoiser: ChunkDenoiser = (
+            CompiledChunkDenoiser(self.model, backend=cfg.compile_backend) if cfg.compile_dit else self.model
+        )
         g = torch.Generator(device=self.device).manual_seed(cfg.seed)
         shape = (1, cfg.text_len, self.wan.text_dim)
         self.context = torch.randn(shape, generator=g, device=self.device).to(self.dtype)
@@ -225,46 +262,74 @@ class _Bench:
             from longroll.pipeline.tiny_decoder import TinyLatentDecoder, TinyVideoDecoder
 
             # The default config is taew2_1's shape; random weights time the same work.
-            self.decoder = TinyLatentDecoder(TinyVideoDecoder(), device=self.device, dtype=self.dtype)
+            self.decoder = TinyLatentDecoder(
+                TinyVideoDecoder(),
+                device=self.device,
+                dtype=self.dtype,
+                channels_last=cfg.decoder_channels_last,
+                compile=cfg.decoder_compile,
+            )
         elif cfg.decode:
             from diffusers import AutoencoderKLWan
 
             from longroll.pipeline.vae import LatentDecoder
 
             # diffusers' default AutoencoderKLWan config is Wan2.1's VAE; random weights time the same work.
-            self.decoder = LatentDecoder(AutoencoderKLWan(), device=self.device, dtype=self.dtype)
+            self.decoder = LatentDecoder(
+                AutoencoderKLWan(),
+                device=self.device,
+                dtype=self.dtype,
+                channels_last=cfg.decoder_channels_last,
+                compile=cfg.decoder_compile,
+            )
 
-    def _decode_seconds(self, latents: torch.Tensor) -> float:
-        """Decode one chunk (streaming) and return the synchronised wall time."""
-        assert self.decoder is not None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        self.decoder.decode_chunk_float(latents)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t0
+    def _decode_queue(self) -> DecodeQueue | None:
+        """A fresh decode of one video (the frames are dropped once on the host), or None without decode."""
+        if self.decoder is None:
+            return None
+        self.decoder.reset()
+        return DecodeQueue(self.decoder, lambda chunk, frames: None, self.cfg.overlap_decode)
+
+    def _timed_on_chunk(self, stats: list[ChunkStats], decode: list[float], queue: DecodeQueue | None) -> Any:
+        """``on_chunk`` that keeps the stats and hands the chunk to ``queue``, timing that hand-over: the whole
+        decode (to uint8 frames on the host) when not overlapped, its enqueueing when overlapped."""
+
+        def on_chunk(i: int, lat: torch.Tensor, st: ChunkStats) -> None:
+            stats.append(st)
+            if queue is not None:
+                t0 = time.perf_counter()
+                queue.submit(i, lat)
+                if not queue.overlapped and self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                decode.append(time.perf_counter() - t0)
+
+        return on_chunk
+
+    @staticmethod
+    def _finish(queue: DecodeQueue | None, decode: list[float]) -> None:
+        """Wait for the decodes still under way; the wait is the last chunk's."""
+        if queue is not None:
+            t0 = time.perf_counter()
+            queue.finish()
+            if decode:
+                decode[-1] += time.perf_counter() - t0
 
     def _processor(self, policy: str) -> CachedProcessor:
         c, w = self.cfg, self.wan
-        pol = preset(
-            policy,
-            tokens_per_frame=self.tokens_per_frame,
-            frames_per_chunk=c.frames_per_chunk,
-            memory_frames=c.memory_frames,
-        )
         options: dict[str, Any] = dict(
             tokens_per_frame=self.tokens_per_frame,
             frames_per_chunk=c.frames_per_chunk,
             dtype=self.dtype,
             device=self.device,
+            memory_frames=c.memory_frames,
             timer=self.timer,
             cuda_graphs="auto" if c.cuda_graphs == "auto" else "off",
             overlap_commit="auto" if c.overlap_commit == "auto" else "off",
+            group_commits="auto" if c.group_commits == "auto" else "off",
         )
         if self.group is not None:
-            return HeadParallelProcessor.for_model(pol, w, group=self.group, **options)
-        return CachedProcessor.for_model(pol, w, **options)
+            return HeadParallelProcessor.for_model(policy, w, group=self.group, **options)
+        return CachedProcessor.for_model(policy, w, **options)
 
     def _rollout(
         self, policy: str, num_frames: int, on_chunk: Any = None, processor: CachedProcessor | None = None
@@ -273,7 +338,7 @@ class _Bench:
         lh, lw = c.latent_hw
         rc = RolloutConfig(num_frames, c.frames_per_chunk, (self.wan.in_channels, lh, lw), c.sampler, c.seed)
         proc = self._processor(policy) if processor is None else processor
-        RolloutEngine(self.model, proc, rc).run(self.context, on_chunk=on_chunk, dtype=self.dtype)
+        RolloutEngine(self.denoiser, proc, rc).run(self.context, on_chunk=on_chunk, dtype=self.dtype)
 
     def _prefilled(self, policy: str, frames: int) -> CachedProcessor:
         """A processor whose caches already hold ``frames`` latent frames of random unit-scale K/V."""
@@ -281,8 +346,9 @@ class _Bench:
         fpc, p = self.cfg.frames_per_chunk, self.tokens_per_frame
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
         shape = (1, self.wan.num_heads, fpc * p, self.wan.head_dim)
-        first, heads = proc.caches[0].head_ids[0], proc.heads  # a shard draws the full K/V, keeps its heads
-        for cache in proc.caches:
+        caches = proc.caches()
+        first, heads = caches[0].head_ids[0], proc.heads  # a shard draws the full K/V, keeps its heads
+        for cache in caches:
             for f0 in range(0, frames, fpc):
                 k = torch.randn(shape, generator=g, device=self.device).to(self.dtype)
                 v = torch.randn_like(k)
@@ -298,10 +364,15 @@ class _Bench:
         records: list[dict[str, Any]] = []
         for hist in c.history_frames:
             stats: list[ChunkStats] = []
+            decode: list[float] = []
             try:
                 proc = self._prefilled(policy, hist)
-                self._rollout(policy, c.num_frames, lambda i, lat, st, acc=stats: acc.append(st), processor=proc)
+                queue = self._decode_queue()
+                self._rollout(policy, c.num_frames, self._timed_on_chunk(stats, decode, queue), processor=proc)
+                self._finish(queue, decode)
                 rec = _record(policy, stats[-1], c.frames_per_chunk, len(stats) - 1)
+                if decode:
+                    rec["decode_seconds"], rec["e2e_seconds"] = decode[-1], rec["seconds"] + decode[-1]
             except torch.OutOfMemoryError:
                 rec = _record(policy, None, c.frames_per_chunk, 0, f"out of memory at {hist} history frames")
             rec["history_frames"] = hist
@@ -326,21 +397,20 @@ class _Bench:
         stats: list[ChunkStats] = []
         decode: list[float] = []
 
-        def on_chunk(i: int, lat: torch.Tensor, st: ChunkStats) -> None:
-            stats.append(st)
-            if self.decoder is not None:
-                decode.append(self._decode_seconds(lat))
-
         status, wall = "ok", 0.0
         try:
             if c.warmup and limit:
-                self._rollout(policy, min(limit, 2 * fpc))
+                # The decoder warms up too (kernel selection, any compilation), on its own video.
+                warm: list[float] = []
+                queue = self._decode_queue()
+                self._rollout(policy, min(limit, 2 * fpc), self._timed_on_chunk([], warm, queue))
+                self._finish(queue, warm)
                 self._free()
             t0 = time.perf_counter()
             if limit:
-                if self.decoder is not None:
-                    self.decoder.reset()
-                self._rollout(policy, limit, on_chunk=on_chunk)
+                queue = self._decode_queue()
+                self._rollout(policy, limit, on_chunk=self._timed_on_chunk(stats, decode, queue))
+                self._finish(queue, decode)
             wall = time.perf_counter() - t0
             if limit < c.num_frames:
                 status = f"stopped after {limit} frames (--max-dense-frames)"
@@ -393,14 +463,24 @@ def _fit_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "fit_intercept_s": None,
         "fit_slope_s_per_frame": None,
     }
-    if len(pts) >= 2:
-        n = len(pts)
-        mx = sum(x for x, _ in pts) / n
-        my = sum(y for _, y in pts) / n
-        sxx = sum((x - mx) ** 2 for x, _ in pts)
-        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else 0.0
-        out["fit_intercept_s"], out["fit_slope_s_per_frame"] = my - slope * mx, slope
+    out["fit_intercept_s"], out["fit_slope_s_per_frame"] = _line(pts)
+    e2e = [(r["history_frames"], r["e2e_seconds"]) for r in records if r["measured"] and r["e2e_seconds"]]
+    if e2e:
+        out["points_e2e"] = e2e
+        out["fit_e2e_intercept_s"], out["fit_e2e_slope_s_per_frame"] = _line(e2e)
     return out
+
+
+def _line(pts: list[tuple[float, float]]) -> tuple[float | None, float | None]:
+    """Least-squares (intercept, slope) through ``pts``; (None, None) with fewer than two points."""
+    if len(pts) < 2:
+        return None, None
+    n = len(pts)
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else 0.0
+    return my - slope * mx, slope
 
 
 def run_rollout_bench(
@@ -442,7 +522,9 @@ def run_rollout_bench(
             "fps_video": f"{TEMPORAL_FACTOR} video frames per latent frame (Wan VAE)",
             "weights": "random, at the preset's shapes",
             "decode_seconds": "with decode: streaming decode of the chunk by `config.decoder` (wan: Wan2.1 VAE, "
-            "tiny: TAEHV-architecture tiny decoder; random weights), synchronised",
+            "tiny: TAEHV-architecture tiny decoder; random weights) to uint8 frames on the host, synchronised; "
+            "with overlap_decode auto on CUDA only the enqueueing (the decode runs during the next chunk's DiT, "
+            "whose seconds then hold what it did not hide; the last chunk's includes the final wait)",
             "e2e_seconds": "with decode: seconds (DiT) + decode_seconds per chunk",
             "ranks": "processes sharing the model by attention heads (head-parallel); timings are rank 0's, and "
             "with components the all_reduce span is the time spent in the group's all-reduces",

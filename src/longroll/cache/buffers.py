@@ -43,6 +43,13 @@ class CacheBuffers:
             lengths=torch.zeros(batch, heads, dtype=torch.int64, device=device),
         )
 
+    def rows(self, start: int, stop: int) -> CacheBuffers:
+        """Batch rows ``[start, stop)`` as views: writes through them land in this storage (a stacked group of
+        layers hands each layer its rows)."""
+        if not 0 <= start < stop <= self.k.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) must lie within the batch of {self.k.shape[0]}")
+        return CacheBuffers(*(t[start:stop] for t in (self.k, self.v, self.count, self.frame, self.lengths)))
+
     @property
     def slots(self) -> int:
         """Usable slots (the trash slot excluded)."""

@@ -94,6 +94,10 @@ class TempCachePolicy:
             (``scripts/bench_cache_cpu.py``, 62 frames, cap 12 frames): rel-L2 vs the full cache 0.45 unbounded,
             0.11 at 4 (at the cap), 0.063 at 8 (sink-window at the same memory: 0.30). None = unbounded, exact
             only without RoPE.
+        recent_frames: the newest committed frames kept verbatim, in a ring of slots right after the sinks,
+            like a sink-window's window; a frame merges into the older, compressed entries only when it leaves
+            the ring (its correspondence with the frame before it is found on entry and kept, 8 bytes per
+            token). 0 merges every frame as it is committed.
     """
 
     threshold: float = 0.9
@@ -103,6 +107,7 @@ class TempCachePolicy:
     ann: AnnConfig = field(default_factory=Int8Config)
     match_keys: Literal["pre_rope", "post_rope"] = "pre_rope"
     max_group: int | None = 8
+    recent_frames: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -117,6 +122,8 @@ class TempCachePolicy:
             raise ValueError(f"sink_frames must be >= 0, got {self.sink_frames}")
         if self.max_group is not None and self.max_group < 1:
             raise ValueError(f"max_group must be None or >= 1, got {self.max_group}")
+        if not isinstance(self.recent_frames, int) or isinstance(self.recent_frames, bool) or self.recent_frames < 0:
+            raise ValueError(f"recent_frames must be an int >= 0, got {self.recent_frames!r}")
         if self.match_keys not in ("pre_rope", "post_rope"):
             raise ValueError(f"match_keys must be 'pre_rope' or 'post_rope', got {self.match_keys!r}")
 
@@ -160,10 +167,11 @@ class CacheConfig:
         p = self.policy
         if (
             isinstance(p, TempCachePolicy)
-            and p.max_entries < (p.sink_frames + self.frames_per_chunk) * self.tokens_per_frame
+            and p.max_entries < (p.sink_frames + p.recent_frames + self.frames_per_chunk) * self.tokens_per_frame
         ):
+            recent = f", {p.recent_frames} recent frame(s)" if p.recent_frames else ""
             raise ValueError(
-                f"max_entries={p.max_entries} cannot hold the {p.sink_frames} sink frame(s) plus one chunk "
+                f"max_entries={p.max_entries} cannot hold the {p.sink_frames} sink frame(s){recent} plus one chunk "
                 f"({chunk} tokens) of {self.tokens_per_frame} tokens per frame"
             )
         if (

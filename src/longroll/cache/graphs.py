@@ -31,10 +31,14 @@ class StaticInputs:
 
     def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The shared buffer ``name`` of ``like``'s shape, dtype and device (allocated on first use)."""
-        key = (name, tuple(like.shape), like.dtype, like.device)
+        return self.buffer(name, tuple(like.shape), like.dtype, like.device)
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The shared buffer ``name`` of that shape, dtype and device (allocated on first use)."""
+        key = (name, tuple(shape), dtype, device)
         buf = self._buffers.get(key)
         if buf is None:
-            buf = self._buffers[key] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
     def nbytes(self) -> int:

@@ -22,12 +22,12 @@ from typing import NamedTuple
 
 import torch
 
-from longroll.ann import make_searcher
+from longroll.ann import Searcher, make_searcher
 from longroll.cache.budget import compact_to_budget
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWindowPolicy, TempCachePolicy
 from longroll.cache.graphs import KeyedCapture, StaticInputs
-from longroll.cache.tempcache import Track, commit_chunk
+from longroll.cache.tempcache import RecentWindow, Track, commit_chunk
 from longroll.ops._checks import check_float, check_rank
 
 #: Version of the layout written by :meth:`LayerKVCache.state_dict` (checked on load).
@@ -58,6 +58,7 @@ class LoadedState:
     frame: torch.Tensor
     lengths: torch.Tensor
     track: Track | None = None
+    recent: RecentWindow | None = None
 
 
 class CacheView(NamedTuple):
@@ -84,6 +85,9 @@ class LayerKVCache:
             passes its ids and behaves exactly like the matching slice of an unsharded cache.
         graph_inputs: static input buffers shared with other layers' captured commits (saves one set of
             chunk-sized buffers per layer); default: private ones.
+        storage: ``(buffers, recent)`` to use instead of allocating them: views into a stacked storage
+            (:class:`~longroll.cache.group.CacheGroup`), of this cache's shapes.
+        searcher: the ANN searcher of TempCache's matches instead of this layer's own (a group's stacked one).
     """
 
     def __init__(
@@ -99,6 +103,8 @@ class LayerKVCache:
         layer: int = 0,
         head_ids: tuple[int, ...] | None = None,
         graph_inputs: StaticInputs | None = None,
+        storage: tuple[CacheBuffers, RecentWindow | None] | None = None,
+        searcher: Searcher | None = None,
     ) -> None:
         for name, val in (("batch", batch), ("heads", heads), ("head_dim", head_dim)):
             if val < 1:
@@ -112,9 +118,20 @@ class LayerKVCache:
         self.head_ids = tuple(range(heads)) if head_ids is None else tuple(head_ids)
         if len(self.head_ids) != heads:
             raise ValueError(f"head_ids must name {heads} heads, got {len(self.head_ids)}")
-        self.buffers = CacheBuffers.allocate(
-            batch, heads, self._initial_slots(), head_dim, self.v_dim, dtype, self.device
-        )
+        p = config.policy
+        ring = p.recent_frames if isinstance(p, TempCachePolicy) else 0
+        if storage is None:
+            self.buffers = CacheBuffers.allocate(
+                batch, heads, self._initial_slots(), head_dim, self.v_dim, dtype, self.device
+            )
+            self.recent: RecentWindow | None = (
+                RecentWindow.allocate(batch, heads, ring, config.tokens_per_frame, self.device) if ring else None
+            )
+        else:
+            self.buffers, self.recent = storage
+            self._check_storage(ring)
+        #: Times the state was replaced by :meth:`load_state_dict` (a group of caches watches it).
+        self.loads = 0
         self.committed_frames = 0
         self.bound = 0
         self.staged_tokens = 0
@@ -125,12 +142,33 @@ class LayerKVCache:
         self.commit_capture = KeyedCapture("emulate" if config.commit_graphs == "emulate" else "cuda")
         self._frame0: torch.Tensor | None = None
         self._graph_inputs = graph_inputs if graph_inputs is not None else StaticInputs()
-        p = config.policy
-        self._searcher = (
-            make_searcher(p.ann, head_dim, layer=layer, head_ids=self.head_ids, device=self.device)
-            if isinstance(p, TempCachePolicy)
-            else None
-        )
+        self._searcher: Searcher | None = None
+        if isinstance(p, TempCachePolicy):
+            self._searcher = (
+                make_searcher(p.ann, head_dim, layer=layer, head_ids=self.head_ids, device=self.device)
+                if searcher is None
+                else searcher
+            )
+
+    def _check_storage(self, ring: int) -> None:
+        buf, want = self.buffers, self._initial_slots()
+        shape = (self.batch, self.heads, want + 1)
+        if (
+            tuple(buf.k.shape) != (*shape, self.head_dim)
+            or tuple(buf.v.shape) != (*shape, self.v_dim)
+            or tuple(buf.count.shape) != shape
+            or buf.k.dtype != self.dtype
+            or buf.k.device != self.device
+        ):
+            raise ValueError(
+                f"storage buffers must hold k of shape {(*shape, self.head_dim)} {self.dtype} on {self.device}, "
+                f"got {tuple(buf.k.shape)} {buf.k.dtype} on {buf.k.device}"
+            )
+        if (self.recent is None) != (ring == 0) or (
+            self.recent is not None
+            and tuple(self.recent.idx.shape) != (self.batch, self.heads, ring, self.config.tokens_per_frame)
+        ):
+            raise ValueError(f"storage recent window must match recent_frames={ring} (None when 0)")
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -161,8 +199,17 @@ class LayerKVCache:
         return self.buffers.slots - c.chunk_tokens
 
     def nbytes(self) -> int:
-        """Bytes held by the cache's buffers (constant for every policy but ``full``)."""
-        return self.buffers.nbytes()
+        """Bytes held by the cache's buffers (constant for every policy but ``full``), TempCache's verbatim
+        ring's correspondences included."""
+        return self.buffers.nbytes() + (self.recent.nbytes() if self.recent is not None else 0)
+
+    @property
+    def pinned_tokens(self) -> int:
+        """Leading committed slots that never move and are always attended: the sink frames and, for TempCache
+        with ``recent_frames``, its verbatim ring (fewer while they fill up)."""
+        p, tpf = self.policy, self.config.tokens_per_frame
+        frames = getattr(p, "sink_frames", 0) + (p.recent_frames if isinstance(p, TempCachePolicy) else 0)
+        return min(frames * tpf, self.bound)
 
     # ----------------------------------------------------------------- stage / view
     def stage(self, k: torch.Tensor, v: torch.Tensor, *, frame_start: int, k_match: torch.Tensor | None = None) -> None:
@@ -280,16 +327,19 @@ class LayerKVCache:
             raise RuntimeError("TempCache commit without an ANN searcher")
         frames = [self.committed_frames + i for i in range(nf)]
         sinks = [f < p.sink_frames for f in frames]
+        full = [f - p.sink_frames >= p.recent_frames for f in frames]
         overflow, upper = [], lo
         for sink in sinks:
             overflow.append(not sink and upper + tpf > p.max_entries)
             upper = min(upper + tpf, p.max_entries)
-        if self._captures_commits() and self.track is not None and not any(sinks) and all(overflow):
+        steady = self.track is not None and not any(sinks) and all(overflow) and all(full)
+        if self._captures_commits() and steady:
             slots = self._commit_captured(p, lo, n)
         else:
             self.track, slots = commit_chunk(
                 self.buffers, self._searcher, p, self.track, self._k_match,
                 lo=lo, tokens_per_frame=tpf, frames=frames, sinks=sinks, may_overflow=overflow,
+                recent=self.recent, recent_full=full if self.recent is not None else None,
             )  # fmt: skip
         self.bound = upper
         self._start_length_readback()
@@ -326,7 +376,8 @@ class LayerKVCache:
             track, out = commit_chunk(
                 buf, searcher, p, Track(slots, keys, active), km,
                 lo=lo, tokens_per_frame=tpf, frames=[frame0 + i for i in range(nf)], sinks=[False] * nf,
-                may_overflow=[True] * nf,
+                may_overflow=[True] * nf, recent=self.recent,
+                recent_full=[True] * nf if self.recent is not None else None,
             )  # fmt: skip
             assert track is not None
             return track.slots, track.keys, track.active, out
@@ -463,11 +514,16 @@ class LayerKVCache:
         ``meta`` (3,) int64 [committed_frames, n, layer]; ``head_ids`` (heads,) int64; ``k`` (B, H, n, D) and
         ``v`` (B, H, n, Dv) in the cache dtype; ``count`` (B, H, n) float32; ``frame`` (B, H, n) int32;
         ``lengths`` (B, H) int64; with TempCache after a non-sink frame, ``track_slots`` (B, H, P) int64,
-        ``track_keys`` (B, H, P, D) float32 and ``track_active`` (B, H, P) bool.
+        ``track_keys`` (B, H, P, D) float32 and ``track_active`` (B, H, P) bool; with TempCache's
+        ``recent_frames`` = W > 0, ``recent_idx`` (B, H, W, P) int32 and ``recent_cos`` (B, H, W, P) float32
+        (:class:`~longroll.cache.tempcache.RecentWindow`).
         """
         if self.staged_tokens:
             raise RuntimeError("state_dict() with a chunk staged: commit it first")
         self._refresh_bound_blocking()
+        if isinstance(self.policy, TempCachePolicy):
+            # A group of caches keeps one bound for all its layers: save this layer's exact one.
+            self.bound = int(self.buffers.lengths.max())
         n = self.bound
         buf = self.buffers
         state = {
@@ -480,6 +536,8 @@ class LayerKVCache:
             "meta": torch.tensor([self.committed_frames, self.bound, self.layer], dtype=torch.int64),
             "head_ids": torch.tensor(self.head_ids, dtype=torch.int64),
         }
+        if self.recent is not None:
+            state |= {"recent_idx": self.recent.idx.clone(), "recent_cos": self.recent.cos.clone()}
         if self.track is not None:
             t = self.track
             # Copies: a captured commit overwrites its track in place.
@@ -510,6 +568,8 @@ class LayerKVCache:
         tempcache = isinstance(self.policy, TempCachePolicy)
         required = {"format", "meta", "head_ids", "k", "v", "count", "frame", "lengths"}
         track_keys = {"track_slots", "track_keys", "track_active"}
+        if self.recent is not None:
+            required |= {"recent_idx", "recent_cos"}
         missing = sorted(required - set(state))
         if missing:
             raise ValueError(f"state is missing {missing}")
@@ -588,6 +648,17 @@ class LayerKVCache:
             if not bool(torch.isfinite(keys).all()):
                 raise ValueError("state['track_keys'] holds NaN or Inf values")
             loaded.track = Track(slots, keys, state["track_active"].to(self.device, copy=True))
+        if self.recent is not None:
+            shape = tuple(self.recent.idx.shape)
+            _expect(state, "recent_idx", shape, torch.int32)
+            _expect(state, "recent_cos", shape, torch.float32)
+            ridx = state["recent_idx"].to(self.device, copy=True)
+            rcos = state["recent_cos"].to(self.device, copy=True)
+            if bool((ridx < 0).any()) or bool((ridx >= p).any()):
+                raise ValueError(f"state['recent_idx'] must lie in [0, {p})")
+            if bool(torch.isnan(rcos).any()) or bool((rcos > 1.0 + 1e-3).any()):
+                raise ValueError("state['recent_cos'] must be cosines (<= 1) or -inf, without NaN")
+            loaded.recent = RecentWindow(ridx, rcos)
         return loaded
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor] | LoadedState) -> None:
@@ -608,6 +679,11 @@ class LayerKVCache:
         buf.lengths.copy_(loaded.lengths)
         self.committed_frames, self.bound, self.staged_tokens = loaded.committed_frames, bound, 0
         self.track = loaded.track
+        self.loads += 1
+        if self.recent is not None and loaded.recent is not None:
+            # In place: a captured commit reads and writes these very tensors.
+            self.recent.idx.copy_(loaded.recent.idx)
+            self.recent.cos.copy_(loaded.recent.cos)
         self._pending_len, self._bias = None, None
         # A captured commit holds the previous track's buffers: capture again from the restored state.
         self.commit_capture.reset()

@@ -40,6 +40,38 @@ class Track:
 Frame = int | torch.Tensor
 
 
+@dataclass
+class RecentWindow:
+    """What the frames of the verbatim ring (``TempCachePolicy.recent_frames`` = W) need to merge later.
+
+    A frame's correspondence with the frame before it is found when it is committed (both frames' matching keys
+    are at hand then) and kept here until the frame leaves the ring and merges. Ring position ``r`` holds
+    frame ``f`` with ``(f - sink_frames) % W == r``.
+
+    Fields:
+        idx: (batch, heads, W, P) int32 index of each token's top-1 match in the frame before it.
+        cos: (batch, heads, W, P) float32 cosine similarity of that match (-inf where the frame before was a
+            sink, so that the frame starts new groups).
+    """
+
+    idx: torch.Tensor
+    cos: torch.Tensor
+
+    @classmethod
+    def allocate(cls, batch: int, heads: int, frames: int, tokens: int, device: torch.device) -> RecentWindow:
+        return cls(
+            idx=torch.zeros(batch, heads, frames, tokens, dtype=torch.int32, device=device),
+            cos=torch.full((batch, heads, frames, tokens), _NEG, dtype=torch.float32, device=device),
+        )
+
+    def nbytes(self) -> int:
+        return self.idx.numel() * self.idx.element_size() + self.cos.numel() * self.cos.element_size()
+
+    def rows(self, start: int, stop: int) -> RecentWindow:
+        """Batch rows ``[start, stop)`` as views (see :meth:`CacheBuffers.rows`)."""
+        return RecentWindow(self.idx[start:stop], self.cos[start:stop])
+
+
 def append_verbatim(buf: CacheBuffers, k: torch.Tensor, v: torch.Tensor, frame: Frame) -> torch.Tensor:
     """Append a frame without merging (sink frames). k: (B, H, P, D); v: (B, H, P, Dv). Returns slots (B, H, P)."""
     p = k.shape[2]
@@ -86,7 +118,9 @@ def _new_slots(
     buf: CacheBuffers, new: torch.Tensor, cap: int, frame: Frame, sink_frames: int, may_overflow: bool
 ) -> torch.Tensor:
     """Slots for unmatched tokens: free slots first, then victims (oldest frame, then smallest count), never
-    sinks or entries touched by this frame. new: (B, H, P) bool. Returns (B, H, P) int64 (trash where not new)."""
+    sinks, entries touched by this frame or entries of newer frames.
+
+    new: (B, H, P) bool. Returns (B, H, P) int64 (trash where not new)."""
     rank = new.long().cumsum(-1) - 1
     slots = buf.lengths[..., None] + rank
     if may_overflow:
@@ -94,7 +128,8 @@ def _new_slots(
         fr = buf.frame[:, :, :cap]
         prio = fr.double() * 16_777_216.0 + buf.count[:, :, :cap].double().clamp_max(16_777_215.0)
         valid = torch.arange(cap, device=fr.device) < buf.lengths[..., None]
-        protected = (fr < sink_frames) | (fr == frame) | ~valid
+        # Entries of this frame and of newer ones (the verbatim ring) are never victims.
+        protected = (fr < sink_frames) | (fr >= frame) | ~valid
         prio = prio.masked_fill(protected, float("inf"))
         victims = prio.topk(min(new.shape[-1], cap), dim=-1, largest=False).indices
         ev = victims.gather(2, (rank - free).clamp(0, victims.shape[-1] - 1))
@@ -102,30 +137,27 @@ def _new_slots(
     return torch.where(new, slots, buf.trash)
 
 
-def match_frames(searcher: Searcher, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 correspondence of every frame of a chunk with the frame before it, in one ANN call.
+def match_frame(searcher: Searcher, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 correspondence of a frame's tokens with the frame before it.
 
-    The previous frame's matching keys are known before any merge (they are that frame's own keys), so the
-    searches of all frames are independent and run batched; only the merges must be sequential.
+    The previous frame's matching keys are its own keys (known before any merge), so a chunk's searches are
+    independent of its merges; a frame at a time keeps the temporaries at one frame's scores, which matters
+    when one call commits every layer (:class:`~longroll.cache.group.CacheGroup`).
 
     Args:
         searcher: the ANN family.
-        x: (B, H, F, P, D) unit-norm matching keys of the chunk's frames.
-        prev: (B, H, P, D) unit-norm matching keys of the frame before the chunk, or None.
+        x: (B, H, P, D) unit-norm matching keys of the frame.
+        prev: (B, H, P, D) unit-norm matching keys of the frame before it, or None (zeros stand in; the
+            caller ignores the result).
 
     Returns:
-        idx: (F, B, H, P) int64 index of each token's match in its previous frame; cos: (F, B, H, P) float32
-        cosine similarity of the pair (meaningless for frame 0 when ``prev`` is None).
+        idx: (B, H, P) int64 index of each token's match in the previous frame; cos: (B, H, P) float32 cosine
+        similarity of the pair.
     """
-    b, h, nf, p, d = x.shape
-    first = torch.zeros_like(x[:, :, 0]) if prev is None else prev.to(x.dtype)
-    cand = torch.cat([first[:, :, None], x[:, :, :-1]], dim=2)
-    # frames go to the batch axis: (F * B, H, P, D); heads stay put so per-head projections still apply
-    qf = x.permute(2, 0, 1, 3, 4).reshape(nf * b, h, p, d)
-    cf = cand.permute(2, 0, 1, 3, 4).reshape(nf * b, h, p, d)
-    idx = searcher.top1(qf, cf)
-    cos = (qf * cf.gather(2, idx[..., None].expand_as(qf))).sum(-1)
-    return idx.view(nf, b, h, p), cos.view(nf, b, h, p)
+    cand = torch.zeros_like(x) if prev is None else prev.to(x.dtype)
+    idx = searcher.top1(x, cand)
+    cos = (x * cand.gather(2, idx[..., None].expand_as(x))).sum(-1)
+    return idx, cos
 
 
 def merge_frame(
@@ -185,6 +217,75 @@ def merge_frame(
     return Track(slots=slots, keys=x, active=~soft), slots
 
 
+def _ring_position(frame: Frame, policy: TempCachePolicy, device: torch.device) -> torch.Tensor:
+    """(1,) int64 ring position of a non-sink frame (a device tensor, so that a captured commit can replay it)."""
+    rel = frame - policy.sink_frames
+    if isinstance(rel, torch.Tensor):
+        return (rel % policy.recent_frames).reshape(1).long()
+    return torch.tensor([rel % policy.recent_frames], dtype=torch.int64, device=device)
+
+
+def commit_recent(
+    buf: CacheBuffers,
+    recent: RecentWindow,
+    track: Track | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    x: torch.Tensor,
+    match: tuple[torch.Tensor, torch.Tensor],
+    frame: Frame,
+    policy: TempCachePolicy,
+    *,
+    full: bool,
+    may_overflow: bool,
+) -> tuple[Track, torch.Tensor]:
+    """Commit one non-sink frame into the verbatim ring; the frame it displaces merges into the older entries.
+
+    Args:
+        buf: the layer's buffers (updated in place); the ring is slots ``[S * P, (S + W) * P)``.
+        recent: the ring's correspondences (updated in place).
+        track: :class:`Track` whose ``keys`` are the previous committed frame's matching keys and whose
+            ``slots``/``active`` say where the last frame to leave the ring went (all inactive before any has);
+            None right after the sinks.
+        k: (B, H, P, D) post-RoPE keys; v: (B, H, P, Dv); x: (B, H, P, D) float32 unit-norm matching keys.
+        match: (idx, cos), each (B, H, P), of this frame against the previous committed frame.
+        frame: absolute latent frame index (host int or 0-d device tensor).
+        full: host-side: the ring already holds W frames (the one at this frame's position leaves it).
+        may_overflow: host-side hint passed to :func:`merge_frame` for the leaving frame.
+
+    Returns:
+        the new :class:`Track` (``keys`` = ``x``) and the slot of each of this frame's tokens, (B, H, P) int64.
+    """
+    b, h, p, _ = k.shape
+    w = policy.recent_frames
+    pos = _ring_position(frame, policy, k.device)
+    slots = policy.sink_frames * p + pos * p + torch.arange(p, device=k.device)
+    idx, cos = match
+    cos = torch.full_like(cos, _NEG) if track is None else cos
+    if full:
+        old = (buf.k.index_select(2, slots), buf.v.index_select(2, slots))
+        old_match = (recent.idx.index_select(2, pos)[:, :, 0].long(), recent.cos.index_select(2, pos)[:, :, 0])
+        assert track is not None, "a full ring always follows a committed non-sink frame"
+        track, _ = merge_frame(buf, track, old[0], old[1], x, old_match, frame - w, policy, may_overflow)
+    else:
+        buf.lengths += p
+        if track is None:
+            none = torch.zeros(b, h, p, dtype=torch.int64, device=k.device)
+            track = Track(slots=none, keys=x, active=torch.zeros(b, h, p, dtype=torch.bool, device=k.device))
+        else:
+            track = Track(slots=track.slots, keys=x, active=track.active)
+    buf.k.index_copy_(2, slots, k.to(buf.k.dtype))
+    buf.v.index_copy_(2, slots, v.to(buf.v.dtype))
+    buf.count.index_fill_(2, slots, 1.0)
+    if isinstance(frame, torch.Tensor):
+        buf.frame.index_copy_(2, slots, frame.to(torch.int32).expand(b, h, p).contiguous())
+    else:
+        buf.frame.index_fill_(2, slots, int(frame))
+    recent.idx.index_copy_(2, pos, idx.to(torch.int32)[:, :, None])
+    recent.cos.index_copy_(2, pos, cos.float()[:, :, None])
+    return track, slots.expand(b, h, p)
+
+
 def commit_chunk(
     buf: CacheBuffers,
     searcher: Searcher,
@@ -197,8 +298,11 @@ def commit_chunk(
     frames: Sequence[Frame],
     sinks: Sequence[bool],
     may_overflow: Sequence[bool],
+    recent: RecentWindow | None = None,
+    recent_full: Sequence[bool] | None = None,
 ) -> tuple[Track | None, torch.Tensor]:
-    """Commit the chunk staged at slots ``[lo, lo + n)``: sinks verbatim, every other frame merged in order.
+    """Commit the chunk staged at slots ``[lo, lo + n)``: sinks verbatim, every other frame merged in order
+    (with ``policy.recent_frames`` > 0: into the verbatim ring, the frame it displaces merged).
 
     Only tensors and the host-side arguments below enter the computation, so the same call runs eagerly or
     inside a CUDA graph capture (with ``frames`` as device tensors).
@@ -212,30 +316,46 @@ def commit_chunk(
         lo: first staged slot; tokens_per_frame: P (n = len(frames) * P).
         frames: absolute latent frame of each chunk frame; sinks: whether it is a sink frame (kept verbatim);
         may_overflow: whether the cap could be reached while committing it (host-side bound).
+        recent: the ring's :class:`RecentWindow` (required with ``recent_frames`` > 0).
+        recent_full: per frame, whether the ring is full when it is committed (host-side; required with
+            ``recent_frames`` > 0).
 
     Returns:
         the last frame's :class:`Track` (None when it was a sink) and each staged token's slot, (B, H, n) int64.
     """
     nf, tpf = len(frames), tokens_per_frame
     n = nf * tpf
-    # The staged range can be overwritten by the new slots: read it out first.
-    k_all = buf.k[:, :, lo : lo + n].clone()
-    v_all = buf.v[:, :, lo : lo + n].clone()
+    ring = policy.recent_frames > 0
+    if ring and (recent is None or recent_full is None or len(recent_full) != nf):
+        raise ValueError("commit_chunk with recent_frames > 0 needs recent and one recent_full flag per frame")
+    # The staged range can be overwritten by the new slots (and scatters refuse sources that alias their
+    # destination): read it out first.
+    staged = slice(lo, lo + n)
+    k_all = buf.k[:, :, staged].clone()
+    v_all = buf.v[:, :, staged].clone()
     km_all = k_all if policy.match_keys == "post_rope" or k_match is None else k_match
-    x = F.normalize(km_all.float(), dim=-1).unflatten(2, (nf, tpf))
-    idx, cos = match_frames(searcher, x, None if track is None else track.keys)
-    buf.count[:, :, lo : lo + n] = 0.0
-    buf.frame[:, :, lo : lo + n] = -1
+    prev = None if track is None else track.keys
+    buf.count[:, :, staged] = 0.0
+    buf.frame[:, :, staged] = -1
     slots = []
     for i in range(nf):
         sl = slice(i * tpf, (i + 1) * tpf)
+        x = F.normalize(km_all[:, :, sl].float(), dim=-1)
         if sinks[i]:
             slots.append(append_verbatim(buf, k_all[:, :, sl], v_all[:, :, sl], frames[i]))
             track = None
         else:
-            track, s = merge_frame(
-                buf, track, k_all[:, :, sl], v_all[:, :, sl], x[:, :, i], (idx[i], cos[i]), frames[i], policy,
-                may_overflow[i],
-            )  # fmt: skip
+            match = match_frame(searcher, x, prev)
+            if ring:
+                assert recent is not None and recent_full is not None
+                track, s = commit_recent(
+                    buf, recent, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy,
+                    full=recent_full[i], may_overflow=may_overflow[i],
+                )  # fmt: skip
+            else:
+                track, s = merge_frame(
+                    buf, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy, may_overflow[i]
+                )
             slots.append(s)
+        prev = x
     return track, torch.cat(slots, dim=2)

@@ -45,7 +45,7 @@ _USER_ERRORS = (
     ImportError,
 )
 #: Library field names that a command line knows under another flag.
-_ALIASES = {"num_frames": "frames", "policy_name": "policy", "out_dir": "out"}
+_ALIASES = {"num_frames": "frames", "out_dir": "out"}
 
 
 class UsageError(Exception):
@@ -172,6 +172,13 @@ def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
         help="latent decoder: wan (the folder's VAE, default) or tiny (a TAEHV taew2_1-style file, --tiny-decoder)",
     )
     p.add_argument("--tiny-decoder", metavar="PATH", help="with --decoder tiny: the .pth or .safetensors weights")
+    p.add_argument(
+        "--overlap-decode",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: decode each chunk on a side CUDA stream while the next chunk's DiT runs (default); off: "
+        "decode before the next chunk (the video is the same)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_gpus_arg(p)
     _add_sampler_args(p)
@@ -511,9 +518,9 @@ def _generate(args: argparse.Namespace, command: str, launched: Any) -> int:
         decoder=args.decoder,
         tiny_decoder=args.tiny_decoder,
     )
-    factory = None
+    parallel: dict[str, Any] = {}
     if launched is not None:
-        factory = _sharded_processors(pipe, launched)
+        parallel = _sharded_processors(pipe, launched)
     load_s = time.perf_counter() - t0
     try:
         with (
@@ -524,7 +531,7 @@ def _generate(args: argparse.Namespace, command: str, launched: Any) -> int:
                 pipe,
                 args.prompt,
                 num_frames=args.frames,
-                policy_name=args.policy,
+                preset=args.policy,
                 seed=args.seed,
                 out_dir=out,
                 frames_per_chunk=args.frames_per_chunk,
@@ -536,7 +543,8 @@ def _generate(args: argparse.Namespace, command: str, launched: Any) -> int:
                 command=command,
                 progress=progress,
                 extra={"load_seconds": load_s, "ranks": args.gpus},
-                processor_factory=factory,
+                overlap_decode=args.overlap_decode,
+                **parallel,
             )
     finally:
         if scratch is not None:
@@ -554,19 +562,12 @@ def _generate(args: argparse.Namespace, command: str, launched: Any) -> int:
     return 0
 
 
-def _sharded_processors(pipe: Any, launched: Any) -> Callable[..., Any]:
-    """Shard the pipeline's DiT over the run's ranks; returns the factory of this rank's processors."""
+def _sharded_processors(pipe: Any, launched: Any) -> dict[str, Any]:
+    """Shard the pipeline's DiT over the run's ranks; returns generate's arguments for this rank's processor."""
     from longroll.parallel import HeadParallelProcessor, shard_wan_model
 
     shard_wan_model(pipe.model, launched.group)
-
-    def factory(policy: Any, tokens_per_frame: int, frames_per_chunk: int) -> Any:
-        return HeadParallelProcessor.for_model(
-            policy, pipe.wan_config, group=launched.group, tokens_per_frame=tokens_per_frame,
-            frames_per_chunk=frames_per_chunk, dtype=pipe.dtype, device=pipe.device,
-        )  # fmt: skip
-
-    return factory
+    return {"processor_cls": HeadParallelProcessor, "processor_options": {"group": launched.group}}
 
 
 @contextmanager
@@ -758,12 +759,12 @@ def _cmd_demo(args: argparse.Namespace, command: str) -> int:
 def _cmd_eval(args: argparse.Namespace, command: str) -> int:
     import torch
 
-    from longroll.eval.world import DEFAULT_POLICIES, WorldEvalConfig, as_table, evaluate_world, write_report
+    from longroll.eval.world import DEFAULT_PRESETS, WorldEvalConfig, as_table, evaluate_world, write_report
     from longroll.world.model import load_world_model, shipped_checkpoint_path
 
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
     cfg = WorldEvalConfig(
-        policies=args.policies or DEFAULT_POLICIES,
+        policies=args.policies or DEFAULT_PRESETS,
         families=families,  # type: ignore[arg-type]  # validated by WorldEvalConfig
         episodes=args.episodes,
         frames=args.frames,

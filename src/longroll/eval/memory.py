@@ -17,6 +17,7 @@ sink-window and dense with percentile-bootstrap 95 % intervals (:mod:`longroll.e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -30,7 +31,14 @@ from longroll.cache.config import SinkWindowPolicy
 from longroll.eval.stats import paired_difference
 from longroll.eval.world import ProbedProcessor, run_record
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, SINK_FRAMES, PolicyConfig, TempCacheLayout, preset
+from longroll.policies.config import (
+    EQUAL_MEMORY_FRAMES,
+    PRESET_NAMES,
+    SINK_FRAMES,
+    AttentionPolicy,
+    TempCacheLayout,
+    preset,
+)
 from longroll.world.episode import (
     FAMILIES,
     NOVEL,
@@ -48,7 +56,7 @@ from longroll.world.training import EVAL_SEED, MEMORY_CONTEXT_FRAMES
 log = logging.getLogger(__name__)
 
 #: Policies of the memory test (dense first: the reference of every comparison; sink_window second: the baseline).
-MEMORY_POLICIES: tuple[str, ...] = ("dense", "sink_window", "tempcache", "all", "all_int8")
+MEMORY_PRESETS: tuple[str, ...] = ("dense", "sink_window", "tempcache", "all", "all_int8")
 #: The presets a layout can be applied to: the TempCache ones, and sink-window (of which only the layout's
 #: ``sink_frames`` applies, the window taking the rest of the memory).
 LAYOUT_BASES: tuple[str, ...] = ("tempcache", "tempcache_lsh", "all", "all_int8", "sink_window")
@@ -64,24 +72,40 @@ class LayoutCandidate:
         name: label in the report (must not be a preset name).
         base: the preset it modifies (one of :data:`LAYOUT_BASES`).
         layout: its TempCache layout.
+        top_k_blocks: AnnSA's int8 key blocks per query block instead of the preset's (None: unchanged).
+        max_density: AnnSA's cap on the ANN-selected share of key blocks instead of the preset's (None:
+            unchanged).
+        annca: False drops the preset's AnnCA (prompt-token selection), to tell its share of a change apart.
     """
 
     name: str
     base: str
     layout: TempCacheLayout
+    top_k_blocks: int | None = None
+    max_density: float | None = None
+    annca: bool = True
 
     def __post_init__(self) -> None:
-        if not self.name or self.name in MEMORY_POLICIES or self.name in LAYOUT_BASES:
+        if not self.name or self.name in MEMORY_PRESETS or self.name in LAYOUT_BASES:
             raise ValueError(f"name must be a new non-empty label, got {self.name!r}")
         if self.base not in LAYOUT_BASES:
             raise ValueError(f"base must be one of {LAYOUT_BASES}, got {self.base!r}")
         if not isinstance(self.layout, TempCacheLayout):
             raise ValueError(f"layout must be a TempCacheLayout, got {type(self.layout).__name__}")
+        sparse = self.top_k_blocks is not None or self.max_density is not None or not self.annca
+        if sparse and self.base not in ("all", "all_int8"):
+            raise ValueError(f"top_k_blocks, max_density and annca apply to 'all' and 'all_int8', not {self.base!r}")
+        if self.top_k_blocks is not None and self.top_k_blocks < 1:
+            raise ValueError(f"top_k_blocks must be >= 1 or None, got {self.top_k_blocks!r}")
+        if self.max_density is not None and not 0.0 < self.max_density <= 1.0:
+            raise ValueError(f"max_density must be in (0, 1] or None, got {self.max_density!r}")
 
 
 def parse_layout(text: str) -> LayoutCandidate:
     """``name=base:key=value,...`` -> a :class:`LayoutCandidate`, keys of :class:`TempCacheLayout`
-    (``sinks`` for sink_frames, ``threshold``, ``overflow``, ``group``; ``group=none`` for unbounded).
+    (``sinks`` for sink_frames, ``recent`` for recent_frames, ``threshold``, ``overflow``, ``group``;
+    ``group=none`` for unbounded), and for ``all``/``all_int8`` AnnSA's ``topk`` and ``density`` and
+    ``annca=off``.
 
     E.g. ``tc_g4=tempcache:group=4`` or ``tc_s1=tempcache:sinks=1``.
     """
@@ -89,19 +113,28 @@ def parse_layout(text: str) -> LayoutCandidate:
         name, rest = text.split("=", 1)
         base, _, opts = rest.partition(":")
         kwargs: dict[str, Any] = {}
-        keys = {"sinks": "sink_frames", "threshold": "threshold", "overflow": "overflow_threshold",
-                "group": "max_group"}  # fmt: skip
+        sparse: dict[str, Any] = {}
+        keys = {"sinks": "sink_frames", "recent": "recent_frames", "threshold": "threshold",
+                "overflow": "overflow_threshold", "group": "max_group"}  # fmt: skip
         for item in filter(None, (o.strip() for o in opts.split(","))):
             key, value = item.split("=", 1)
-            if key not in keys:
-                raise ValueError(f"unknown layout key {key!r}; use {sorted(keys)}")
-            if key in ("sinks", "group"):
+            if key == "topk":
+                sparse["top_k_blocks"] = int(value)
+            elif key == "density":
+                sparse["max_density"] = float(value)
+            elif key == "annca":
+                if value not in ("on", "off"):
+                    raise ValueError(f"annca must be on or off, got {value!r}")
+                sparse["annca"] = value == "on"
+            elif key not in keys:
+                raise ValueError(f"unknown layout key {key!r}; use {[*sorted(keys), 'annca', 'density', 'topk']}")
+            elif key in ("sinks", "recent", "group"):
                 kwargs[keys[key]] = None if value.lower() == "none" and key == "group" else int(value)
             else:
                 kwargs[keys[key]] = float(value)
     except ValueError as err:
         raise ValueError(f"layout must read name=base:key=value,..., got {text!r} ({err})") from None
-    return LayoutCandidate(name.strip(), base.strip(), TempCacheLayout(**kwargs))
+    return LayoutCandidate(name.strip(), base.strip(), TempCacheLayout(**kwargs), **sparse)
 
 
 @dataclass(frozen=True)
@@ -120,7 +153,7 @@ class MemoryEvalConfig:
         resamples: bootstrap resamples of each interval.
     """
 
-    policies: tuple[str, ...] = MEMORY_POLICIES
+    policies: tuple[str, ...] = MEMORY_PRESETS
     layouts: tuple[LayoutCandidate, ...] = ()
     episodes: int = 32
     frames: int = 48
@@ -133,7 +166,7 @@ class MemoryEvalConfig:
 
     def __post_init__(self) -> None:
         pols = tuple(self.policies)
-        allowed = [*MEMORY_POLICIES, "budget", "tempcache_lsh", "annsa", "annsa_int8", "annca"]
+        allowed = [p for p in PRESET_NAMES if p != "radial"]  # the probes do not cover radial masks
         bad = [p for p in pols if p not in allowed]
         if bad or len(set(pols)) != len(pols):
             raise ValueError(f"policies must be distinct names from {allowed}, got {list(pols)}")
@@ -154,7 +187,7 @@ class MemoryEvalConfig:
         if self.context_frames >= self.frames:
             raise ValueError(f"context_frames={self.context_frames} must be below frames={self.frames}")
 
-    def policy_configs(self, model: WorldWanModel) -> list[PolicyConfig]:
+    def policy_configs(self, model: WorldWanModel) -> list[AttentionPolicy]:
         """Every policy to run, in order, at the model's geometry (layouts renamed to their labels)."""
         spec = model.spec
         tpf, fpc, mem = spec.tokens_per_frame, spec.frames_per_chunk, self.memory_frames
@@ -162,10 +195,16 @@ class MemoryEvalConfig:
         for cand in self.layouts:
             if cand.base == "sink_window":
                 sinks = min(cand.layout.sink_frames, mem - fpc)
-                out.append(PolicyConfig(cand.name, SinkWindowPolicy(sinks, mem - sinks)))
+                out.append(AttentionPolicy(cand.name, SinkWindowPolicy(sinks, mem - sinks)))
                 continue
             p = preset(cand.base, tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=mem, layout=cand.layout)
-            out.append(PolicyConfig(cand.name, p.cache, p.attention_backend, p.annsa, p.annca, p.schedule, p.radial))
+            annsa = p.annsa
+            if annsa is not None and cand.top_k_blocks is not None:
+                annsa = dataclasses.replace(annsa, top_k_blocks=cand.top_k_blocks)
+            if annsa is not None and cand.max_density is not None:
+                annsa = dataclasses.replace(annsa, max_density=cand.max_density)
+            annca = p.annca if cand.annca else None
+            out.append(dataclasses.replace(p, name=cand.name, annsa=annsa, annca=annca))
         return out
 
 
@@ -376,7 +415,7 @@ def memory_table(report: dict[str, Any]) -> str:
 
 __all__ = [
     "LAYOUT_BASES",
-    "MEMORY_POLICIES",
+    "MEMORY_PRESETS",
     "LayoutCandidate",
     "MemoryEvalConfig",
     "episode_scores",

@@ -42,7 +42,7 @@ from longroll.pipeline.generate import json_safe
 from longroll.pipeline.record import run_record
 from longroll.pipeline.rollout import ChunkStats
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, PolicyConfig
+from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, AttentionPolicy
 from longroll.sparse.annca import annca_recall
 from longroll.world.episode import FAMILIES, EpisodeConfig, Episodes, Family, sample_episodes
 from longroll.world.model import WorldModelSpec, WorldWanModel
@@ -51,7 +51,6 @@ from longroll.world.rollout import (
     psnr_from_mse,
     rollout_world,
     score_rollout,
-    world_policy,
     world_processor,
 )
 from longroll.world.training import EVAL_SEED
@@ -59,7 +58,7 @@ from longroll.world.training import EVAL_SEED
 log = logging.getLogger(__name__)
 
 #: Policies of a default evaluation (dense first: every other one is compared with it).
-DEFAULT_POLICIES: tuple[str, ...] = ("dense", "sink_window", "budget", "tempcache", "annsa", "annca", "all", "all_int8")
+DEFAULT_PRESETS: tuple[str, ...] = ("dense", "sink_window", "budget", "tempcache", "annsa", "annca", "all", "all_int8")
 #: Fingerprint projection seed for matching cached keys to the shadow cache's (see :func:`match_keys`).
 _FINGERPRINT_SEED = 7
 
@@ -132,7 +131,7 @@ class ProbedProcessor(CachedProcessor):
         **kwargs: the other arguments of :class:`CachedProcessor`.
     """
 
-    def __init__(self, policy: PolicyConfig, *, query_stride: int = 4, probe_every: int = 1, **kwargs: Any) -> None:
+    def __init__(self, policy: AttentionPolicy, *, query_stride: int = 4, probe_every: int = 1, **kwargs: Any) -> None:
         if policy.radial is not None:
             raise ValueError(f"policy {policy.name!r} uses a radial mask, which ProbedProcessor does not probe")
         for name, value in (("query_stride", query_stride), ("probe_every", probe_every)):
@@ -140,12 +139,13 @@ class ProbedProcessor(CachedProcessor):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         super().__init__(policy, **kwargs)
         self.query_stride, self.probe_every = query_stride, probe_every
-        c0 = self.caches[0]
+        caches = self.caches()
+        c0 = caches[0]
         full = CacheConfig(c0.config.tokens_per_frame, c0.config.frames_per_chunk, FullPolicy(), check_finite=False)
         self.shadows = [
             LayerKVCache(full, batch=c.batch, heads=c.heads, head_dim=c.head_dim, v_dim=c.v_dim, dtype=c.dtype,
                          device=c.device, layer=c.layer, head_ids=c.head_ids)
-            for c in self.caches
+            for c in caches
         ]  # fmt: skip
         self.records: list[ProbeRecord] = []
 
@@ -172,7 +172,7 @@ class ProbedProcessor(CachedProcessor):
     def cross_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """As :meth:`CachedProcessor.cross_attention`; q: (B, H, Lq, D), k, v: (B, H, L_ctx, D)."""
         out = super().cross_attention(layer, q, k, v)
-        ca, prompt = self.annca[layer], self.collapsed_prompt(layer)
+        ca, prompt = self.layers[layer].annca, self.collapsed_prompt(layer)
         if ca is not None and prompt is not None and self._probing() and self.is_sparse(layer):
             frame = self.current_pass.frame_start
             if self.annca_selecting[layer] is False:
@@ -185,17 +185,20 @@ class ProbedProcessor(CachedProcessor):
         return out
 
     def _probe_self(self, layer: int, q: torch.Tensor) -> None:
-        cache, shadow = self.caches[layer], self.shadows[layer]
-        view, ref = cache.view(), shadow.view()
+        lay, shadow = self.layers[layer], self.shadows[layer]
+        view, ref = lay.cache.view(), shadow.view()
         b, h, lq, _ = q.shape
         if h != view.k.shape[1]:
             raise ValueError(f"probes need as many query heads as kv heads, got {h} and {view.k.shape[1]}")
         ids = torch.arange(0, lq, self.query_stride, device=q.device)
-        valid = cache.buffers.count[:, :, : view.k.shape[2]] > 0  # (B, H, Lv)
-        planner = self.planners[layer]
-        if planner is not None and self.is_planned(layer) and self.is_sparse(layer):
-            # The selection is a deterministic function of q and the planned cache: the one the step used.
-            sel = planner.select(q, view, staged_tokens=cache.staged_tokens)
+        # Occupied slots: a TempCache view marks empty ones with a -inf bias; other views hold no empty slot.
+        lv = view.k.shape[2]
+        valid = torch.ones(b, view.k.shape[1], lv, dtype=torch.bool, device=q.device)
+        if view.bias is not None:
+            valid = view.bias > float("-inf")  # (B, H, Lv)
+        # The selection is a deterministic function of q and the planned cache: the one the step used.
+        sel = lay.selection(q) if self.is_sparse(layer) else None
+        if sel is not None:
             computed = sel.key_mask(ids) & valid[:, :, None, :]
         else:
             computed = valid[:, :, None, :].expand(b, h, len(ids), -1)
@@ -215,7 +218,7 @@ class ProbedProcessor(CachedProcessor):
         for metric in ("recall", "density"):
             for suffix, pick in (("", records), ("_last", [r for r in records if r.frame == last])):
                 per_layer: list[float] = []
-                for layer in range(len(self.caches)):
+                for layer in range(self.num_layers):
                     vals = [getattr(r, metric) for r in pick if r.layer == layer]
                     per_layer.append(statistics.fmean(vals) if vals else math.nan)
                 out[metric + suffix] = None if all(math.isnan(x) for x in per_layer) else per_layer
@@ -302,7 +305,7 @@ class WorldEvalConfig:
         probe_every: probe every ``probe_every``-th chunk.
     """
 
-    policies: tuple[str, ...] = DEFAULT_POLICIES
+    policies: tuple[str, ...] = DEFAULT_PRESETS
     families: tuple[Family, ...] = FAMILIES
     episodes: int = 2
     frames: int = 48
@@ -418,9 +421,10 @@ def evaluate_family(
     runs: list[PolicyRun] = []
     dense_frames: torch.Tensor | None = None
     for name in cfg.policies:
-        policy = world_policy(spec, name, cfg.memory_frames)
-        proc = world_processor(model, policy, batch=episodes.batch, device=device, cls=ProbedProcessor,
-                               query_stride=cfg.query_stride, probe_every=cfg.probe_every)  # fmt: skip
+        proc = world_processor(
+            model, name, batch=episodes.batch, device=device, memory_frames=cfg.memory_frames, cls=ProbedProcessor,
+            query_stride=cfg.query_stride, probe_every=cfg.probe_every,
+        )  # fmt: skip
         assert isinstance(proc, ProbedProcessor)
         total = (cfg.frames - spec.context_frames) // spec.frames_per_chunk
         on_chunk = None if chunk_progress is None else chunk_reporter(chunk_progress, f"{family} {name}", total)
@@ -677,7 +681,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
 
 __all__ = [
-    "DEFAULT_POLICIES",
+    "DEFAULT_PRESETS",
     "ProbeRecord",
     "ProbedProcessor",
     "WorldEvalConfig",

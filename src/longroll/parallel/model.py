@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from longroll.models.wan.model import CausalWanModel, FeedForward, WanAttention, WanBlock
+from longroll.ops.fp8 import Fp8Linear
 from longroll.parallel.group import HeadParallelGroup
 from longroll.parallel.layers import ShardedFeedForward, ShardedWanAttention
 
@@ -37,6 +38,11 @@ def shard_wan_model(model: CausalWanModel, group: HeadParallelGroup) -> CausalWa
     for i, block in enumerate(blocks):
         if not isinstance(block, WanBlock) or not isinstance(block.attn1, WanAttention):
             raise ValueError(f"model.blocks[{i}] is not an unsharded WanBlock (already sharded?)")
+        attns = (block.attn1, block.attn2)
+        if any(isinstance(a, WanAttention) and a.fused for a in attns):
+            raise ValueError(f"model.blocks[{i}] has fused projections: shard before fuse_projections()")
+        if any(isinstance(m, Fp8Linear) for m in block.modules()):
+            raise ValueError(f"model.blocks[{i}] has FP8 linears: shard before quantize_fp8()")
     for block in blocks:
         attn1, attn2, ffn = block.attn1, block.attn2, block.ffn
         assert isinstance(attn1, WanAttention) and isinstance(attn2, WanAttention) and isinstance(ffn, FeedForward)

@@ -13,7 +13,7 @@ from longroll.ops.probes import attention_recall
 from longroll.ops.reference import expand_kv_heads
 from longroll.parallel.group import HeadParallelGroup
 from longroll.policies.cached import CachedProcessor, PassInfo
-from longroll.policies.config import PolicyConfig
+from longroll.policies.config import AttentionPolicy
 from longroll.sparse.annca import AnnCA, AnnCAConfig, CollapsedPrompt
 
 
@@ -74,8 +74,11 @@ class HeadParallelProcessor(CachedProcessor):
     all-reduce and host sync per pass). ``state_dict`` / ``load_state_dict`` save and restore this rank's part (each
     rank saves its own file; a state of other heads is refused).
 
+    Attributes:
+        parallel: the :class:`HeadParallelGroup` (``group`` is the base class's cache group of grouped commits).
+
     Args:
-        policy: the rollout's :class:`PolicyConfig`.
+        policy: the rollout's :class:`AttentionPolicy`.
         group: the ranks sharing the model.
         heads: heads of the *model* per layer (this rank holds its share of them).
         num_layers, batch, head_dim, tokens_per_frame, frames_per_chunk, dtype, device, and ``options``: as
@@ -84,7 +87,7 @@ class HeadParallelProcessor(CachedProcessor):
 
     def __init__(
         self,
-        policy: PolicyConfig,
+        policy: AttentionPolicy,
         *,
         group: HeadParallelGroup,
         num_layers: int,
@@ -115,15 +118,12 @@ class HeadParallelProcessor(CachedProcessor):
             head_ids=ids,
             **options,
         )
-        self.group = group
+        self.parallel = group
         self.model_heads = heads
         ca = policy.annca
-        self.annca = [
-            None
-            if ca is None
-            else GroupAnnCA(ca, head_dim=head_dim, layer=i, head_ids=ids, device=device, group=group)
-            for i in range(num_layers)
-        ]
+        if ca is not None:
+            for i, lay in enumerate(self.layers):
+                lay.annca = GroupAnnCA(ca, head_dim=head_dim, layer=i, head_ids=ids, device=device, group=group)
 
     def begin_pass(self, info: PassInfo) -> None:
         super().begin_pass(info)
@@ -135,22 +135,23 @@ class HeadParallelProcessor(CachedProcessor):
         bound grew are rebuilt over the agreed range with their restored anchors. Every rank must call it."""
         super().load_state_dict(state)
         for i in self._agree_bounds():
-            planner = self.planners[i]
-            if planner is not None and self.is_planned(i):
-                cache = self.caches[i]
-                planner.plan(cache, anchors=planner.check_state(cache, planner.state_dict()))
+            lay, plan = self.layers[i], self.layers[i].annsa_plan
+            if lay.planner is not None and plan is not None:
+                lay.plan(anchors=plan.anchors)  # the restored anchors (int8), or None (LSH: from the keys)
 
     def _agree_bounds(self) -> list[int]:
         """Raise every TempCache layer's slot bound to the longest head over the group (one all-reduce, one host
         sync); returns the layers whose bound grew. The unsharded cache's bound is its longest head: the
         block layout of the sparse paths follows it, so every rank must read the same slot range."""
-        if self.group.size == 1 or not isinstance(self.policy.cache, TempCachePolicy):
+        caches = [lay.cache for lay in self.layers]
+        # Only between chunks (nothing staged): a bound moved under staged tokens would misplace them.
+        if self.parallel.size == 1 or not isinstance(self.policy.cache, TempCachePolicy) or caches[0].staged_tokens:
             return []
-        local = [c.settle_bound() for c in self.caches]
-        agreed = torch.tensor(local, dtype=torch.int64, device=self.caches[0].device)
-        self.group.all_reduce_max(agreed)
+        local = [c.settle_bound() for c in caches]
+        agreed = torch.tensor(local, dtype=torch.int64, device=caches[0].device)
+        self.parallel.all_reduce_max(agreed)
         grown = []
-        for i, (cache, bound) in enumerate(zip(self.caches, agreed.tolist(), strict=True)):
+        for i, (cache, bound) in enumerate(zip(caches, agreed.tolist(), strict=True)):
             if bound != local[i]:
                 cache.widen_bound(int(bound))
                 grown.append(i)
@@ -159,4 +160,4 @@ class HeadParallelProcessor(CachedProcessor):
     @property
     def head_ids(self) -> tuple[int, ...]:
         """Global ids of the heads this rank holds."""
-        return self.caches[0].head_ids
+        return self.layers[0].cache.head_ids

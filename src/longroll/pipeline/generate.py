@@ -22,17 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from longroll.pipeline.decoder import StreamingDecoder
 from longroll.pipeline.loader import LoadedPipeline
 from longroll.pipeline.outdir import prepare_out_dir
+from longroll.pipeline.overlap import DecodeQueue, check_overlap_mode
 from longroll.pipeline.record import run_record
 from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.pipeline.video import Mp4Writer
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, PolicyConfig, preset
+from longroll.policies.config import EQUAL_MEMORY_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -79,41 +81,86 @@ class GenerateResult:
 
 
 class _StreamingSink:
-    """``on_chunk`` callback: decode a finished chunk, append it to the MP4, record its timings."""
+    """``on_chunk`` callback: decode a finished chunk (through a :class:`DecodeQueue`, overlapped with the next
+    chunk's DiT where the mode and device allow), append its frames to the MP4, record its timings."""
 
     def __init__(
-        self, decoder: StreamingDecoder, writer: Mp4Writer, total: int, progress: Callable[[int, int], None] | None
+        self,
+        decoder: StreamingDecoder,
+        writer: Mp4Writer,
+        total: int,
+        progress: Callable[[int, int], None] | None,
+        overlap: str = "off",
     ) -> None:
         self.decoder, self.writer, self.total, self.progress = decoder, writer, total, progress
+        self.queue = DecodeQueue(decoder, self._write, overlap)
         self.records: list[dict[str, Any]] = []
+        self._pending: dict[int, dict[str, Any]] = {}
+        self._write_seconds = 0.0  # spent in _write during the current call
+        self.stopped_in_sink = False  # a write or the progress callback raised: write nothing more
+
+    def _write(self, chunk: int, frames: np.ndarray) -> None:
+        try:
+            t0 = time.perf_counter()
+            self.writer.append(frames)
+            dt = time.perf_counter() - t0
+            self._write_seconds += dt
+            rec = self._pending.pop(chunk)
+            rec["video_frames"] = int(frames.shape[0])
+            rec["write_seconds"] = dt
+            self.records.append(rec)
+            if self.progress is not None:
+                self.progress(chunk + 1, self.total)
+        except BaseException:
+            self.stopped_in_sink = True
+            raise
 
     def __call__(self, chunk: int, latents: torch.Tensor, st: ChunkStats) -> None:
         dev = self.decoder.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         sync(dev)
+        rec: dict[str, Any] = {
+            "chunk": chunk,
+            "frame_start": st.frame_start,
+            "latent_frames": latents.shape[2],
+            "video_frames": None,
+            "dit_seconds": st.seconds,
+            "decode_seconds": None,
+            "write_seconds": None,
+            "dit_peak_bytes": st.peak_bytes,
+            "decode_peak_bytes": None,
+            "cache_bytes": st.cache_bytes,
+        }
+        self._pending[chunk] = rec  # completed and listed in records when its frames are written
+        self._write_seconds = 0.0
         t0 = time.perf_counter()
-        frames = self.decoder.decode_chunk(latents)  # (T, H, W, 3) uint8; .cpu() inside syncs
-        t1 = time.perf_counter()
-        self.writer.append(frames)
-        t2 = time.perf_counter()
-        self.records.append(
-            {
-                "chunk": chunk,
-                "frame_start": st.frame_start,
-                "latent_frames": latents.shape[2],
-                "video_frames": int(frames.shape[0]),
-                "dit_seconds": st.seconds,
-                "decode_seconds": t1 - t0,
-                "write_seconds": t2 - t1,
-                "dit_peak_bytes": st.peak_bytes,
-                "decode_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0,
-                "cache_bytes": st.cache_bytes,
-            }
-        )
-        log.debug("chunk %d: DiT %.3f s, decode %.3f s", chunk, st.seconds, t1 - t0)
-        if self.progress is not None:
-            self.progress(chunk + 1, self.total)
+        try:
+            self.queue.submit(chunk, latents)  # off: decodes and writes; overlapped: enqueues, writes chunk - 1
+        finally:
+            # Host time of the decode (overlapped: its enqueueing and any wait), the MP4 writing taken out.
+            rec["decode_seconds"] = time.perf_counter() - t0 - self._write_seconds
+            rec["decode_peak_bytes"] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+        log.debug("chunk %d: DiT %.3f s", chunk, st.seconds)
+
+    def finish(self) -> None:
+        """Write the chunks still being decoded."""
+        self.queue.finish()
+
+
+def _flush_after_failure(sink: _StreamingSink) -> None:
+    """Write the chunks whose decode was under way when the rollout failed in the DiT (they are complete), so
+    that the partial video holds every finished chunk, as without the overlap. When the failure came from the
+    sink itself (a write, or the progress callback, e.g. an interrupt), nothing more is written; a second
+    failure here only drops the rest."""
+    if sink.stopped_in_sink:
+        sink.queue.discard()
+        return
+    try:
+        sink.finish()
+    except Exception as e:  # the original error is the one to raise
+        log.warning("could not write the chunks being decoded: %s", " ".join(str(e).split()[:30]))
+        sink.queue.discard()
 
 
 def _latent_shape(pipe: LoadedPipeline, height: int, width: int) -> tuple[int, int, int]:
@@ -124,12 +171,6 @@ def _latent_shape(pipe: LoadedPipeline, height: int, width: int) -> tuple[int, i
         if px < 1 or px % (f * p):
             raise ValueError(f"{name} must be a positive multiple of {f * p} (VAE factor {f} x patch {p}), got {px}")
     return pipe.wan_config.in_channels, height // f, width // f
-
-
-def _processor(pipe: LoadedPipeline, policy: PolicyConfig, tpf: int, fpc: int) -> CachedProcessor:
-    return CachedProcessor.for_model(
-        policy, pipe.wan_config, tokens_per_frame=tpf, frames_per_chunk=fpc, dtype=pipe.dtype, device=pipe.device
-    )
 
 
 def _timing(records: list[dict[str, Any]], text_s: float, e2e_s: float, fpc: int) -> dict[str, Any]:
@@ -242,7 +283,7 @@ def generate(
     prompt: str,
     *,
     num_frames: int,
-    policy_name: str,
+    preset: str,
     seed: int,
     out_dir: str | os.PathLike[str],
     frames_per_chunk: int = 3,
@@ -254,7 +295,9 @@ def generate(
     command: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     extra: dict[str, Any] | None = None,
-    processor_factory: Callable[[PolicyConfig, int, int], CachedProcessor] | None = None,
+    overlap_decode: str = "auto",
+    processor_cls: type[CachedProcessor] = CachedProcessor,
+    processor_options: dict[str, Any] | None = None,
 ) -> GenerateResult:
     """Generate a video from a prompt with a cache policy, streaming the decode into ``out_dir/video.mp4``.
 
@@ -263,7 +306,7 @@ def generate(
         prompt: the text prompt.
         num_frames: latent frames to generate (multiple of ``frames_per_chunk``); the video has
             ``1 + 4 (num_frames - 1)`` frames.
-        policy_name: a name of :data:`longroll.policies.config.PRESET_NAMES`.
+        preset: the attention preset, a name of :data:`longroll.policies.config.PRESET_NAMES`.
         seed: noise seed (chunk c uses ``seed + c``).
         out_dir: created if needed (and checked writable before any work); receives ``video.mp4`` and
             ``stats.json``, or, when the run is interrupted or fails, ``video.partial.mp4`` (the chunks done,
@@ -277,15 +320,23 @@ def generate(
         command: recorded in the stats (default: this process's command line).
         progress: called with (chunks done, chunks total) after each chunk.
         extra: JSON-ready entries added to the stats (e.g. the caller's model load time).
-        processor_factory: builds the empty processor from (policy, tokens_per_frame, frames_per_chunk), e.g.
-            one rank's head-parallel processor; default: a :class:`CachedProcessor` of every head.
+        overlap_decode: ``auto`` decodes chunk i on a side CUDA stream while chunk i+1's DiT runs (on the CPU
+            the same one-behind schedule in line), ``off`` decodes each chunk before the next chunk's DiT; see
+            :class:`~longroll.pipeline.overlap.DecodeQueue`. The video is the same either way. Overlapped, a
+            chunk's ``dit_seconds`` include whatever of the previous chunk's decode the GPU did not hide.
+        processor_cls, processor_options: the processor is ``processor_cls.for_model(preset, ...,
+            **processor_options)``, e.g. one rank's head-parallel processor and its group.
     """
     sampler = sampler if sampler is not None else SamplerConfig()
+    overlap = check_overlap_mode(overlap_decode)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty text, got {prompt!r}")
     latent_shape = _latent_shape(pipe, height, width)
     tpf = pipe.wan_config.tokens_per_frame(latent_shape[1], latent_shape[2])
-    policy = preset(policy_name, tokens_per_frame=tpf, frames_per_chunk=frames_per_chunk, memory_frames=memory_frames)
+    processor = processor_cls.for_model(
+        preset, pipe.wan_config, tokens_per_frame=tpf, frames_per_chunk=frames_per_chunk, dtype=pipe.dtype,
+        device=pipe.device, memory_frames=memory_frames, **(processor_options or {}),
+    )  # fmt: skip
     rollout = RolloutConfig(num_frames, frames_per_chunk, latent_shape, sampler, seed)
     out = prepare_out_dir(out_dir, name="out_dir")
     video_path, stats_path = out / VIDEO_FILE, out / STATS_FILE
@@ -293,10 +344,6 @@ def generate(
     # Files of an earlier run in this folder would pass for this run's results.
     for stale in (video_path, stats_path, partial_video, partial_stats):
         stale.unlink(missing_ok=True)
-    if processor_factory is None:
-        processor = _processor(pipe, policy, tpf, frames_per_chunk)
-    else:
-        processor = processor_factory(policy, tpf, frames_per_chunk)
     engine = RolloutEngine(pipe.model, processor, rollout)
     sync(pipe.device)
     t_start = time.perf_counter()
@@ -306,8 +353,8 @@ def generate(
     pipe.decoder.reset()
     settings = {
         "prompt": prompt,
-        "policy": policy_name,
-        "policy_config": _json_safe(policy),
+        "policy": preset,
+        "policy_config": _json_safe(processor.policy),
         "seed": seed,
         "num_latent_frames": num_frames,
         "frames_per_chunk": frames_per_chunk,
@@ -318,14 +365,20 @@ def generate(
         "tokens_per_frame": tpf,
         "fps": fps,
         "sampler": _json_safe(sampler),
+        "overlap_decode": overlap,
     }
     # The video is written under a partial name and renamed once complete: an interrupted or failed run
     # leaves a playable, clearly partial MP4 (the writer closes the file on the way out) and partial stats.
     writer = Mp4Writer(partial_video, fps)
-    sink = _StreamingSink(pipe.decoder, writer, rollout.num_chunks, progress)
+    sink = _StreamingSink(pipe.decoder, writer, rollout.num_chunks, progress, overlap)
     try:
         with writer:
-            result = engine.run(context, on_chunk=sink, dtype=pipe.dtype)
+            try:
+                result = engine.run(context, on_chunk=sink, dtype=pipe.dtype)
+            except BaseException:
+                _flush_after_failure(sink)
+                raise
+            sink.finish()
     except BaseException as e:
         pipe.decoder.reset()
         done = writer.frames_written

@@ -34,6 +34,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longroll.files import read_safetensors, read_torch
-from longroll.pipeline.vae import latents_to_uint8
+from longroll.pipeline.vae import latents_to_uint8, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class _TimeGrow(nn.Module):
         """(B, T, C, H, W) -> (B, stride * T, C, H, W), frame ``stride * t + j`` from channel group ``j``."""
         b, t, c, h, w = x.shape
         y = self.conv(x.reshape(b * t, c, h, w))
-        return y.view(b, t * self.stride, c, h, w)
+        return y.reshape(b, t * self.stride, c, h, w)  # a view unless y is channels-last
 
 
 @dataclass(frozen=True)
@@ -319,15 +320,29 @@ class TinyLatentDecoder:
     Args:
         model: the decoder; it is moved to ``device``/``dtype`` when those are given.
         device, dtype: default: the model's.
+        channels_last: store the convolution weights channels-last, so that the activations follow (cuDNN's
+            fastest layout in bf16); same values up to the convolution algorithms' rounding.
+        compile: run the decoder under ``torch.compile`` (one compilation for a video's first chunk, which has
+            no state, and one for the chunks after it).
     """
 
     def __init__(
-        self, model: TinyVideoDecoder, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        model: TinyVideoDecoder,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.dtype = dtype if dtype is not None else param.dtype
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.channels_last = channels_last
+        if channels_last:
+            to_channels_last(self.model)
+        self._run: Any = torch.compile(self.model) if compile else self.model
         cfg = model.config
         self.latent_channels: int = cfg.latent_channels
         self.spatial_factor: int = cfg.spatial_factor
@@ -359,7 +374,7 @@ class TinyLatentDecoder:
             latents = latents[None]
         if latents.dim() != 5 or latents.shape[0] != 1:
             raise ValueError(f"latents must be (1, {self.latent_channels}, frames, h, w), got {tuple(latents.shape)}")
-        video, state = self.model(latents, self._state)
+        video, state = self._run(latents, self._state)
         self._state = state
         self.frames_decoded += latents.shape[2]
         return video.float() * 2 - 1

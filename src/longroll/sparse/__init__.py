@@ -13,6 +13,7 @@ from longroll.sparse.annca import (
 from longroll.sparse.annsa import (
     AnnSAConfig,
     AnnSAOutput,
+    AnnSAPlan,
     AnnSAPlanner,
     AnnSASelection,
     annsa_reference,
@@ -26,6 +27,7 @@ __all__ = [
     "AnnCASelection",
     "AnnSAConfig",
     "AnnSAOutput",
+    "AnnSAPlan",
     "AnnSAPlanner",
     "AnnSASelection",
     "CollapsedPrompt",

@@ -3,23 +3,26 @@
 Plan/run, in the flashinfer style, one planner per layer:
 
 - :meth:`AnnSAPlanner.plan` runs once per commit (after ``cache.commit()``, nothing staged). It hashes the
-  committed non-sink keys and physically reorders them in the cache with ``cache.reorder_`` so that every
-  bucket (LSH table 0, or nearest int8 anchor) is one contiguous slot range; empty slots go last. Attention is
-  order-invariant, so this changes no output, and history keys do not change across a chunk's denoising steps,
-  so the cost is paid once per commit.
+  committed keys past the cache's pinned slots (``cache.pinned_tokens``: sinks, TempCache's ring) and
+  returns an :class:`AnnSAPlan`, a value: the slot order that makes every bucket (LSH table 0, or nearest int8
+  anchor) one contiguous slot range, empty slots last, and what selection reads in that order. Planning only
+  reads the cache; the layer then applies the order (:meth:`AnnSAPlan.apply_to`, one ``cache.reorder_``).
+  Attention is order-invariant, so this changes no output, and history keys do not change across a chunk's
+  denoising steps, so the cost is paid once per commit.
 - :meth:`AnnSAPlanner.select` / :meth:`AnnSAPlanner.run` run at every denoising step. Queries are hashed and
   sorted by bucket (a spatially contiguous query block otherwise spreads over most buckets); each block of
   ``q_block_size`` sorted queries selects the key blocks that cover the buckets its queries land in (every
   table, plus Hamming-1 probes), or for the int8 family the top-k key blocks by the int8 score of its mean
-  query against the key-block centroids; the key blocks of the sink frames ``[0, sink)`` and of the staged
+  query against the key-block centroids; the key blocks of the sink frames ``[0, start)`` and of the staged
   chunk (the queries' own keys, the last ``staged_tokens`` of the view) are added. The step costs hashing,
   sorting and block-level arithmetic: nothing scales with a dense Q.K^T over the cache, and nothing reads
   back to the host.
 
 Layout of the view the selection refers to (``L = view.k.shape[2]``)::
 
-    [0, sink)                    sink frames, never moved (first sink_frames * tokens_per_frame slots)
-    [sink, sink + n_valid_h)     history of head h, bucket-sorted by plan(); empty slots after it
+    [0, start)                   pinned slots, never moved: the sink frames and TempCache's verbatim ring
+                                 (``cache.pinned_tokens``)
+    [start, start + n_valid_h)   history of head h, bucket-sorted by the plan; empty slots after it
     [L - staged_tokens, L)       the staged chunk (its own keys), written by cache.stage() every step
 
 Table 0 of the sorted history is scored by offset arithmetic: a bucket-to-key-block cover matrix built at plan
@@ -101,7 +104,8 @@ class AnnSAConfig:
         top_k_blocks: key blocks per query block for the int8 family.
         anchors: int8 family: anchor keys (strided sample of the history) whose nearest one orders keys and
             queries into buckets.
-        attend_sinks: always attend the sink frames' key blocks (else they go through the ANN like history).
+        attend_sinks: always attend the pinned key blocks (sinks, TempCache's verbatim ring; else they go through
+            the ANN like history).
         attend_own_chunk: always attend the staged chunk's key blocks (else they are hashed every step).
         backend: block-sparse attention backend (``"auto"``, ``"triton"``, ``"torch"``).
     """
@@ -190,41 +194,115 @@ class AnnSAOutput(NamedTuple):
     selection: AnnSASelection
 
 
-@dataclass
-class _Plan:
-    """State of one commit: tensors over the cache's (B, Hk) heads, history blocks [0, cdiv(bound, bk))."""
+@dataclass(frozen=True, eq=False)
+class AnnSAPlan:
+    """One commit's plan of a layer's cache. A value: making it changes nothing in the cache.
+
+    It says how the cache's plannable slots are to be ordered so that every bucket is one contiguous slot
+    range (:meth:`apply_to` does it), and holds what the per-step selection reads, computed for that order.
+    Tensors are over the cache's (B, Hk) heads; the history's key blocks are ``[0, cdiv(bound, kv_block_size))``.
+
+    Attributes:
+        bound: committed slots per head when planned (``cache.bound``).
+        start: first slot of the reordered range ``[start, bound)`` (``cache.pinned_tokens``); the pinned slots
+            before it (sinks, TempCache's ring) keep their place and, with ``attend_sinks``, are attended at every
+            step.
+        batch, heads, head_dim: key geometry of the planned cache.
+        order: (B, Hk, bound - start) int64 permutation: slot ``start + i`` of the planned layout receives slot
+            ``start + order[..., i]`` of the cache as it was when planned (occupied slots first, by bucket).
+        searcher: LSH family: the hash functions (None for int8).
+        offsets: LSH: (B, Hk, nbuckets + 1) int64, first position of each table-0 bucket, relative to ``start``.
+        cover: LSH: (B, Hk, nbuckets, nkb_hist) float32 0/1, table-0 bucket -> key blocks (None when too large:
+            difference arrays over ``offsets`` are used instead).
+        block_codes: LSH with several tables or hashed sinks: (B, Hk, nkb_hist, T) codes of the block
+            centroids (``nbuckets`` where a block is not scored by its centroid in that table).
+        anchors: int8: (B, Hk, anchors, D) anchor codes and (B, Hk, anchors) scales.
+        centroids: int8: (B, Hk, nkb_hist, D) codes and (B, Hk, nkb_hist) scales of the key-block centroids.
+        block_ok: int8: (B, Hk, nkb_hist) bool, key blocks holding an occupied slot.
+    """
 
     bound: int
-    sink: int
+    start: int
     batch: int
     heads: int
     head_dim: int
+    order: torch.Tensor
     searcher: SignLSH | None = None
-    offsets: torch.Tensor | None = None  # (B, Hk, nbuckets + 1) int64, relative to sink
-    cover: torch.Tensor | None = None  # (B, Hk, nbuckets, nkb_hist) float32 0/1, table-0 bucket -> blocks
-    block_codes: torch.Tensor | None = None  # (B, Hk, nkb_hist, T) centroid codes, nbuckets = unused
-    anchors: Int8Codes | None = None  # (B, Hk, anchors, D)
-    centroids: Int8Codes | None = None  # (B, Hk, nkb_hist, D)
-    block_ok: torch.Tensor | None = None  # (B, Hk, nkb_hist) bool
+    offsets: torch.Tensor | None = None
+    cover: torch.Tensor | None = None
+    block_codes: torch.Tensor | None = None
+    anchors: Int8Codes | None = None
+    centroids: Int8Codes | None = None
+    block_ok: torch.Tensor | None = None
+
+    def apply_to(self, cache: LayerKVCache) -> None:
+        """Put ``cache``'s slots in this plan's order, once, right after planning (``cache.reorder_``).
+
+        Attention over the cache does not change (it ignores slot order); selections with this plan refer to
+        the reordered slots.
+
+        Raises:
+            ValueError naming ``cache`` when it is not the cache as planned (another geometry, bound or
+            plannable range, or a chunk staged since).
+        """
+        if not isinstance(cache, LayerKVCache):
+            raise ValueError(f"cache must be a LayerKVCache, got {type(cache).__name__}")
+        geometry = (cache.batch, cache.heads, cache.head_dim)
+        if geometry != (self.batch, self.heads, self.head_dim) or cache.staged_tokens:
+            raise ValueError(
+                f"cache holds (B, H, D) = {geometry} with {cache.staged_tokens} staged tokens; the plan is of "
+                f"{(self.batch, self.heads, self.head_dim)} with nothing staged"
+            )
+        if (cache.pinned_tokens, cache.bound) != (self.start, self.bound):
+            raise ValueError(
+                f"cache's plannable slots are [{cache.pinned_tokens}, {cache.bound}), the plan's "
+                f"[{self.start}, {self.bound}): "
+                "plan it again after each commit"
+            )
+        if self.bound > self.start:
+            cache.reorder_(self.order, start=self.start)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a plan of a restored cache needs besides the cache: for the int8 family, the anchors
+        (``anchor_codes`` (B, Hk, anchors, D) float32 integer values, ``anchor_scale`` (B, Hk, anchors)
+        float32); empty for LSH (a pure function of the keys)."""
+        if self.anchors is None:
+            return {}
+        a = self.anchors
+        return {"anchor_codes": a.codes.contiguous().clone(), "anchor_scale": a.scale.contiguous().clone()}
 
 
-def _sink_frames(cache: LayerKVCache) -> int:
-    return int(getattr(cache.policy, "sink_frames", 0))
+def _ordered_keys(
+    cache: LayerKVCache, start: int, bound: int, order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[0, bound)`` (B, Hk, bound, D) and their occupancy (B, Hk, bound) bool as they will lie once
+    ``order`` (B, Hk, bound - start) is applied from ``start``: the values ``reorder_`` will write, bit for bit."""
+    buf = cache.buffers
+    k, occupied = buf.k[:, :, :bound], buf.count[:, :, :bound] > 0
+    if bound == start:
+        return k, occupied
+    moved = buf.k[:, :, start:bound].gather(2, order[..., None].expand(*order.shape, k.shape[-1]))
+    keys = torch.cat([k[:, :, :start], moved], dim=2)
+    return keys, torch.cat([occupied[:, :, :start], occupied[:, :, start:].gather(2, order)], dim=2)
 
 
 class AnnSAPlanner:
-    """Per-layer AnnSA planner: :meth:`plan` once per commit, :meth:`run` at every denoising step.
+    """Per-layer AnnSA planner: :meth:`plan` once per commit (a value its caller applies to the cache),
+    :meth:`select` / :meth:`run` at every denoising step with that plan.
 
     Stateless across layers and heads: the LSH projections come from the cache's layer and global head ids, so
-    a planner on a shard of heads behaves exactly like the matching slice of an unsharded one.
+    a planner on a shard of heads behaves exactly like the matching slice of an unsharded one. Between calls it
+    keeps only reusable machinery (hash functions, the captured selection), never a cache's layout.
 
     Example::
 
         planner = AnnSAPlanner(AnnSAConfig())
-        cache.commit(); planner.plan(cache)
+        cache.commit()
+        plan = planner.plan(cache)
+        plan.apply_to(cache)
         for step in steps:
             cache.stage(k, v, frame_start=f0)
-            out = planner.run(q, cache.view()).out
+            out = planner.run(q, cache.view(), plan).out
     """
 
     def __init__(
@@ -242,22 +320,24 @@ class AnnSAPlanner:
         self._graphs = graphs
         self._graph_inputs = graph_inputs if graph_inputs is not None else StaticInputs()
         self.select_capture = KeyedCapture("emulate" if graphs == "emulate" else "cuda")
-        self._plan: _Plan | None = None
         self._searcher: SignLSH | None = None
         self._searcher_key: tuple[object, ...] | None = None
         self._hits: tuple[tuple[object, ...], GroupHits] | None = None
 
     # ----------------------------------------------------------------- plan
-    def plan(self, cache: LayerKVCache, *, anchors: Int8Codes | None = None) -> None:
-        """Bucket the committed non-sink keys and reorder them in ``cache`` (once per commit).
+    def plan(self, cache: LayerKVCache, *, anchors: Int8Codes | None = None) -> AnnSAPlan:
+        """Bucket the committed keys past ``cache.pinned_tokens`` (once per commit); ``cache`` is only read.
 
         Args:
             cache: the layer's cache, right after ``commit()`` (nothing staged).
             anchors: int8 family only: the anchors to bucket with instead of sampling them from the cache
-                (codes (B, Hk, anchors, D), scale (B, Hk, anchors)); a restored cache re-planned with the
-                anchors of :meth:`state_dict` gets the plan it was saved with (its slots already follow them,
+                (codes (B, Hk, anchors, D), scale (B, Hk, anchors)); a restored cache planned with the anchors
+                of :meth:`AnnSAPlan.state_dict` gets the plan it was saved with (its slots already follow them,
                 so the stable bucket sort keeps their order), where sampling would draw other anchors from the
                 reordered slots.
+
+        Returns:
+            The :class:`AnnSAPlan`; apply it to ``cache`` (:meth:`AnnSAPlan.apply_to`) before selecting with it.
 
         Raises:
             ValueError naming ``cache`` for a staged chunk or a sink-window policy (whose ring buffer evicts
@@ -274,15 +354,14 @@ class AnnSAPlanner:
             raise ValueError("cache has a staged chunk; call plan() after commit(), before the next stage()")
         if anchors is not None:
             self._check_anchors(cache, anchors)
-        bound = cache.bound
-        sink = min(_sink_frames(cache) * cache.config.tokens_per_frame, bound)
-        plan = _Plan(bound, sink, cache.batch, cache.heads, cache.head_dim)
+        # Sinks (and TempCache's verbatim ring) stay in place and are always attended.
+        start, bound = cache.pinned_tokens, cache.bound
         if isinstance(self.config.ann, LSHConfig):
-            self._plan_lsh(cache, plan)
+            plan = self._plan_lsh(cache, start, bound)
         else:
-            self._plan_int8(cache, plan, anchors)
-        self._plan = plan
-        logger.debug("AnnSA plan: layer %d, bound %d, sink %d", cache.layer, bound, sink)
+            plan = self._plan_int8(cache, start, bound, anchors)
+        logger.debug("AnnSA plan: layer %d, slots [%d, %d)", cache.layer, start, bound)
+        return plan
 
     def _lsh(self, cache: LayerKVCache) -> SignLSH:
         key = (cache.layer, cache.head_ids, cache.head_dim, str(cache.device))
@@ -295,57 +374,55 @@ class AnnSAPlanner:
             self._searcher_key = key
         return self._searcher
 
-    def _plan_lsh(self, cache: LayerKVCache, plan: _Plan) -> None:
+    def _plan_lsh(self, cache: LayerKVCache, start: int, bound: int) -> AnnSAPlan:
         lsh = self._lsh(cache)
-        plan.searcher = lsh
         nb, tables = 1 << lsh.config.bits, lsh.config.tables
         bk = self.config.kv_block_size
-        sink, bound, buf = plan.sink, plan.bound, cache.buffers
-        valid = buf.count[:, :, sink:bound] > 0
-        layout = bucket_sort(lsh.codes(buf.k[:, :, sink:bound])[..., 0], nb, valid)
-        if bound > sink:
-            cache.reorder_(layout.order, start=sink)
-        plan.offsets = layout.offsets
+        buf = cache.buffers
+        valid = buf.count[:, :, start:bound] > 0
+        layout = bucket_sort(lsh.codes(buf.k[:, :, start:bound])[..., 0], nb, valid)
         nkb = _cdiv(bound, bk)
-        if plan.batch * plan.heads * nb * nkb <= _COVER_LIMIT:
-            plan.cover = bucket_block_cover(layout.offsets, sink, bk, nkb)
-        hashed_sinks = not self.config.attend_sinks and sink > 0
-        if tables == 1 and not hashed_sinks:
-            return
-        # Table 0 of the sorted history is scored by offsets; blocks elsewhere by their centroid's codes.
-        cent, ok = block_means(buf.k[:, :, :bound], buf.count[:, :, :bound] > 0, bk)
-        codes = torch.where(ok[..., None], lsh.codes(cent), nb)  # (B, Hk, nkb_hist, T)
-        use = torch.ones(codes.shape[2:], dtype=torch.bool, device=codes.device)
-        use[:, 0] = torch.arange(codes.shape[2], device=codes.device) < (_cdiv(sink, bk) if hashed_sinks else 0)
-        plan.block_codes = torch.where(use, codes, nb)
+        cover = None
+        if cache.batch * cache.heads * nb * nkb <= _COVER_LIMIT:
+            cover = bucket_block_cover(layout.offsets, start, bk, nkb)
+        hashed_sinks = not self.config.attend_sinks and start > 0
+        block_codes = None
+        if tables > 1 or hashed_sinks:
+            # Table 0 of the sorted history is scored by offsets; blocks elsewhere by their centroid's codes.
+            keys, occupied = _ordered_keys(cache, start, bound, layout.order)
+            cent, ok = block_means(keys, occupied, bk)
+            codes = torch.where(ok[..., None], lsh.codes(cent), nb)  # (B, Hk, nkb_hist, T)
+            use = torch.ones(codes.shape[2:], dtype=torch.bool, device=codes.device)
+            use[:, 0] = torch.arange(codes.shape[2], device=codes.device) < (_cdiv(start, bk) if hashed_sinks else 0)
+            block_codes = torch.where(use, codes, nb)
+        return AnnSAPlan(
+            bound, start, cache.batch, cache.heads, cache.head_dim, layout.order,
+            searcher=lsh, offsets=layout.offsets, cover=cover, block_codes=block_codes,
+        )  # fmt: skip
 
-    def _plan_int8(self, cache: LayerKVCache, plan: _Plan, anchors: Int8Codes | None) -> None:
-        sink, bound, buf = plan.sink, plan.bound, cache.buffers
+    def _plan_int8(self, cache: LayerKVCache, start: int, bound: int, anchors: Int8Codes | None) -> AnnSAPlan:
+        buf = cache.buffers
         c = self.config.anchors
-        valid = buf.count[:, :, sink:bound] > 0
+        valid = buf.count[:, :, start:bound] > 0
         if anchors is not None:
-            plan.anchors = Int8Codes(anchors.codes.to(cache.device), anchors.scale.to(cache.device))
+            picked = Int8Codes(anchors.codes.to(cache.device), anchors.scale.to(cache.device))
         else:
             # Valid history entries are the first ones of the range (the cache keeps empty slots last).
-            plan.anchors = int8_encode(strided_sample(buf.k[:, :, : max(bound, sink + 1)], sink, valid.sum(-1), c))
-        if bound > sink:
-            codes = nearest_anchor(buf.k[:, :, sink:bound], plan.anchors)
-            cache.reorder_(bucket_sort(codes, c, valid).order, start=sink)
-        cent, plan.block_ok = block_means(buf.k[:, :, :bound], buf.count[:, :, :bound] > 0, self.config.kv_block_size)
-        plan.centroids = int8_encode(cent)
+            picked = int8_encode(strided_sample(buf.k[:, :, : max(bound, start + 1)], start, valid.sum(-1), c))
+        if bound > start:
+            order = bucket_sort(nearest_anchor(buf.k[:, :, start:bound], picked), c, valid).order
+        else:
+            order = torch.empty((cache.batch, cache.heads, 0), dtype=torch.int64, device=cache.device)
+        keys, occupied = _ordered_keys(cache, start, bound, order)
+        cent, block_ok = block_means(keys, occupied, self.config.kv_block_size)
+        return AnnSAPlan(
+            bound, start, cache.batch, cache.heads, cache.head_dim, order,
+            anchors=picked, centroids=int8_encode(cent), block_ok=block_ok,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """What a plan of a restored cache needs besides the cache: for the int8 family, the current plan's
-        anchors (``anchor_codes`` (B, Hk, anchors, D) float32 integer values, ``anchor_scale`` (B, Hk, anchors)
-        float32); empty for LSH (a pure function of the keys) or before the first plan."""
-        if self._plan is None or self._plan.anchors is None:
-            return {}
-        a = self._plan.anchors
-        return {"anchor_codes": a.codes.contiguous().clone(), "anchor_scale": a.scale.contiguous().clone()}
-
     def check_state(self, cache: LayerKVCache, state: dict[str, torch.Tensor]) -> Int8Codes | None:
-        """Validate :meth:`state_dict` output for ``cache`` (the cache it will plan), changing nothing.
+        """Validate :meth:`AnnSAPlan.state_dict` output for ``cache`` (the cache it will plan), changing nothing.
 
         Returns the anchors to pass to :meth:`plan` (None for LSH). Raises ValueError naming the problem.
         """
@@ -379,20 +456,23 @@ class AnnSAPlanner:
             raise ValueError("anchor_scale must be finite and positive")
 
     # ----------------------------------------------------------------- select / run
-    def select(self, q: torch.Tensor, view: CacheView, *, staged_tokens: int | None = None) -> AnnSASelection:
+    def select(
+        self, q: torch.Tensor, view: CacheView, plan: AnnSAPlan, *, staged_tokens: int | None = None
+    ) -> AnnSASelection:
         """Build this step's block-sparse selection (no host synchronisation).
 
         Args:
             q: (B, H, Lq, D) queries, H a multiple of the cache's kv heads.
             view: ``cache.view()`` of the planned cache: k (B, Hk, L, D), v (B, Hk, L, Dv), bias (B, Hk, L)
                 or None.
+            plan: the cache's plan of its last commit (:meth:`plan`), applied to it (:meth:`AnnSAPlan.apply_to`).
             staged_tokens: keys at the end of the view that belong to the chunk being denoised; default Lq
                 (the queries are the staged chunk's tokens).
 
         Returns:
             :class:`AnnSASelection`.
         """
-        plan, hist_end = self._check(q, view, staged_tokens)
+        hist_end = self._check(q, view, plan, staged_tokens)
         cfg = self.config
         lq, seqlen_k = q.shape[2], view.k.shape[2]
         if self._graphs == "off" or (self._graphs == "auto" and q.device.type != "cuda") or self.select_capture.failed:
@@ -403,7 +483,7 @@ class AnnSAPlanner:
         return AnnSASelection(index, order, mask)
 
     def _select(
-        self, q: torch.Tensor, k: torch.Tensor, plan: _Plan, hist_end: int
+        self, q: torch.Tensor, k: torch.Tensor, plan: AnnSAPlan, hist_end: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The selection as tensors: kv_num_blocks, kv_indices, q_order, block_mask (see AnnSASelection)."""
         cfg = self.config
@@ -413,7 +493,7 @@ class AnnSAPlanner:
             order, mask = self._select_lsh(q, k, plan, hist_end, nkb)
         else:
             order, mask = self._select_int8(q, k, plan, hist_end, nkb)
-        self._fill_forced(mask, plan.sink, hist_end, seqlen_k, True)
+        self._fill_forced(mask, plan.start, hist_end, seqlen_k, True)
         index = BlockSparseIndex.from_dense(mask, cfg.q_block_size, cfg.kv_block_size, lq, seqlen_k)
         return index.kv_num_blocks, index.kv_indices, order, mask
 
@@ -421,6 +501,7 @@ class AnnSAPlanner:
         self,
         q: torch.Tensor,
         view: CacheView,
+        plan: AnnSAPlan,
         *,
         staged_tokens: int | None = None,
         scale: float | None = None,
@@ -429,14 +510,14 @@ class AnnSAPlanner:
         """Block-sparse attention of q over the view with this step's selection.
 
         Args:
-            q: (B, H, Lq, D); view, staged_tokens: as in :meth:`select`; scale: logit scale (1/sqrt(D)).
+            q: (B, H, Lq, D); view, plan, staged_tokens: as in :meth:`select`; scale: logit scale (1/sqrt(D)).
             selection: a :meth:`select` result for these q and view (computed here when None), so callers
                 can time or inspect the selection apart from the attention.
 
         Returns:
             :class:`AnnSAOutput` with out (B, H, Lq, Dv) and lse (B, H, Lq) in the original query order.
         """
-        sel = self.select(q, view, staged_tokens=staged_tokens) if selection is None else selection
+        sel = self.select(q, view, plan, staged_tokens=staged_tokens) if selection is None else selection
         res = block_sparse_attention(
             sel.permute_queries(q),
             view.k,
@@ -449,10 +530,9 @@ class AnnSAPlanner:
         lse = None if res.lse is None else sel.unpermute(res.lse)
         return AnnSAOutput(sel.unpermute(res.out), lse, sel)
 
-    def _check(self, q: torch.Tensor, view: CacheView, staged_tokens: int | None) -> tuple[_Plan, int]:
-        if self._plan is None:
-            raise RuntimeError("select()/run() before plan(): call plan(cache) after each commit")
-        plan = self._plan
+    def _check(self, q: torch.Tensor, view: CacheView, plan: AnnSAPlan, staged_tokens: int | None) -> int:
+        if not isinstance(plan, AnnSAPlan):
+            raise ValueError(f"plan must be an AnnSAPlan (plan(cache) after each commit), got {type(plan).__name__}")
         if not isinstance(view, CacheView):
             raise ValueError(f"view must be a CacheView (cache.view()), got {type(view).__name__}")
         check_qkv(q, view.k, view.v)
@@ -472,17 +552,17 @@ class AnnSAPlanner:
                 f"view holds {hist_end} committed slots but the plan covers {plan.bound}: call plan(cache) "
                 f"after each commit (or pass the right staged_tokens)"
             )
-        return plan, hist_end
+        return hist_end
 
     def _select_captured(
-        self, q: torch.Tensor, k: torch.Tensor, plan: _Plan, hist_end: int
+        self, q: torch.Tensor, k: torch.Tensor, plan: AnnSAPlan, hist_end: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`_select` through a captured call: eager the first time a geometry is seen, captured the second,
         replayed afterwards. The queries and the plan's tensors are copied into static inputs (the queries into
         a buffer shared by every layer); the keys are read in place, so their storage is part of the key."""
         names, tensors = _plan_tensors(plan)
         key = (
-            tuple(q.shape), q.dtype, tuple(k.shape), k.data_ptr(), hist_end, plan.bound, plan.sink, names,
+            tuple(q.shape), q.dtype, tuple(k.shape), k.data_ptr(), hist_end, plan.bound, plan.start, names,
             tuple(t.shape for t in tensors),
         )  # fmt: skip
 
@@ -494,7 +574,7 @@ class AnnSAPlanner:
         return a, b, c, d
 
     def _select_lsh(
-        self, q: torch.Tensor, k: torch.Tensor, plan: _Plan, hist_end: int, nkb: int
+        self, q: torch.Tensor, k: torch.Tensor, plan: AnnSAPlan, hist_end: int, nkb: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, lsh = self.config, plan.searcher
         assert lsh is not None
@@ -512,7 +592,7 @@ class AnnSAPlanner:
         if plan.cover is not None:
             hist = _grouped_matmul(hits[:, :, :, 0], plan.cover[..., :nh])
         else:
-            hist = bucket_block_scores(hits[:, :, :, 0], expand_kv_heads(plan.offsets, h), plan.sink, bk, nh)
+            hist = bucket_block_scores(hits[:, :, :, 0], expand_kv_heads(plan.offsets, h), plan.start, bk, nh)
         if plan.block_codes is not None:
             hist += block_hits(hits, expand_kv_heads(plan.block_codes[:, :, :nh], h))
         score = F.pad(hist, (0, nkb - nh))
@@ -522,7 +602,7 @@ class AnnSAPlanner:
             cent, ok = block_means(k[:, :, s0:], pos.expand(b, hk, -1), bk)
             codes = torch.where(ok[..., None], lsh.codes(cent), 1 << bits)
             score[..., s0 // bk :] += block_hits(hits, expand_kv_heads(codes, h))
-        return order, self._cap(score, plan.sink, hist_end, k.shape[2])
+        return order, self._cap(score, plan.start, hist_end, k.shape[2])
 
     def _group_hits(self, lq: int, lsh: LSHConfig, device: torch.device) -> GroupHits:
         key = (lq, lsh.bits, lsh.probes, lsh.tables, self.config.q_block_size, str(device))
@@ -542,7 +622,7 @@ class AnnSAPlanner:
         return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, top.values > 0)
 
     def _select_int8(
-        self, q: torch.Tensor, k: torch.Tensor, plan: _Plan, hist_end: int, nkb: int
+        self, q: torch.Tensor, k: torch.Tensor, plan: AnnSAPlan, hist_end: int, nkb: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         assert plan.anchors is not None
@@ -558,7 +638,7 @@ class AnnSAPlanner:
         nh = min(plan.centroids.codes.shape[2], nkb)
         ok = plan.block_ok[:, :, :nh].clone()
         if cfg.attend_sinks:
-            ok[..., : _cdiv(plan.sink, bk)] = False
+            ok[..., : _cdiv(plan.start, bk)] = False
         parts = [(plan.centroids.codes[:, :, :nh], plan.centroids.scale[:, :, :nh], ok)]
         start = torch.arange(nh, device=q.device)
         if cfg.attend_own_chunk:
@@ -594,7 +674,7 @@ class AnnSAPlanner:
 _PLAN_FIELDS = ("offsets", "cover", "block_codes", "anchors", "centroids", "block_ok")
 
 
-def _plan_tensors(plan: _Plan) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
+def _plan_tensors(plan: AnnSAPlan) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
     """The plan's tensors, flattened (Int8Codes as codes then scale), with their field names."""
     names: list[str] = []
     tensors: list[torch.Tensor] = []
@@ -609,7 +689,7 @@ def _plan_tensors(plan: _Plan) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...
     return tuple(names), tuple(tensors)
 
 
-def _with_tensors(plan: _Plan, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> _Plan:
+def _with_tensors(plan: AnnSAPlan, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> AnnSAPlan:
     """A copy of ``plan`` whose tensors are ``tensors`` (in :func:`_plan_tensors` order)."""
     given = dict(zip(names, tensors, strict=True))
     fields: dict[str, object] = {}
@@ -666,6 +746,7 @@ def measure_layer(
     q: torch.Tensor,
     view: CacheView,
     planner: AnnSAPlanner,
+    plan: AnnSAPlan,
     *,
     staged_tokens: int | None = None,
     query_sample: int = 256,
@@ -674,7 +755,7 @@ def measure_layer(
 
     Args:
         q: (B, H, Lq, D) queries of a sample chunk; view: the planned cache's view.
-        planner: a planner whose :meth:`AnnSAPlanner.plan` ran on the view's cache.
+        planner, plan: the layer's planner and its applied plan of the view's cache.
         query_sample: queries (strided) whose exact attention is materialised for the recall.
 
     Returns:
@@ -684,7 +765,7 @@ def measure_layer(
     check_rank("q", q, 4)
     if query_sample < 1:
         raise ValueError(f"query_sample must be >= 1, got {query_sample}")
-    sel = planner.select(q, view, staged_tokens=staged_tokens)
+    sel = planner.select(q, view, plan, staged_tokens=staged_tokens)
     lq = q.shape[2]
     ids = torch.unique(torch.linspace(0, lq - 1, min(query_sample, lq), device=q.device).round().long())
     recall = attention_recall(q[:, :, ids], view.k, sel.key_mask(ids), bias=view.bias)
@@ -694,6 +775,7 @@ def measure_layer(
 __all__ = [
     "AnnSAConfig",
     "AnnSAOutput",
+    "AnnSAPlan",
     "AnnSAPlanner",
     "AnnSASelection",
     "annsa_reference",

@@ -21,7 +21,7 @@ from longroll.cache.config import SinkWindowPolicy
 from longroll.pipeline.rollout import ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, PolicyConfig, preset
+from longroll.policies.config import EQUAL_MEMORY_FRAMES, AttentionPolicy, preset
 from longroll.world.episode import NOVEL, RECENT, STALE, Episodes, tile_categories
 from longroll.world.latents import frames_to_latents, latents_to_uint8
 from longroll.world.model import WorldModelSpec, WorldWanModel
@@ -72,34 +72,31 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return model.patch_embedding.weight.dtype  # type: ignore[union-attr, return-value]
 
 
-def world_policy(spec: WorldModelSpec, name: str, memory_frames: int = EQUAL_MEMORY_FRAMES) -> PolicyConfig:
-    """The cache policy preset ``name`` at the world model's geometry (64 tokens per frame, 3-frame chunks)."""
-    return preset(name, tokens_per_frame=spec.tokens_per_frame, frames_per_chunk=spec.frames_per_chunk,
-                  memory_frames=memory_frames)  # fmt: skip
-
-
 def world_processor(
     model: WorldWanModel,
-    policy: PolicyConfig,
+    policy: AttentionPolicy | str,
     *,
     batch: int,
     device: torch.device | str,
+    memory_frames: int = EQUAL_MEMORY_FRAMES,
     cls: type[CachedProcessor] = CachedProcessor,
     **options: Any,
 ) -> CachedProcessor:
     """An empty processor of ``cls`` (a :class:`CachedProcessor` or a subclass, e.g. one that probes attention)
-    with one cache per layer of ``model``, in the weights' dtype; ``options`` go to the constructor."""
+    with one layer per layer of ``model``, in the weights' dtype, for an :class:`AttentionPolicy` or a preset
+    name (built at the world model's geometry with ``memory_frames``; see :meth:`CachedProcessor.for_model`);
+    ``options`` go to the constructor."""
     spec = model.spec
     return cls.for_model(
         policy, model.config, tokens_per_frame=spec.tokens_per_frame, frames_per_chunk=spec.frames_per_chunk,
-        dtype=_model_dtype(model), device=device, batch=batch, **options,
+        dtype=_model_dtype(model), device=device, batch=batch, memory_frames=memory_frames, **options,
     )  # fmt: skip
 
 
 @torch.no_grad()
 def rollout_world(
     model: WorldWanModel,
-    policy_name: str | PolicyConfig,
+    policy: str | AttentionPolicy,
     episodes: Episodes,
     *,
     steps: int | None = None,
@@ -116,8 +113,8 @@ def rollout_world(
 
     Args:
         model: the world model, already on ``device`` (any dtype; latents and caches use the weights' dtype).
-        policy_name: a cache policy preset (``dense``, ``sink_window``, ``budget``, ``tempcache``, ...) or a
-            :class:`PolicyConfig`; ignored when ``processor`` is given.
+        policy: a preset name (``dense``, ``sink_window``, ``budget``, ``tempcache``, ...) or an
+            :class:`AttentionPolicy`; ignored when ``processor`` is given.
         episodes: B episodes of F frames; F - context_frames must be a multiple of frames_per_chunk.
         steps: denoising steps per chunk (default: the spec's schedule, 4 steps).
         device: where to run.
@@ -142,8 +139,7 @@ def rollout_world(
         context = load_prompt_embeddings().context(eps.world_ids)
     context = context.to(device=device, dtype=dtype)
     if processor is None:
-        policy = world_policy(spec, policy_name, memory_frames) if isinstance(policy_name, str) else policy_name
-        processor = world_processor(model, policy, batch=eps.batch, device=device)
+        processor = world_processor(model, policy, batch=eps.batch, device=device, memory_frames=memory_frames)
     elif processor.batch != eps.batch or processor.committed_frames:
         raise ValueError(
             f"processor must be empty and hold a batch of {eps.batch}, got batch {processor.batch} with "

@@ -22,12 +22,20 @@ matmuls run in the weights' dtype (see :meth:`CausalWanModel.to_inference_dtype`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from longroll.models.wan.config import WanConfig
+from longroll.ops.fp8 import (
+    Fp8Granularity,
+    Fp8Linear,
+    check_fp8_granularity,
+    check_fp8_shape,
+    fp8_unsupported_reason,
+)
 from longroll.policies.processor import AttentionProcessor, DenseProcessor
 
 # Modules whose parameters stay float32 under to_inference_dtype: they feed the float32 modulation math or
@@ -143,6 +151,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Attention
 
 
+_QKV = ("to_q", "to_k", "to_v")
+_KV = ("to_k", "to_v")
+_FUSED_NAME = {_QKV: "to_qkv", _KV: "to_kv"}
+
+
+def _split_fused_on_save(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook of a fused :class:`WanAttention`: save the separate ``to_q``/``to_k``/``to_v`` tensors
+    (copies, so that formats refusing shared storage such as safetensors accept them)."""
+    assert isinstance(module, WanAttention)
+    names = module.fused
+    if not names:
+        return
+    fused = prefix + _FUSED_NAME[names] + "."
+    for kind in ("weight", "bias"):
+        tensor = state_dict.pop(fused + kind)
+        for n, part in zip(names, tensor.chunk(len(names)), strict=True):
+            state_dict[f"{prefix}{n}.{kind}"] = part.clone()
+
+
+def _fuse_on_load(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load pre-hook of a fused :class:`WanAttention`: stack the saved ``to_q``/``to_k``/``to_v`` tensors into
+    the fused module's. An incomplete set is left alone and its absent names are reported missing, so a strict
+    load names them (besides the fused module's own key)."""
+    assert isinstance(module, WanAttention)
+    names = module.fused
+    if not names:
+        return
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{n}.{kind}" for n in names]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{_FUSED_NAME[names]}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+        else:
+            missing_keys.extend(k for k in keys if k not in state_dict)
+
+
 class WanAttention(nn.Module):
     """Projections of one Wan attention layer; the attention itself is the processor's job.
 
@@ -158,6 +210,66 @@ class WanAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+        # Set by fuse_projections: one Linear computing [q; k; v] (self-attention) or [k; v] of the context
+        # (cross-attention), in place of the separate projections. The state dict keeps diffusers' names.
+        self.to_qkv: nn.Linear | None = None
+        self.to_kv: nn.Linear | None = None
+        self.register_state_dict_post_hook(_split_fused_on_save)
+        self.register_load_state_dict_pre_hook(_fuse_on_load)
+
+    @property
+    def fused(self) -> tuple[str, ...]:
+        """Names of the projections currently computed by one fused Linear: ``()`` when unfused."""
+        if self.to_qkv is not None:
+            return _QKV
+        return _KV if self.to_kv is not None else ()
+
+    def fuse_projections(self, names: tuple[str, ...]) -> None:
+        """Replace the projections ``names`` (``("to_q", "to_k", "to_v")`` or ``("to_k", "to_v")``) by one
+        Linear whose weight rows are theirs stacked; the outputs are the same up to the matmul's rounding
+        order. The separate modules are removed (no second copy of the weights); :meth:`unfuse_projections`
+        restores them exactly. No-op when already fused the same way."""
+        if names not in (_QKV, _KV):
+            raise ValueError(f"names must be {_QKV} or {_KV}, got {names!r}")
+        if self.fused == names:
+            return
+        if self.fused:
+            raise ValueError(f"already fused as {self.fused}; unfuse_projections() first")
+        parts = [getattr(self, n) for n in names]
+        if not all(type(m) is nn.Linear and m.bias is not None for m in parts):
+            raise ValueError(
+                f"only plain biased nn.Linear projections can be fused, got {[type(m).__name__ for m in parts]}"
+            )
+        ref = parts[0].weight
+        fused = nn.Linear(ref.shape[1], sum(m.weight.shape[0] for m in parts), device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([m.weight for m in parts]))
+            fused.bias.copy_(torch.cat([m.bias for m in parts]))
+        for n in names:
+            delattr(self, n)
+        setattr(self, _FUSED_NAME[names], fused)
+
+    def unfuse_projections(self) -> None:
+        """Back to the separate ``to_q``/``to_k``/``to_v`` modules (bit-exact copies of the fused rows)."""
+        names = self.fused
+        if not names:
+            return
+        fused = getattr(self, _FUSED_NAME[names])
+        if type(fused) is not nn.Linear:
+            raise ValueError(f"cannot unfuse quantized projections ({type(fused).__name__}); reload the weights")
+        dim = fused.weight.shape[0] // len(names)
+        weights, biases = fused.weight.detach().split(dim), fused.bias.detach().split(dim)
+        delattr(self, _FUSED_NAME[names])
+        setattr(self, _FUSED_NAME[names], None)
+        for n, w, b in zip(names, weights, biases, strict=True):
+            linear = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(w)
+                linear.bias.copy_(b)
+            setattr(self, n, linear)
+        # Back to the constructor's module order, so that state_dict() lists keys as before fusing.
+        for name in [m for m in self._modules if m not in _QKV]:
+            self._modules[name] = self._modules.pop(name)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, seqlen, dim) -> (batch, heads, seqlen, head_dim), a view."""
@@ -177,9 +289,14 @@ class WanAttention(nn.Module):
         """x: (batch, seqlen, dim); rope: cos, sin (seqlen, head_dim // 2) -> (batch, seqlen, dim)."""
         # RoPE runs in the projections' own (batch, seqlen, heads, head_dim) layout, where its float32 pass reads
         # contiguous memory; the transposes to the processor's (batch, heads, seqlen, head_dim) are free views.
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.num_heads, -1))
-        v = self.to_v(x).unflatten(-1, (self.num_heads, -1))
+        if self.to_qkv is not None:
+            # Column slices of one (batch, seqlen, 3 * dim) product: views, rows strided by 3 * dim.
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        q = self.norm_q(q).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(k).unflatten(-1, (self.num_heads, -1))
+        v = v.unflatten(-1, (self.num_heads, -1))
         cos, sin = rope[0][:, None], rope[1][:, None]
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = processor.self_attention(
@@ -191,9 +308,13 @@ class WanAttention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, layer: int, processor: AttentionProcessor
     ) -> torch.Tensor:
         """x: (batch, seqlen, dim); context: (batch, seqlen_ctx, dim) -> (batch, seqlen, dim)."""
+        if self.to_kv is not None:
+            k, v = self.to_kv(context).chunk(2, dim=-1)
+        else:
+            k, v = self.to_k(context), self.to_v(context)
         q = self._split_heads(self.norm_q(self.to_q(x)))
-        k = self._split_heads(self.norm_k(self.to_k(context)))
-        v = self._split_heads(self.to_v(context))
+        k = self._split_heads(self.norm_k(k))
+        v = self._split_heads(v)
         return self._merge_heads(processor.cross_attention(layer, q, k, v))
 
 
@@ -459,6 +580,55 @@ class CausalWanModel(nn.Module):
         y = y.reshape(y.shape[0], frames, height, width, pt, ph, pw, -1)
         y = y.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return y.reshape(y.shape[0], y.shape[1], frames * pt, height * ph, width * pw)
+
+    def fuse_projections(self) -> CausalWanModel:
+        """Fuse each block's q/k/v projections of the self-attention into one Linear, and the k/v projections of
+        the context in the cross-attention (one read of the activations, one larger matmul instead of three).
+
+        Opt-in and reversible (:meth:`unfuse_projections`); ``state_dict()`` and ``load_state_dict()`` keep
+        diffusers' ``to_q``/``to_k``/``to_v`` names either way. Code that addresses ``attn.to_q`` and friends
+        directly (e.g. per-head weight slicing) needs the unfused default. Returns self.
+        """
+        for block in self.blocks:
+            assert isinstance(block, WanBlock)
+            block.attn1.fuse_projections(_QKV)
+            block.attn2.fuse_projections(_KV)
+        return self
+
+    def unfuse_projections(self) -> CausalWanModel:
+        """Undo :meth:`fuse_projections` exactly (the separate weights are the fused rows). Returns self."""
+        for block in self.blocks:
+            assert isinstance(block, WanBlock)
+            block.attn1.unfuse_projections()
+            block.attn2.unfuse_projections()
+        return self
+
+    def quantize_fp8(self, granularity: Fp8Granularity = "row") -> CausalWanModel:
+        """Replace every Linear of the blocks (attention projections, fused or not, and the FFN) by an
+        :class:`~longroll.ops.fp8.Fp8Linear` (float8 e4m3 weights and activations, ``torch._scaled_mm``).
+
+        The embedders, time projection and output head stay as they are: they are a few percent of the FLOPs
+        and feed the float32 modulation. Lossy and one-way: quantize after loading (and after any
+        :meth:`fuse_projections` or dtype cast); the quantized model's state dict holds the FP8 tensors.
+        Raises ValueError, before changing anything, when the device cannot run FP8 matmuls or a Linear's
+        widths are not multiples of 16. Returns self.
+        """
+        granularity = check_fp8_granularity(granularity)
+        device = self.proj_out.weight.device
+        reason = fp8_unsupported_reason(device)
+        if reason is not None:
+            raise ValueError(f"FP8 linears are not available on {device}: {reason}")
+        targets = [
+            (f"blocks.{path}.{name}", parent, name, child)
+            for path, parent in self.blocks.named_modules()
+            for name, child in parent.named_children()
+            if type(child) is nn.Linear
+        ]
+        for full, _, _, child in targets:
+            check_fp8_shape(child.in_features, child.out_features, name=full)
+        for _, parent, name, child in targets:
+            setattr(parent, name, Fp8Linear.from_linear(child, granularity))
+        return self
 
     def to_inference_dtype(self, dtype: torch.dtype) -> CausalWanModel:
         """Cast matmul weights to ``dtype`` (e.g. bf16) while the time path, modulation tables and norms stay
