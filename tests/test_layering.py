@@ -1,6 +1,6 @@
 """Imports point down only: kernels -> ops -> ann -> cache -> sparse -> planner/policies -> models ->
-adapters/pipeline -> world -> eval -> bench -> cli. A module may import its own package or any lower layer, never
-a higher one."""
+adapters/pipeline/parallel -> world -> eval -> bench -> cli. A module may import its own package or any lower
+layer, never a higher one."""
 
 import ast
 from pathlib import Path
@@ -18,6 +18,7 @@ ORDER = {
     "models": 6,
     "adapters": 7,
     "pipeline": 7,
+    "parallel": 7,
     "world": 8,
     "eval": 9,
     "bench": 10,

@@ -28,6 +28,7 @@ import torch
 
 from longroll.models.wan import PRESETS, CausalWanModel, WanConfig
 from longroll.ops.fp8 import check_fp8_granularity
+from longroll.parallel import HeadParallelGroup, HeadParallelProcessor, shard_wan_model
 from longroll.pipeline.compiled import CompiledChunkDenoiser
 from longroll.pipeline.decoder import StreamingDecoder, check_decoder_name
 from longroll.pipeline.loader import default_device, resolve_dtype
@@ -226,11 +227,15 @@ def _record(policy: str, st: ChunkStats | None, fpc: int, chunk: int, reason: st
 
 
 class _Bench:
-    """Shared state of one benchmark: the random model and context, built once for every policy."""
+    """Shared state of one benchmark: the random model and context, built once for every policy; with a
+    ``group`` of several ranks, this rank's head-parallel shard of the model (same weights on every rank)."""
 
-    def __init__(self, cfg: RolloutBenchConfig) -> None:
+    def __init__(self, cfg: RolloutBenchConfig, group: HeadParallelGroup | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(cfg.device) if cfg.device else default_device()
+        # One timer for every policy's processor (and the group's all-reduces): each run collects it per chunk.
+        self.timer = ComponentTimer(self.device) if cfg.components else None
+        self.group = None if group is None or group.size == 1 else dataclasses.replace(group, timer=self.timer)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.wan = WanConfig.from_preset(cfg.preset)
         lh, lw = cfg.latent_hw
@@ -238,6 +243,10 @@ class _Bench:
         torch.manual_seed(cfg.seed)
         with torch.device(self.device):
             self.model = CausalWanModel(self.wan).to_inference_dtype(self.dtype).eval()
+        if self.group is not None:
+            if cfg.fuse_projections or cfg.fp8 != "off" or cfg.compile_dit:
+                raise ValueError("a head-parallel run takes neither fuse_projections, fp8 nor compile_dit (yet)")
+            shard_wan_model(self.model, self.group)
         if cfg.fuse_projections:
             self.model.fuse_projections()
         if cfg.fp8 != "off":
@@ -307,19 +316,20 @@ class _Bench:
 
     def _processor(self, policy: str) -> CachedProcessor:
         c, w = self.cfg, self.wan
-        return CachedProcessor.for_model(
-            policy,
-            w,
+        options: dict[str, Any] = dict(
             tokens_per_frame=self.tokens_per_frame,
             frames_per_chunk=c.frames_per_chunk,
             dtype=self.dtype,
             device=self.device,
             memory_frames=c.memory_frames,
-            timer=ComponentTimer(self.device) if c.components else None,
+            timer=self.timer,
             cuda_graphs="auto" if c.cuda_graphs == "auto" else "off",
             overlap_commit="auto" if c.overlap_commit == "auto" else "off",
             group_commits="auto" if c.group_commits == "auto" else "off",
         )
+        if self.group is not None:
+            return HeadParallelProcessor.for_model(policy, w, group=self.group, **options)
+        return CachedProcessor.for_model(policy, w, **options)
 
     def _rollout(
         self, policy: str, num_frames: int, on_chunk: Any = None, processor: CachedProcessor | None = None
@@ -336,10 +346,14 @@ class _Bench:
         fpc, p = self.cfg.frames_per_chunk, self.tokens_per_frame
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
         shape = (1, self.wan.num_heads, fpc * p, self.wan.head_dim)
-        for cache in proc.caches():
+        caches = proc.caches()
+        first, heads = caches[0].head_ids[0], proc.heads  # a shard draws the full K/V, keeps its heads
+        for cache in caches:
             for f0 in range(0, frames, fpc):
                 k = torch.randn(shape, generator=g, device=self.device).to(self.dtype)
-                cache.stage(k, torch.randn_like(k), frame_start=f0)
+                v = torch.randn_like(k)
+                sl = slice(first, first + heads)
+                cache.stage(k[:, sl], v[:, sl], frame_start=f0)
                 cache.commit()
         proc.replan()
         return proc
@@ -469,9 +483,12 @@ def _line(pts: list[tuple[float, float]]) -> tuple[float | None, float | None]:
     return my - slope * mx, slope
 
 
-def run_rollout_bench(config: RolloutBenchConfig, *, command: str | None = None) -> dict[str, Any]:
-    """Measure every policy of ``config``; returns the JSON-ready report (see :func:`bench_rollout`)."""
-    bench = _Bench(config)
+def run_rollout_bench(
+    config: RolloutBenchConfig, *, command: str | None = None, group: HeadParallelGroup | None = None
+) -> dict[str, Any]:
+    """Measure every policy of ``config``; returns the JSON-ready report (see :func:`bench_rollout`). With a
+    ``group`` of several ranks, every rank of it must call this with the same config (head-parallel run)."""
+    bench = _Bench(config, group)
     records: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for policy in config.policies:
@@ -496,6 +513,7 @@ def run_rollout_bench(config: RolloutBenchConfig, *, command: str | None = None)
             "dtype": str(bench.dtype).removeprefix("torch."),
             "device": str(bench.device),
             "wan_config": dataclasses.asdict(bench.wan),
+            "ranks": 1 if bench.group is None else bench.group.size,
         },
         "notes": {
             "seconds": "DiT only per chunk: all denoising steps + the commit pass, GPU-synchronised",
@@ -508,6 +526,8 @@ def run_rollout_bench(config: RolloutBenchConfig, *, command: str | None = None)
             "with overlap_decode auto on CUDA only the enqueueing (the decode runs during the next chunk's DiT, "
             "whose seconds then hold what it did not hide; the last chunk's includes the final wait)",
             "e2e_seconds": "with decode: seconds (DiT) + decode_seconds per chunk",
+            "ranks": "processes sharing the model by attention heads (head-parallel); timings are rank 0's, and "
+            "with components the all_reduce span is the time spent in the group's all-reduces",
         },
         "summary": summary,
         "chunks": records,
@@ -563,6 +583,7 @@ def bench_rollout(
     *,
     out_dir: str | os.PathLike[str] | None = None,
     command: str | None = None,
+    group: HeadParallelGroup | None = None,
     **options: Any,
 ) -> RolloutBenchReport:
     """Benchmark cache policies on a random-weight model at ``preset``'s shapes.
@@ -571,13 +592,15 @@ def bench_rollout(
         preset, policies, num_frames: see :class:`RolloutBenchConfig`; ``options`` are its other fields.
         out_dir: when given, write ``bench_rollout.json`` and ``bench_rollout.png`` there.
         command: recorded in the JSON (default: this process's command line).
+        group: run head-parallel over this group (every rank calls with the same arguments; give ``out_dir``
+            on one rank only).
 
     Returns:
         The report; ``data["chunks"]`` holds one record per (policy, chunk) with ``frames_generated``,
         ``seconds`` (DiT only), ``fps_latent``, ``fps_video``, ``peak_bytes``, ``cache_bytes`` and ``measured``.
     """
     config = RolloutBenchConfig(preset=preset, policies=tuple(policies), num_frames=num_frames, **options)
-    data = run_rollout_bench(config, command=command)
+    data = run_rollout_bench(config, command=command, group=group)
     report = RolloutBenchReport(data)
     if out_dir is not None:
         out = Path(out_dir)

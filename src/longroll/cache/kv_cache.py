@@ -688,6 +688,23 @@ class LayerKVCache:
         # A captured commit holds the previous track's buffers: capture again from the restored state.
         self.commit_capture.reset()
 
+    def settle_bound(self) -> int:
+        """Tighten the slot bound to the exact longest head of the last commit, waiting for its readback (a host
+        sync on CUDA); returns the bound."""
+        self._refresh_bound_blocking()
+        return self.bound
+
+    def widen_bound(self, bound: int) -> None:
+        """Raise the slot bound to ``bound``, e.g. to the longest head over every shard of a head-sharded layer,
+        so that each shard reads the slot range an unsharded cache reads (slots past a head's length are empty).
+
+        Raises:
+            ValueError: ``bound`` is below the current bound or beyond the buffers.
+        """
+        if isinstance(bound, bool) or not isinstance(bound, int) or not self.bound <= bound <= self.buffers.slots:
+            raise ValueError(f"bound must be an int in [{self.bound}, {self.buffers.slots}], got {bound!r}")
+        self.bound = bound
+
     def _refresh_bound_blocking(self) -> None:
         if self._pending_len is not None:
             host, ev = self._pending_len

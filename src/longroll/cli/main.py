@@ -130,6 +130,16 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", type=float, default=5.0, help="timestep shift (default 5.0)")
 
 
+def _add_gpus_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpus",
+        type=_positive_int,
+        default=1,
+        help="share the DiT over N processes by attention heads (one GPU each; with --device cpu, N CPU processes "
+        "over gloo); started through torchrun (default 1)",
+    )
+
+
 def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("generate", parents=[common], help="text-to-video with a cache policy -> MP4 + stats.json")
     p.add_argument("prompt", help="text prompt")
@@ -170,6 +180,7 @@ def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
         "decode before the next chunk (the video is the same)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_gpus_arg(p)
     _add_sampler_args(p)
     p.set_defaults(handler=_cmd_generate, flags=_flag_map(p))
 
@@ -221,6 +232,7 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
         "instead of one rollout from frame 0 (for lengths a rollout cannot reach or fit)",
     )
     p.add_argument("--out", default="out/bench_rollout", help="folder for bench_rollout.json/.png")
+    _add_gpus_arg(p)
     _add_sampler_args(p)
     p.set_defaults(handler=_cmd_bench_rollout, flags=_flag_map(p))
     c = bsub.add_parser(
@@ -380,6 +392,74 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return prepare_out_dir(args.out, name="--out", create=False)
 
 
+# ------------------------------------------------------------------------------------- several processes
+def _torchrun_command(gpus: int, argv: Sequence[str]) -> list[str]:
+    """The command that runs this CLI with ``argv`` in ``gpus`` processes started by torchrun (one host)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+        "-m", "longroll.cli.main", *argv,
+    ]  # fmt: skip
+
+
+def _needs_launch(args: argparse.Namespace) -> bool:
+    """``--gpus N`` with N > 1 in a process that torchrun did not start: the CLI starts torchrun itself."""
+    if getattr(args, "gpus", 1) == 1:
+        return False
+    from longroll.parallel.launch import launched_world_size
+
+    return launched_world_size() is None
+
+
+def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the command in ``--gpus`` processes (torchrun, this host) and return their exit code."""
+    import subprocess
+
+    import torch
+
+    # Refuse a device that is not there, or too few GPUs, before starting processes.
+    dev = _device(args.device) if args.device is not None else None
+    cuda = torch.cuda.is_available() if dev is None else dev.type == "cuda"
+    if cuda and torch.cuda.device_count() < args.gpus:
+        raise ValueError(f"--gpus {args.gpus} needs {args.gpus} CUDA devices; {torch.cuda.device_count()} are visible")
+    cmd = _torchrun_command(args.gpus, argv)
+    logging.getLogger("longroll.cli").info("starting: %s", shlex.join(cmd))
+    return subprocess.run(cmd, check=False).returncode
+
+
+def _ranks(args: argparse.Namespace) -> Any:
+    """This process's :class:`~longroll.parallel.Launched` part of a ``--gpus N`` run (None for one process).
+
+    Rank r uses ``cuda:LOCAL_RANK`` on CUDA (NCCL) and the CPU with gloo for ``--device cpu``.
+    """
+    if args.gpus == 1:
+        return None
+    from longroll.parallel.launch import init_from_env, launched_world_size
+
+    world = launched_world_size()
+    if world != args.gpus:
+        raise ValueError(
+            f"--gpus {args.gpus} needs {args.gpus} processes, torchrun started {world}; run "
+            f"`torchrun --nproc-per-node {args.gpus} -m longroll.cli.main ...` or leave torchrun out"
+        )
+    if args.device is None:
+        import torch
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        dev = _device(args.device)
+        if dev.index is not None:
+            raise ValueError(f"--device {args.device} with --gpus: rank r takes cuda:LOCAL_RANK; use --device cuda")
+        kind = dev.type
+    return init_from_env(kind)
+
+
+def _end_ranks(launched: Any) -> None:
+    if launched is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def _cmd_generate(args: argparse.Namespace, command: str) -> int:
     from longroll.pipeline.rollout import RolloutConfig
@@ -405,8 +485,24 @@ def _cmd_generate(args: argparse.Namespace, command: str) -> int:
         raise ValueError(f"--tiny-decoder is only read with --decoder tiny, got --decoder {args.decoder}")
     if args.tiny_decoder is not None and not Path(args.tiny_decoder).is_file():
         raise FileNotFoundError(f"--tiny-decoder {args.tiny_decoder!r} does not exist")
-    device = _device(args.device)
-    out = _out_dir(args)
+    launched = _ranks(args)
+    try:
+        return _generate(args, command, launched)
+    finally:
+        _end_ranks(launched)
+
+
+def _generate(args: argparse.Namespace, command: str, launched: Any) -> int:
+    """``generate`` in this process: the whole run, or one rank's part of a ``--gpus`` run (rank 0 writes the
+    video and stats; the others run the same rollout into a scratch folder they remove)."""
+    import tempfile
+
+    from longroll.pipeline.sampler import SamplerConfig
+
+    main_rank = launched is None or launched.is_main
+    device = _device(args.device) if launched is None else launched.device
+    scratch = None if main_rank else tempfile.TemporaryDirectory(prefix="longroll-rank")
+    out = _out_dir(args) if scratch is None else Path(scratch.name)
 
     from longroll.pipeline.generate import PARTIAL_STATS_FILE, PARTIAL_VIDEO_FILE, generate
     from longroll.pipeline.loader import load_pipeline
@@ -422,29 +518,39 @@ def _cmd_generate(args: argparse.Namespace, command: str) -> int:
         decoder=args.decoder,
         tiny_decoder=args.tiny_decoder,
     )
+    parallel: dict[str, Any] = {}
+    if launched is not None:
+        parallel = _sharded_processors(pipe, launched)
     load_s = time.perf_counter() - t0
-    with (
-        _progress(args.frames // args.frames_per_chunk, not args.no_progress) as progress,
-        _partial_note(out / PARTIAL_VIDEO_FILE, out / PARTIAL_STATS_FILE),
-    ):
-        res = generate(
-            pipe,
-            args.prompt,
-            num_frames=args.frames,
-            preset=args.policy,
-            seed=args.seed,
-            out_dir=out,
-            frames_per_chunk=args.frames_per_chunk,
-            sampler=sampler,
-            height=args.height,
-            width=args.width,
-            memory_frames=args.memory_frames,
-            fps=args.fps,
-            command=command,
-            progress=progress,
-            extra={"load_seconds": load_s},
-            overlap_decode=args.overlap_decode,
-        )
+    try:
+        with (
+            _progress(args.frames // args.frames_per_chunk, main_rank and not args.no_progress) as progress,
+            _partial_note(out / PARTIAL_VIDEO_FILE, out / PARTIAL_STATS_FILE),
+        ):
+            res = generate(
+                pipe,
+                args.prompt,
+                num_frames=args.frames,
+                preset=args.policy,
+                seed=args.seed,
+                out_dir=out,
+                frames_per_chunk=args.frames_per_chunk,
+                sampler=SamplerConfig(timesteps=args.timesteps, shift=args.shift),
+                height=args.height,
+                width=args.width,
+                memory_frames=args.memory_frames,
+                fps=args.fps,
+                command=command,
+                progress=progress,
+                extra={"load_seconds": load_s, "ranks": args.gpus},
+                overlap_decode=args.overlap_decode,
+                **parallel,
+            )
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    if not main_rank:
+        return 0
     t = res.stats["timing"]
     print(f"video: {res.video_path} ({res.video_frames} frames)")
     print(f"stats: {res.stats_path}")
@@ -454,6 +560,14 @@ def _cmd_generate(args: argparse.Namespace, command: str) -> int:
         f"(model load {load_s:.1f} s not included)"
     )
     return 0
+
+
+def _sharded_processors(pipe: Any, launched: Any) -> dict[str, Any]:
+    """Shard the pipeline's DiT over the run's ranks; returns generate's arguments for this rank's processor."""
+    from longroll.parallel import HeadParallelProcessor, shard_wan_model
+
+    shard_wan_model(pipe.model, launched.group)
+    return {"processor_cls": HeadParallelProcessor, "processor_options": {"group": launched.group}}
 
 
 @contextmanager
@@ -476,31 +590,43 @@ def _cmd_bench_rollout(args: argparse.Namespace, command: str) -> int:
     from longroll.bench.rollout import bench_rollout
     from longroll.pipeline.sampler import SamplerConfig
 
-    device = None if args.device is None else str(_device(args.device))
-    _out_dir(args)
-    report = bench_rollout(
-        args.preset,
-        args.policies,
-        args.frames,
-        out_dir=args.out,
-        command=command,
-        frames_per_chunk=args.frames_per_chunk,
-        height=args.height,
-        width=args.width,
-        memory_frames=args.memory_frames,
-        max_dense_frames=args.max_dense_frames,
-        dtype=args.dtype,
-        device=device,
-        text_len=args.text_len,
-        seed=args.seed,
-        warmup=not args.no_warmup,
-        include_dense=not args.no_dense,
-        components=args.components,
-        decode=args.decode is not None,
-        decoder=args.decode or "wan",
-        history_frames=args.at_history,
-        sampler=SamplerConfig(timesteps=args.timesteps, shift=args.shift),
-    )
+    launched = _ranks(args)
+    main_rank = launched is None or launched.is_main
+    if launched is not None:
+        device: str | None = str(launched.device)
+    else:
+        device = None if args.device is None else str(_device(args.device))
+    if main_rank:
+        _out_dir(args)
+    try:
+        report = bench_rollout(
+            args.preset,
+            args.policies,
+            args.frames,
+            out_dir=args.out if main_rank else None,
+            command=command,
+            group=None if launched is None else launched.group,
+            frames_per_chunk=args.frames_per_chunk,
+            height=args.height,
+            width=args.width,
+            memory_frames=args.memory_frames,
+            max_dense_frames=args.max_dense_frames,
+            dtype=args.dtype,
+            device=device,
+            text_len=args.text_len,
+            seed=args.seed,
+            warmup=not args.no_warmup,
+            include_dense=not args.no_dense,
+            components=args.components,
+            decode=args.decode is not None,
+            decoder=args.decode or "wan",
+            history_frames=args.at_history,
+            sampler=SamplerConfig(timesteps=args.timesteps, shift=args.shift),
+        )
+    finally:
+        _end_ranks(launched)
+    if not main_rank:
+        return 0
     if args.at_history:
         for rec in report.data["chunks"]:
             ms = _fmt(rec["seconds"], 1e3)
@@ -697,6 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["longroll", *args_list])
     flags = getattr(args, "flags", {})
     try:
+        if _needs_launch(args):
+            return _launch(args, args_list)
         return int(args.handler(args, command))
     except _USER_ERRORS as e:
         if debug:

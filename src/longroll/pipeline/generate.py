@@ -296,6 +296,8 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     extra: dict[str, Any] | None = None,
     overlap_decode: str = "auto",
+    processor_cls: type[CachedProcessor] = CachedProcessor,
+    processor_options: dict[str, Any] | None = None,
 ) -> GenerateResult:
     """Generate a video from a prompt with a cache policy, streaming the decode into ``out_dir/video.mp4``.
 
@@ -322,6 +324,8 @@ def generate(
             the same one-behind schedule in line), ``off`` decodes each chunk before the next chunk's DiT; see
             :class:`~longroll.pipeline.overlap.DecodeQueue`. The video is the same either way. Overlapped, a
             chunk's ``dit_seconds`` include whatever of the previous chunk's decode the GPU did not hide.
+        processor_cls, processor_options: the processor is ``processor_cls.for_model(preset, ...,
+            **processor_options)``, e.g. one rank's head-parallel processor and its group.
     """
     sampler = sampler if sampler is not None else SamplerConfig()
     overlap = check_overlap_mode(overlap_decode)
@@ -329,9 +333,9 @@ def generate(
         raise ValueError(f"prompt must be a non-empty text, got {prompt!r}")
     latent_shape = _latent_shape(pipe, height, width)
     tpf = pipe.wan_config.tokens_per_frame(latent_shape[1], latent_shape[2])
-    processor = CachedProcessor.for_model(
+    processor = processor_cls.for_model(
         preset, pipe.wan_config, tokens_per_frame=tpf, frames_per_chunk=frames_per_chunk, dtype=pipe.dtype,
-        device=pipe.device, memory_frames=memory_frames,
+        device=pipe.device, memory_frames=memory_frames, **(processor_options or {}),
     )  # fmt: skip
     rollout = RolloutConfig(num_frames, frames_per_chunk, latent_shape, sampler, seed)
     out = prepare_out_dir(out_dir, name="out_dir")
