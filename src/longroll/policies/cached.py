@@ -79,9 +79,10 @@ class CachedProcessor:
             a few hundred kernels per chunk instead of one per layer); ``"off"`` (the default) commits each layer
             after its attention. Identical results; other cache policies always commit per layer. Measured on an
             H200 at Wan2.1-1.3B shapes (``results/gpu/equal_memory/``): the in-line commit of a chunk takes 51 ms
-            grouped against ~87 ms per layer, but per-layer commits overlap the commit pass on the side stream,
-            so the chunk gains only ~4 %, while the stacked commit's temporaries raise the peak memory by ~3.5
-            GiB (1.46x the sink-window's instead of 1.10x): not worth it by default.
+            (TempCache) and 34 ms (``all``) grouped against 93 and 76 ms per layer, but per-layer commits
+            overlap the commit pass on the side stream, so the chunk gains only 4-8 %, while the stacked
+            commit's temporaries raise the peak memory by ~3 GiB (1.46x the sink-window's for ``all`` instead
+            of 1.10x): not the default.
 
     Attributes:
         layers: the :class:`LayerAttention` of every layer, in order.
