@@ -72,6 +72,14 @@ def test_bench_rollout_stops_dense_early(tmp_path: Path) -> None:
     assert all(r["measured"] for r in data["chunks"] if r["policy"] == "sink_window")
 
 
+def test_bench_rollout_passes_the_model_and_commit_options(tmp_path: Path) -> None:
+    args = ["bench", "rollout", "--frames", "6", "--policies", "tempcache", "--no-dense", "--no-warmup",
+            "--fuse-projections", "--group-commits", "auto", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    cfg = json.loads((tmp_path / "bench_rollout.json").read_text())["config"]
+    assert cfg["fuse_projections"] is True and cfg["group_commits"] == "auto" and cfg["fp8"] == "off"
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

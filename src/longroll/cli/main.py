@@ -231,6 +231,21 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
         help="comma-separated cache lengths (latent frames of random K/V) to measure each policy at, "
         "instead of one rollout from frame 0 (for lengths a rollout cannot reach or fit)",
     )
+    p.add_argument(
+        "--overlap-decode",
+        choices=("off", "auto", "emulate"),
+        default="off",
+        help="with --decode: decode chunk i on a side CUDA stream while chunk i+1's DiT runs (auto)",
+    )
+    p.add_argument("--fuse-projections", action="store_true", help="fused q/k/v (and cross-attention k/v) linears")
+    p.add_argument("--fp8", choices=("off", "row", "tensor"), default="off", help="FP8 block linears and their scales")
+    p.add_argument("--compile-dit", action="store_true", help="the DiT under torch.compile (attention outside)")
+    p.add_argument(
+        "--group-commits",
+        choices=("off", "auto"),
+        default="off",
+        help="commit every layer's TempCache in one batched call (faster commit, more peak memory)",
+    )
     p.add_argument("--out", default="out/bench_rollout", help="folder for bench_rollout.json/.png")
     _add_gpus_arg(p)
     _add_sampler_args(p)
@@ -622,6 +637,11 @@ def _cmd_bench_rollout(args: argparse.Namespace, command: str) -> int:
             decoder=args.decode or "wan",
             history_frames=args.at_history,
             sampler=SamplerConfig(timesteps=args.timesteps, shift=args.shift),
+            overlap_decode=args.overlap_decode,
+            fuse_projections=args.fuse_projections,
+            fp8=args.fp8,
+            compile_dit=args.compile_dit,
+            group_commits=args.group_commits,
         )
     finally:
         _end_ranks(launched)
