@@ -7,6 +7,7 @@ quantising the vectors, which is what lets it be rebuilt per chunk and per layer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -41,13 +42,19 @@ class Int8Config:
 
     Args:
         topk: candidates returned per query by :meth:`Int8Searcher.topk` users that ask for more than one.
+        top1_backend: how :meth:`Int8Searcher.top1` runs: ``"torch"`` (the score matrix, then its arg-max),
+            ``"triton"`` (the fused kernel of :mod:`longroll.ops.top1`: no score matrix; the same index) or
+            ``"auto"`` (the kernel on CUDA). The default stays ``"torch"`` until the kernel is timed on a GPU.
     """
 
     topk: int = 1
+    top1_backend: Literal["auto", "torch", "triton"] = "torch"
 
     def __post_init__(self) -> None:
         if self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if self.top1_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"top1_backend must be 'auto', 'torch' or 'triton', got {self.top1_backend!r}")
 
 
 AnnConfig = LSHConfig | Int8Config
