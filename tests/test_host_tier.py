@@ -1,6 +1,8 @@
 """The host tier: what a bounded cache evicts is kept (exactly, with its counts) in host memory under a budget,
 indexed by block, and the blocks most relevant to a chunk's queries are attended again with their log-count."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -157,8 +159,11 @@ def _needle_trial(n_ago, seed, top=4):
         k, v = torch.cat(ks, 2), torch.cat(vs, 2)
         cache.stage(k, v, frame_start=c * FPC, k_match=k)
         last = c == total // FPC - 1
-        q = (u + 0.3 * torch.randn(B, H, FPC * P, D, generator=g)) if last else torch.randn(B, H, FPC * P, D,
-                                                                                            generator=g)
+        q = (
+            (u + 0.3 * torch.randn(B, H, FPC * P, D, generator=g))
+            if last
+            else torch.randn(B, H, FPC * P, D, generator=g)
+        )
         cache.commit(queries=q)
     host = cache.host
     rec, blk = host.selected // host.blocks_per_record, host.selected % host.blocks_per_record
@@ -274,3 +279,48 @@ def test_tier_sizes_are_fixed():
                     head_dim=D, v_dim=D, chunk_tokens=16, dtype=torch.float32, device=torch.device("cpu"))  # fmt: skip
     assert tier.records == 4 and tier.num_blocks == 16
     assert tier.host_nbytes() == 4 * 2 * 16 * (2 * D * 4 + 8) + 2 * 2 * 4 * (2 * D * 4 + 4)
+
+
+def test_memory_layout_runs_a_host_tier_and_a_processor_resumes_it():
+    from longroll.eval.memory import MemoryEvalConfig, parse_layout
+    from longroll.policies.cached import CachedProcessor
+    from longroll.world.model import WorldModelSpec, WorldWanModel
+    from tests.test_world_memory import TINY
+
+    cand = parse_layout("tc_host=tempcache:host=48,top=4,block=8")
+    assert (cand.host_frames, cand.host_top_blocks, cand.host_block_tokens) == (48, 4, 8)
+    with pytest.raises(ValueError, match="host_frames applies"):
+        parse_layout("x=all:host=48")
+    cfg = MemoryEvalConfig(policies=("tempcache",), layouts=(cand, parse_layout("sw_host=sink_window:host=48")))
+    pols = {p.name: p for p in cfg.policy_configs(WorldWanModel(TINY, WorldModelSpec(train_frames=9)))}
+    assert pols["tempcache"].host_tier is None
+    assert pols["tc_host"].host_tier == HostTierConfig(48 * 64, block_tokens=8, top_blocks=4)
+    assert pols["tc_host"].cache == pols["tempcache"].cache
+    assert isinstance(pols["sw_host"].cache, SinkWindowPolicy) and pols["sw_host"].host_tier.block_tokens == 16
+    # A processor over the policy: state round trip through the processor, keys under layer{i}.host.
+    tier = HostTierConfig(host_budget_tokens=8 * FPC * P, block_tokens=4, top_blocks=2)
+    policy = AttentionPolicy("h", SinkWindowPolicy(1, 4), attention_backend="chunked", host_tier=tier)
+    kw = dict(num_layers=2, batch=B, heads=H, head_dim=D, tokens_per_frame=P, frames_per_chunk=FPC,
+              dtype=torch.float32, device="cpu")  # fmt: skip
+    with pytest.raises(ValueError, match="group_commits"):
+        tc = TempCachePolicy(max_entries=5 * P, sink_frames=1)
+        CachedProcessor(dataclasses.replace(policy, cache=tc), group_commits="auto", **kw)
+    proc = CachedProcessor(policy, **kw)
+    for lay in proc.layers:
+        _feed_layer(lay, _frames(12, drift=False))
+    state = proc.state_dict()
+    assert "layer1.host.index_keys" in state
+    other = CachedProcessor(policy, **kw)
+    other.load_state_dict(state)
+    for key, value in other.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+
+
+def _feed_layer(lay, frames):
+    g = torch.Generator().manual_seed(1)
+    for c in range(len(frames) // FPC):
+        k = torch.cat([frames[c * FPC + i][0] for i in range(FPC)], 2)
+        v = torch.cat([frames[c * FPC + i][1] for i in range(FPC)], 2)
+        lay.stage(k, v, frame_start=c * FPC, k_pre_rope=k)
+        lay.attend(torch.randn(B, H, FPC * P, D, generator=g), sparse=False)
+        lay.commit(torch.randn(B, H, FPC * P, D, generator=g))
