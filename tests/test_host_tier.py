@@ -302,8 +302,8 @@ def test_memory_layout_runs_a_host_tier_and_a_processor_resumes_it():
     policy = AttentionPolicy("h", SinkWindowPolicy(1, 4), attention_backend="chunked", host_tier=tier)
     kw = dict(num_layers=2, batch=B, heads=H, head_dim=D, tokens_per_frame=P, frames_per_chunk=FPC,
               dtype=torch.float32, device="cpu")  # fmt: skip
+    tc = TempCachePolicy(max_entries=5 * P, sink_frames=1)
     with pytest.raises(ValueError, match="group_commits"):
-        tc = TempCachePolicy(max_entries=5 * P, sink_frames=1)
         CachedProcessor(dataclasses.replace(policy, cache=tc), group_commits="auto", **kw)
     proc = CachedProcessor(policy, **kw)
     for lay in proc.layers:
