@@ -297,7 +297,8 @@ class HostTier:
         # A partial chunk (fewer staged tokens) falls back to query blocks that divide it.
         g, qb = hq // self.heads, math.gcd(self.config.q_block, n)
         qm = queries.float().reshape(b, self.heads, g, n // qb, qb, d).mean(4).reshape(b, self.heads, -1, d)
-        scores = torch.matmul(qm, self.index_keys.float().transpose(-1, -2)).amax(2)
+        # (B, H, NB, D) @ (B, H, D, nq): the long dimension as the rows of the product.
+        scores = torch.matmul(self.index_keys.float(), qm.transpose(-1, -2)).amax(-1)
         scores = scores.masked_fill(~self.index_valid, _NEG)
         top = scores.topk(self.config.top_blocks, dim=-1)
         self.selected, self.selected_ok = top.indices, torch.isfinite(top.values)
