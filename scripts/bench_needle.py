@@ -27,8 +27,10 @@ def main() -> None:
         cfg = NeedleConfig(policy=name, top_blocks=a.top_blocks)  # type: ignore[arg-type]
         report[name] = needle_sweep(cfg, n_agos, a.seeds)
         for row in report[name]["results"]:
-            print(f"{name:12s} N={row['n_frames_ago']:5d} recall={row['recall_mean']:.3f} "
-                  f"(min {row['recall_min']:.3f}, {row['trials']} trials) {row['ms_per_frame']:.2f} ms/frame")
+            print(
+                f"{name:12s} N={row['n_frames_ago']:5d} recall={row['recall_mean']:.3f} "
+                f"(min {row['recall_min']:.3f}, {row['trials']} trials) {row['ms_per_frame']:.2f} ms/frame"
+            )
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "needle.json").write_text(json.dumps(report, indent=1))
 

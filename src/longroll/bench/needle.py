@@ -67,8 +67,9 @@ class NeedleConfig:
         return CacheConfig(tpf, fpc, policy, check_finite=False, host_tier=tier)
 
 
-def needle_trial(cfg: NeedleConfig, n_ago: int, seed: int) -> dict[str, Any]:
-    """Plant a needle ``n_ago`` frames before the last frame, roll on and select with aligned queries.
+def needle_trial(cfg: NeedleConfig, n_ago: int, seed: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Plant a needle ``n_ago`` frames before the last frame, roll on and select with aligned queries (the
+    draws are made on the CPU, so that every device sees the same frames).
 
     Returns:
         ``recall`` (B, H) float32 share of the needle's host entries retrieved, ``frames`` fed, ``seconds``.
@@ -79,7 +80,8 @@ def needle_trial(cfg: NeedleConfig, n_ago: int, seed: int) -> dict[str, Any]:
     b, h, d, tpf, fpc = cfg.batch, cfg.heads, cfg.head_dim, cfg.tokens_per_frame, cfg.frames_per_chunk
     total = n_ago + 2  # frame 0 is the sink (never evicted): the needle comes after it
     total += (-total) % fpc
-    cache = LayerKVCache(cfg.cache_config(total + fpc), batch=b, heads=h, head_dim=d)
+    cache = LayerKVCache(cfg.cache_config(total + fpc), batch=b, heads=h, head_dim=d, device=device)
+    dev = cache.device
     u = F.normalize(torch.randn(b, h, 1, d, generator=g), dim=-1)
     needle = total - 1 - n_ago
     t0 = time.perf_counter()
@@ -90,30 +92,36 @@ def needle_trial(cfg: NeedleConfig, n_ago: int, seed: int) -> dict[str, Any]:
         if c * fpc <= needle < (c + 1) * fpc:
             sl = slice((needle - c * fpc) * tpf, (needle - c * fpc + 1) * tpf)
             k[:, :, sl] = cfg.scale * u + cfg.noise * k[:, :, sl]
+        k, v = k.to(dev), v.to(dev)
         cache.stage(k, v, frame_start=c * fpc, k_match=k)
         q = torch.randn(b, h, fpc * tpf, d, generator=g)
         if c == chunks - 1:
             q = u + cfg.noise * q
-        cache.commit(queries=q)
+        cache.commit(queries=q.to(dev))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     host = cache.host
     assert host is not None and host.selected is not None and host.selected_ok is not None
     bpr, bt = host.blocks_per_record, cfg.block_tokens
-    rec, blk = host.selected // bpr, host.selected % bpr
+    selected, ok = host.selected.cpu(), host.selected_ok.cpu()
+    rec, blk = selected // bpr, selected % bpr
     bi, hi = torch.arange(b)[:, None, None], torch.arange(h)[None, :, None]
     frames = host.host_frame.view(host.records, b, h, bpr, bt)[rec, bi, hi, blk]
-    count = host.host_count.view(host.records, b, h, bpr, bt)[rec, bi, hi, blk] * host.selected_ok[..., None]
+    count = host.host_count.view(host.records, b, h, bpr, bt)[rec, bi, hi, blk] * ok[..., None]
     got = ((frames == needle) & (count > 0)).flatten(2).sum(-1)
     held = ((host.host_frame == needle) & (host.host_count > 0)).sum(dim=(0, 3))
     recall = got.float() / held.clamp_min(1).float()
     return {"recall": recall, "held": held, "frames": total, "seconds": seconds}
 
 
-def needle_sweep(cfg: NeedleConfig, n_agos: list[int], seeds: int) -> dict[str, Any]:
+def needle_sweep(
+    cfg: NeedleConfig, n_agos: list[int], seeds: int, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
     """Recall vs N over ``seeds`` seeds (every batch row and head a trial): a JSON-ready dict."""
     rows = []
     for n in n_agos:
-        trials = [needle_trial(cfg, n, s) for s in range(seeds)]
+        trials = [needle_trial(cfg, n, s, device) for s in range(seeds)]
         rec = torch.cat([t["recall"].flatten() for t in trials])
         rows.append({
             "n_frames_ago": n,
