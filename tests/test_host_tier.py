@@ -13,6 +13,7 @@ from longroll.cache.host_tier import HostTier, HostTierConfig
 from longroll.ops.reference import attention_ref
 from longroll.policies.config import AttentionPolicy
 from longroll.policies.layer import LayerAttention
+from tests.device import KERNEL_DEVICE as DEV  # CUDA in the GPU suite: pinned memory, streams, gather thread
 
 P, FPC, H, D, B = 8, 2, 2, 16, 2
 
@@ -158,7 +159,7 @@ def test_needle_planted_long_ago_is_retrieved(policy, n_ago, batch, seeds):
 
 
 def _layer(cfg, policy):
-    return LayerAttention(policy, cfg, layer=0, batch=B, heads=H, head_dim=D, dtype=torch.float32, device="cpu")
+    return LayerAttention(policy, cfg, layer=0, batch=B, heads=H, head_dim=D, dtype=torch.float32, device=DEV)
 
 
 @pytest.mark.parametrize("kind", ["tempcache", "sink_window"])
@@ -172,9 +173,9 @@ def test_attention_with_retrieved_blocks_equals_attention_over_the_union(kind):
     frames = _frames(16)
     g = torch.Generator().manual_seed(3)
     for c in range(len(frames) // FPC):
-        k = torch.cat([frames[c * FPC + i][0] for i in range(FPC)], 2)
-        v = torch.cat([frames[c * FPC + i][1] for i in range(FPC)], 2)
-        q = torch.randn(B, 2 * H, FPC * P, D, generator=g)
+        k = torch.cat([frames[c * FPC + i][0] for i in range(FPC)], 2).to(DEV)
+        v = torch.cat([frames[c * FPC + i][1] for i in range(FPC)], 2).to(DEV)
+        q = torch.randn(B, 2 * H, FPC * P, D, generator=g).to(DEV)
         lay.stage(k, v, frame_start=c * FPC, k_pre_rope=k)
         out = lay.attend(q, sparse=False)
         far = lay.cache.retrieved()
@@ -182,7 +183,7 @@ def test_attention_with_retrieved_blocks_equals_attention_over_the_union(kind):
         if c >= 6:  # evictions start at the commit of chunk 4
             assert far is not None and bool(torch.isfinite(far.bias).any())
         if far is not None:
-            bias = view.bias if view.bias is not None else torch.zeros(view.k.shape[:3])
+            bias = view.bias if view.bias is not None else torch.zeros(view.k.shape[:3], device=DEV)
             ref, _ = attention_ref(q, torch.cat([view.k, far.k], 2), torch.cat([view.v, far.v], 2),
                                    torch.cat([bias, far.bias], 2))  # fmt: skip
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -192,13 +193,13 @@ def test_attention_with_retrieved_blocks_equals_attention_over_the_union(kind):
 def _run_chunks(cache, frames, start, stop, g_seed=5):
     out = []
     for c in range(start, stop):
-        k = torch.cat([frames[c * FPC + i][0] for i in range(FPC)], 2)
-        v = torch.cat([frames[c * FPC + i][1] for i in range(FPC)], 2)
+        k = torch.cat([frames[c * FPC + i][0] for i in range(FPC)], 2).to(DEV)
+        v = torch.cat([frames[c * FPC + i][1] for i in range(FPC)], 2).to(DEV)
         cache.stage(k, v, frame_start=c * FPC, k_match=k)
         far = cache.retrieved()
         out.append(None if far is None else tuple(t.clone() for t in far))
         g = torch.Generator().manual_seed(g_seed + c)
-        cache.commit(queries=torch.randn(B, H, FPC * P, D, generator=g))
+        cache.commit(queries=torch.randn(B, H, FPC * P, D, generator=g).to(DEV))
     return out
 
 
@@ -207,13 +208,13 @@ def test_resume_is_bit_exact(mode):
     tier = HostTierConfig(host_budget_tokens=4 * FPC * P, block_tokens=4, top_blocks=3)
     cfg = _tempcache(cap_frames=5, recent=1, mode=mode, tier=tier)
     frames = _frames(28)
-    a = LayerKVCache(cfg, batch=B, heads=H, head_dim=D)
+    a = LayerKVCache(cfg, batch=B, heads=H, head_dim=D, device=DEV)
     out_a = _run_chunks(a, frames, 0, 14)
-    b = LayerKVCache(cfg, batch=B, heads=H, head_dim=D)
+    b = LayerKVCache(cfg, batch=B, heads=H, head_dim=D, device=DEV)
     _run_chunks(b, frames, 0, 7)
     state = b.state_dict()
     assert state["host.meta"][0] > 0 and "host.selected" in state
-    c = LayerKVCache(cfg, batch=B, heads=H, head_dim=D)
+    c = LayerKVCache(cfg, batch=B, heads=H, head_dim=D, device=DEV)
     c.load_state_dict(state)
     out_c = _run_chunks(c, frames, 7, 14)
     for x, y in zip(out_a[7:], out_c, strict=True):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -233,6 +234,9 @@ class HostTier:
         )
         self._copy_stream = torch.cuda.Stream(dev) if pin else None
         self._fetched: torch.cuda.Event | None = None
+        # CUDA only: the worker thread that gathers a selection while the chunk runs, and its pending gather.
+        self._pool: ThreadPoolExecutor | None = None
+        self._job: Future[None] | None = None
         self._has_slots = False
 
     # ------------------------------------------------------------------ sizes
@@ -313,43 +317,63 @@ class HostTier:
             ok.copy_(self.selected_ok, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record()
+            self._wait_gather()
             self._readback = (ids, ok, ev)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longroll-host-tier")
+            self._job = self._pool.submit(self._gather)
         else:
             self._readback = (self.selected, self.selected_ok, None)
 
     def fetch(self) -> None:
         """Bring the last selection's blocks into the device slot region (call once per chunk, before its first
-        attention). The host gathers the blocks once the ids' readback (issued a chunk earlier) is done; the
+        attention). The host gathers the blocks once the ids' readback (issued a chunk earlier) is done: on CUDA
+        in a worker thread started at the selection, so that the gather overlaps the rest of the chunk; the
         copy to the device is non-blocking on a side stream, which :meth:`retrieved` makes the reader wait for."""
         if self._readback is None:
             return
+        if self._job is not None:
+            self._job.result()
+            self._job = None
+        else:
+            self._gather()
+        gk, gv, gc = self._gathered
+        b, h, t = self._readback[0].shape
+        n = t * self.config.block_tokens
+        if self._copy_stream is not None:
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._copy_stream):
+                self._upload(gk, gv, gc, b, h, n)
+                self._fetched = torch.cuda.Event()
+                self._fetched.record()
+        else:
+            self._upload(gk, gv, gc, b, h, n)
+        self._readback = None
+        self._has_slots = True
+
+    def _gather(self) -> None:
+        """Gather the selected blocks of the host store into the gather buffers (host memory)."""
+        assert self._readback is not None
         ids, ok, ev = self._readback
         if ev is not None:
             ev.synchronize()
-        cfg = self.config
-        bt, bpr = cfg.block_tokens, self.blocks_per_record
+        if self._fetched is not None:
+            # The previous upload read the gather buffers (a chunk ago): let it finish before refilling them.
+            self._fetched.synchronize()
+        bt, bpr = self.config.block_tokens, self.blocks_per_record
         rec, blk = ids // bpr, ids % bpr
         bi = torch.arange(self.batch)[:, None, None]
         hi = torch.arange(self.heads)[None, :, None]
         shape = (self.records, self.batch, self.heads, bpr, bt)
         gk, gv, gc = self._gathered
-        if self._fetched is not None:
-            # The previous upload read the gather buffers (a chunk ago): let it finish before refilling them.
-            self._fetched.synchronize()
         gk.copy_(self.host_k.view(*shape, self.head_dim)[rec, bi, hi, blk])
         gv.copy_(self.host_v.view(*shape, self.v_dim)[rec, bi, hi, blk])
         gc.copy_(self.host_count.view(*shape)[rec, bi, hi, blk] * ok[..., None])
-        b, h, t = ids.shape
-        if self._copy_stream is not None:
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._copy_stream):
-                self._upload(gk, gv, gc, b, h, t * bt)
-                self._fetched = torch.cuda.Event()
-                self._fetched.record()
-        else:
-            self._upload(gk, gv, gc, b, h, t * bt)
-        self._readback = None
-        self._has_slots = True
+
+    def _wait_gather(self) -> None:
+        if self._job is not None:
+            self._job.result()
+            self._job = None
 
     def _upload(self, gk: torch.Tensor, gv: torch.Tensor, gc: torch.Tensor, b: int, h: int, n: int) -> None:
         nb = self.device.type == "cuda"
@@ -457,6 +481,7 @@ class HostTier:
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         """Apply a :meth:`check_state` result."""
+        self._wait_gather()
         self.host_k.copy_(state["k"])
         self.host_v.copy_(state["v"])
         self.host_count.copy_(state["count"])
