@@ -304,3 +304,19 @@ def _feed_layer(lay, frames):
         lay.stage(k, v, frame_start=c * FPC, k_pre_rope=k)
         lay.attend(torch.randn(B, H, FPC * P, D, generator=g), sparse=False)
         lay.commit(torch.randn(B, H, FPC * P, D, generator=g))
+
+
+@pytest.mark.parametrize("recent", [0, 2])
+def test_captured_commit_with_a_host_tier_equals_the_eager_one(recent):
+    frames = _frames(24)
+    states = []
+    for mode in ("off", "emulate"):
+        cache = LayerKVCache(_tempcache(cap_frames=5, recent=recent, mode=mode), batch=B, heads=H, head_dim=D)
+        _feed(
+            cache, frames, queries=lambda c: torch.randn(B, H, FPC * P, D, generator=torch.Generator().manual_seed(c))
+        )
+        assert cache.commit_capture.captured == (mode == "emulate")
+        states.append(cache.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0, msg=key)
