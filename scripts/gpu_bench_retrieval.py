@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     ms_plain = statistics.median(c["seconds"] for c in a[-args.last :]) * 1e3
     ms_tier = statistics.median(c["seconds"] for c in b[-args.last :]) * 1e3
     first, last = b[0]["peak_bytes"], b[-1]["peak_bytes"]
+    first_plain, last_plain = a[0]["peak_bytes"], a[-1]["peak_bytes"]
+    peak_plain = max((c["peak_bytes"] or 0) for c in a)
+    peak_tier = max((c["peak_bytes"] or 0) for c in b)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     # The bench's default dtype: bf16 on CUDA, fp32 on the CPU.
     dtype_size = 2 if device == "cuda" else 4
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             "last_chunks": args.last,
         },
         "gpu_peak_last_over_first": (last / first) if first and last else None,
+        "gpu_peak_last_over_first_no_tier": (last_plain / first_plain) if first_plain and last_plain else None,
+        "gpu_peak_vs_no_tier": (peak_tier / peak_plain) if peak_plain else None,
         "gpu_peak_first_gib": first / 2**30 if first else None,
         "gpu_peak_last_gib": last / 2**30 if last else None,
         "latency_vs_no_tier": ms_tier / ms_plain,

@@ -320,3 +320,14 @@ def test_captured_commit_with_a_host_tier_equals_the_eager_one(recent):
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0, msg=key)
+
+
+def test_an_index_that_does_not_match_the_store_is_refused():
+    cache = LayerKVCache(_sink_window(budget_frames=4 * FPC), batch=B, heads=H, head_dim=D)
+    _feed(cache, _frames(12, drift=False), queries=lambda c: torch.randn(B, H, FPC * P, D))
+    state = cache.state_dict()
+    bad = dict(state)
+    bad["host.index_keys"] = state["host.index_keys"].flip(2)
+    with pytest.raises(ValueError, match="do not match the host store"):
+        cache.check_state(bad)
+    cache.check_state(state)

@@ -475,6 +475,17 @@ class HostTier:
             raise ValueError(f"state['host.count'] has entries past the {used} records written")
         if not bool(torch.isfinite(out["index_keys"]).all()):
             raise ValueError("state['host.index_keys'] holds NaN or Inf values")
+        # The index must describe the store: recompute it (fp16 rounding and summation order aside).
+        bt, bpr = self.config.block_tokens, self.blocks_per_record
+        occ = occupied.view(r, b, h, bpr, bt)
+        n = occ.sum(-1)
+        mean = (out["k"].float().view(r, b, h, bpr, bt, self.head_dim) * occ[..., None]).sum(4)
+        mean = (mean / n.clamp_min(1)[..., None]).permute(1, 2, 0, 3, 4).reshape(b, h, nb, self.head_dim)
+        valid = (n > 0).permute(1, 2, 0, 3).reshape(b, h, nb)
+        if not bool((valid == out["index_valid"]).all()) or not torch.allclose(
+            mean, out["index_keys"].float(), rtol=2e-3, atol=2e-3
+        ):
+            raise ValueError("state['host.index_keys'] / state['host.index_valid'] do not match the host store")
         if "selected" in out and (bool((out["selected"] < 0).any()) or bool((out["selected"] >= nb).any())):
             raise ValueError(f"state['host.selected'] must lie in [0, {nb})")
         return out
