@@ -331,3 +331,31 @@ def test_an_index_that_does_not_match_the_store_is_refused():
     with pytest.raises(ValueError, match="do not match the host store"):
         cache.check_state(bad)
     cache.check_state(state)
+
+
+def test_world_model_rollout_with_a_host_tier_attends_what_the_cache_evicted():
+    # A tiny world model (random weights: outputs depend on what the cache holds), 4 frames of device memory.
+    from longroll.eval.memory import memory_episodes
+    from longroll.world.model import WorldModelSpec, WorldWanModel, init_world_model
+    from longroll.world.rollout import rollout_world
+    from tests.test_world_memory import TINY
+
+    torch.manual_seed(0)
+    model = init_world_model(WorldWanModel(TINY, WorldModelSpec(train_frames=9))).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    eps = memory_episodes(1, 15, model)
+    tpf, fpc = model.spec.tokens_per_frame, model.spec.frames_per_chunk
+    base = AttentionPolicy("sw", SinkWindowPolicy(1, 3))
+    tier = HostTierConfig(16 * tpf, block_tokens=tpf // 4, top_blocks=4)
+    runs = {
+        name: rollout_world(model, pol, eps, context_frames=fpc, memory_frames=4).latents
+        for name, pol in (("plain", base), ("host", dataclasses.replace(base, name="sw_host", host_tier=tier)))
+    }
+    # Frames leave the window (1 sink + 3) from the second chunk's commit on, and what it evicts is retrieved
+    # from the third chunk on: until then both runs are the same; after, the host tier's blocks are attended.
+    same = 2 * fpc
+    torch.testing.assert_close(runs["host"][:, :, :same], runs["plain"][:, :, :same], rtol=0, atol=0)
+    assert not torch.equal(runs["host"][:, :, same : same + fpc], runs["plain"][:, :, same : same + fpc])
