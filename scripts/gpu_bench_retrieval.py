@@ -12,9 +12,9 @@ Measured:
 1. ``latency_vs_no_tier``: median chunk time of the last ``--last`` chunks with the tier over the same without;
 2. ``gpu_peak_last_over_first``: the peak allocated GPU memory of the last chunk over that of the first chunk
    with the tier (the tier's device part is allocated up front: flat by construction, measured here);
-3. ``host_bytes_per_frame``: host bytes of every layer's tier over the latent frames its budget holds
-   (``host_bytes_total`` and ``host_fill``, the share of host entries occupied at the end, are reported too:
-   records are padded when a commit evicts fewer entries than a chunk's tokens);
+3. ``host_bytes_per_frame``: pinned host bytes of every layer's tier over the latent frames of history its budget
+   holds (``host_bytes_total`` too); records are padded when a commit evicts fewer entries than a chunk's tokens
+   (TempCache at its cap), so a TempCache tier holds fewer entries than its bytes could;
 4. ``needle``: recall of a key block planted 3,000 latent frames ago (tiny geometry) on this device.
 
 ``revisit_psnr_below_dense_db`` comes from the world-model memory test (``scripts/eval_memory.py`` with a
