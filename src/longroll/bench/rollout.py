@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from longroll.cache.host_tier import HostTierConfig
 from longroll.models.wan import PRESETS, CausalWanModel, WanConfig
 from longroll.ops.fp8 import check_fp8_granularity
 from longroll.parallel import HeadParallelGroup, HeadParallelProcessor, shard_wan_model
@@ -37,7 +38,7 @@ from longroll.pipeline.record import run_record
 from longroll.pipeline.rollout import ChunkDenoiser, ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
 from longroll.policies.cached import CachedProcessor
-from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES
+from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, AttentionPolicy, preset
 from longroll.policies.timing import ComponentTimer
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class RolloutBenchConfig:
             (:meth:`~longroll.models.wan.CausalWanModel.quantize_fp8`).
         compile_dit: the DiT under ``torch.compile`` with the attention policy outside the graphs
             (:class:`~longroll.pipeline.compiled.CompiledChunkDenoiser`), backend ``compile_backend``.
+        host_tier: a host tier under every policy's cache (TempCache and sink-window policies only); None: none.
     """
 
     preset: str = "tiny"
@@ -131,6 +133,7 @@ class RolloutBenchConfig:
     fp8: str = "off"
     compile_dit: bool = False
     compile_backend: str = "inductor"
+    host_tier: HostTierConfig | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -329,6 +332,12 @@ class _Bench:
         )
         if self.group is not None:
             return HeadParallelProcessor.for_model(policy, w, group=self.group, **options)
+        if c.host_tier is not None:
+            pol: AttentionPolicy = preset(
+                policy, tokens_per_frame=self.tokens_per_frame, frames_per_chunk=c.frames_per_chunk,
+                memory_frames=c.memory_frames,
+            )  # fmt: skip
+            return CachedProcessor.for_model(dataclasses.replace(pol, host_tier=c.host_tier), w, **options)
         return CachedProcessor.for_model(policy, w, **options)
 
     def _rollout(

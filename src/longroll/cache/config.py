@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from longroll.ann.config import AnnConfig, Int8Config
+from longroll.cache.host_tier import HostTierConfig
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ class CacheConfig:
             ``"auto"`` captures it once in a CUDA graph on CUDA devices and replays it (eager elsewhere),
             ``"off"`` always runs eagerly, ``"emulate"`` runs the capture machinery without a graph (static
             inputs and outputs, replay by calling the function; for tests on any device).
+        host_tier: where the entries a TempCache or sink-window commit evicts go (host memory), and how many
+            blocks of them come back per chunk (:class:`~longroll.cache.host_tier.HostTierConfig`); None drops
+            them.
     """
 
     tokens_per_frame: int
@@ -153,6 +157,7 @@ class CacheConfig:
     policy: CachePolicy = field(default_factory=FullPolicy)
     check_finite: bool = True
     commit_graphs: Literal["auto", "off", "emulate"] = "auto"
+    host_tier: HostTierConfig | None = None
 
     def __post_init__(self) -> None:
         if self.tokens_per_frame < 1:
@@ -165,6 +170,15 @@ class CacheConfig:
             raise ValueError(f"policy must be a cache policy config, got {type(self.policy).__name__}")
         chunk = self.chunk_tokens
         p = self.policy
+        if self.host_tier is not None:
+            if not isinstance(self.host_tier, HostTierConfig):
+                raise ValueError(f"host_tier must be a HostTierConfig or None, got {type(self.host_tier).__name__}")
+            if not isinstance(p, TempCachePolicy | SinkWindowPolicy):
+                raise ValueError(
+                    f"host_tier needs a TempCachePolicy or SinkWindowPolicy cache (what they evict moves to the "
+                    f"host), got {type(p).__name__}"
+                )
+            self.host_tier.check_geometry(chunk)
         if (
             isinstance(p, TempCachePolicy)
             and p.max_entries < (p.sink_frames + p.recent_frames + self.frames_per_chunk) * self.tokens_per_frame

@@ -27,6 +27,7 @@ from longroll.cache.budget import compact_to_budget
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWindowPolicy, TempCachePolicy
 from longroll.cache.graphs import KeyedCapture, StaticInputs
+from longroll.cache.host_tier import HostTier
 from longroll.cache.tempcache import RecentWindow, Track, commit_chunk
 from longroll.ops._checks import check_float, check_rank
 
@@ -59,6 +60,7 @@ class LoadedState:
     lengths: torch.Tensor
     track: Track | None = None
     recent: RecentWindow | None = None
+    host: dict[str, torch.Tensor] | None = None
 
 
 class CacheView(NamedTuple):
@@ -128,8 +130,17 @@ class LayerKVCache:
                 RecentWindow.allocate(batch, heads, ring, config.tokens_per_frame, self.device) if ring else None
             )
         else:
+            if config.host_tier is not None:
+                raise ValueError("a host tier does not combine with a shared storage (grouped commits) yet")
             self.buffers, self.recent = storage
             self._check_storage(ring)
+        #: The host tier of evicted entries (None without ``config.host_tier``).
+        self.host: HostTier | None = None
+        if config.host_tier is not None:
+            self.host = HostTier(
+                config.host_tier, batch=batch, heads=heads, head_dim=head_dim, v_dim=self.v_dim,
+                chunk_tokens=config.chunk_tokens, dtype=dtype, device=self.device,
+            )  # fmt: skip
         #: Times the state was replaced by :meth:`load_state_dict` (a group of caches watches it).
         self.loads = 0
         self.committed_frames = 0
@@ -199,9 +210,16 @@ class LayerKVCache:
         return self.buffers.slots - c.chunk_tokens
 
     def nbytes(self) -> int:
-        """Bytes held by the cache's buffers (constant for every policy but ``full``), TempCache's verbatim
-        ring's correspondences included."""
-        return self.buffers.nbytes() + (self.recent.nbytes() if self.recent is not None else 0)
+        """Device bytes held by the cache's buffers (constant for every policy but ``full``), TempCache's
+        verbatim ring's correspondences and the host tier's device part (stage, index, slot region) included."""
+        extra = (self.recent.nbytes() if self.recent is not None else 0) + (
+            self.host.device_nbytes() if self.host is not None else 0
+        )
+        return self.buffers.nbytes() + extra
+
+    def host_nbytes(self) -> int:
+        """Host bytes of the host tier (0 without one)."""
+        return 0 if self.host is None else self.host.host_nbytes()
 
     @property
     def pinned_tokens(self) -> int:
@@ -224,6 +242,8 @@ class LayerKVCache:
         self._check_stage(k, v, frame_start, k_match)
         n = k.shape[2]
         if self.staged_tokens == 0:
+            if self.host is not None:
+                self.host.fetch()
             self._refresh_bound()
             self._ensure_slots(self.bound + n)
             self._bias = None
@@ -254,6 +274,13 @@ class LayerKVCache:
             bias = self._bias
         return CacheView(buf.k[:, :, :n], buf.v[:, :, :n], bias)
 
+    def retrieved(self) -> CacheView | None:
+        """The host tier's retrieved blocks for this chunk (attended besides :meth:`view`): k (B, H, S, D),
+        v (B, H, S, Dv), bias (B, H, S) float32 log-count, -inf on empty slots (S = the tier's slot tokens);
+        None without a host tier or before its first retrieval. Disjoint from :meth:`view`'s entries."""
+        got = None if self.host is None else self.host.retrieved()
+        return None if got is None else CacheView(*got)
+
     # ----------------------------------------------------------------- commit
     def commit(self, queries: torch.Tensor | None = None) -> torch.Tensor | None:
         """Apply the policy to the staged chunk and make it part of the history.
@@ -276,6 +303,10 @@ class LayerKVCache:
         frames = n // self.config.tokens_per_frame
         p = self.policy
         result = None
+        host_q = None
+        if self.host is not None:
+            # Staged keys stand in for missing queries (read before the commit moves them).
+            host_q = queries if queries is not None else self.buffers.k[:, :, self.bound : self.bound + n].clone()
         if isinstance(p, TempCachePolicy):
             result = self._commit_tempcache(p, n)
         elif isinstance(p, SinkWindowPolicy):
@@ -290,12 +321,19 @@ class LayerKVCache:
         self.committed_frames += frames
         self.staged_tokens = 0
         self._bias = None
+        if self.host is not None:
+            assert host_q is not None
+            self.host.select(host_q)
         return result
 
     def _commit_sink_window(self, p: SinkWindowPolicy, n: int) -> None:
         tpf = self.config.tokens_per_frame
         sink, window = p.sink_frames * tpf, p.window_frames * tpf
         buf = self.buffers
+        host = self.host
+        evicts = host is not None and self.committed_frames + n // tpf > p.sink_frames + p.window_frames
+        if host is not None and evicts:
+            host.stage.clear()
         if self.bound + n <= sink + window:
             self.bound += n
         else:
@@ -309,6 +347,10 @@ class LayerKVCache:
                 else:
                     dst = sink + ((f - p.sink_frames) % p.window_frames) * tpf
                 s0 = src.start + i * tpf
+                if host is not None and f >= p.sink_frames + p.window_frames:
+                    # The frame leaving the window: to the host tier before its slots are reused.
+                    sl = slice(dst, dst + tpf)
+                    host.stage.put(i * tpf, buf.k[:, :, sl], buf.v[:, :, sl], buf.count[:, :, sl], buf.frame[:, :, sl])
                 if dst != s0:
                     buf.k[:, :, dst : dst + tpf] = buf.k[:, :, s0 : s0 + tpf]
                     buf.v[:, :, dst : dst + tpf] = buf.v[:, :, s0 : s0 + tpf]
@@ -318,6 +360,8 @@ class LayerKVCache:
             buf.frame[:, :, self.bound :] = -1
             buf.count[:, :, : self.bound] = 1.0
         buf.lengths.fill_(self.bound)
+        if host is not None and evicts:
+            host.absorb()
 
     def _commit_tempcache(self, p: TempCachePolicy, n: int) -> torch.Tensor:
         tpf = self.config.tokens_per_frame
@@ -333,14 +377,18 @@ class LayerKVCache:
             overflow.append(not sink and upper + tpf > p.max_entries)
             upper = min(upper + tpf, p.max_entries)
         steady = self.track is not None and not any(sinks) and all(overflow) and all(full)
+        # Only a commit that may evict fills a host record (a host-side decision, as the cap's).
+        stage = self.host.stage if self.host is not None and any(overflow) else None
         if self._captures_commits() and steady:
             slots = self._commit_captured(p, lo, n)
         else:
             self.track, slots = commit_chunk(
                 self.buffers, self._searcher, p, self.track, self._k_match,
                 lo=lo, tokens_per_frame=tpf, frames=frames, sinks=sinks, may_overflow=overflow,
-                recent=self.recent, recent_full=full if self.recent is not None else None,
+                recent=self.recent, recent_full=full if self.recent is not None else None, stage=stage,
             )  # fmt: skip
+        if self.host is not None and stage is not None:
+            self.host.absorb()
         self.bound = upper
         self._start_length_readback()
         return slots
@@ -363,6 +411,7 @@ class LayerKVCache:
         tpf, nf = self.config.tokens_per_frame, n // self.config.tokens_per_frame
         key = (lo, n)
         searcher, buf = self._searcher, self.buffers
+        stage = None if self.host is None else self.host.stage
         if self._frame0 is None:
             self._frame0 = torch.zeros((), dtype=torch.int64, device=self.device)
         self._frame0.fill_(self.committed_frames)
@@ -377,7 +426,7 @@ class LayerKVCache:
                 buf, searcher, p, Track(slots, keys, active), km,
                 lo=lo, tokens_per_frame=tpf, frames=[frame0 + i for i in range(nf)], sinks=[False] * nf,
                 may_overflow=[True] * nf, recent=self.recent,
-                recent_full=[True] * nf if self.recent is not None else None,
+                recent_full=[True] * nf if self.recent is not None else None, stage=stage,
             )  # fmt: skip
             assert track is not None
             return track.slots, track.keys, track.active, out
@@ -538,6 +587,8 @@ class LayerKVCache:
         }
         if self.recent is not None:
             state |= {"recent_idx": self.recent.idx.clone(), "recent_cos": self.recent.cos.clone()}
+        if self.host is not None:
+            state |= {f"host.{k}": v for k, v in self.host.state_dict().items()}
         if self.track is not None:
             t = self.track
             # Copies: a captured commit overwrites its track in place.
@@ -573,7 +624,12 @@ class LayerKVCache:
         missing = sorted(required - set(state))
         if missing:
             raise ValueError(f"state is missing {missing}")
-        unknown = sorted(set(state) - required - track_keys)
+        host_keys = {k for k in state if isinstance(k, str) and k.startswith("host.")}
+        if host_keys and self.host is None:
+            raise ValueError(f"state has host tier entries {sorted(host_keys)[:3]}..., this cache has no host tier")
+        if self.host is not None and not host_keys:
+            raise ValueError("state has no host tier entries (host.*), this cache has a host tier")
+        unknown = sorted(set(state) - required - track_keys - host_keys)
         if unknown:
             raise ValueError(f"state has unknown keys {unknown}")
         for name, x in state.items():
@@ -659,6 +715,9 @@ class LayerKVCache:
             if bool(torch.isnan(rcos).any()) or bool((rcos > 1.0 + 1e-3).any()):
                 raise ValueError("state['recent_cos'] must be cosines (<= 1) or -inf, without NaN")
             loaded.recent = RecentWindow(ridx, rcos)
+        if self.host is not None:
+            part = {k[len("host.") :]: state[k] for k in host_keys}
+            loaded.host = self.host.check_state(part, committed)
         return loaded
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor] | LoadedState) -> None:
@@ -668,6 +727,8 @@ class LayerKVCache:
         cache is unchanged. A :class:`LoadedState` from :meth:`check_state` is applied as is.
         """
         loaded = state if isinstance(state, LoadedState) else self.check_state(state)
+        if (self.host is None) != (loaded.host is None):
+            raise ValueError("the loaded state's host tier part does not match this cache (check it with this cache)")
         bound = loaded.bound
         self._ensure_slots(bound + self.config.chunk_tokens)
         buf = self.buffers
@@ -684,6 +745,9 @@ class LayerKVCache:
             # In place: a captured commit reads and writes these very tensors.
             self.recent.idx.copy_(loaded.recent.idx)
             self.recent.cos.copy_(loaded.recent.cos)
+        if self.host is not None:
+            assert loaded.host is not None
+            self.host.load(loaded.host)
         self._pending_len, self._bias = None, None
         # A captured commit holds the previous track's buffers: capture again from the restored state.
         self.commit_capture.reset()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from longroll.ann import Searcher
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import TempCachePolicy
+from longroll.cache.host_tier import EvictionStage
 
 _NEG = float("-inf")
 
@@ -116,13 +117,15 @@ def _merge_values(
 
 def _new_slots(
     buf: CacheBuffers, new: torch.Tensor, cap: int, frame: Frame, sink_frames: int, may_overflow: bool
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots for unmatched tokens: free slots first, then victims (oldest frame, then smallest count), never
     sinks, entries touched by this frame or entries of newer frames.
 
-    new: (B, H, P) bool. Returns (B, H, P) int64 (trash where not new)."""
+    new: (B, H, P) bool. Returns the slots, (B, H, P) int64 (trash where not new), and which of them evict the
+    entry they hold, (B, H, P) bool."""
     rank = new.long().cumsum(-1) - 1
     slots = buf.lengths[..., None] + rank
+    evict = torch.zeros_like(new)
     if may_overflow:
         free = (cap - buf.lengths)[..., None]
         fr = buf.frame[:, :, :cap]
@@ -133,8 +136,23 @@ def _new_slots(
         prio = prio.masked_fill(protected, float("inf"))
         victims = prio.topk(min(new.shape[-1], cap), dim=-1, largest=False).indices
         ev = victims.gather(2, (rank - free).clamp(0, victims.shape[-1] - 1))
-        slots = torch.where(rank >= free, ev, slots)
-    return torch.where(new, slots, buf.trash)
+        evict = new & (rank >= free)
+        slots = torch.where(evict, ev, slots)
+    return torch.where(new, slots, buf.trash), evict
+
+
+def _capture_victims(
+    buf: CacheBuffers, slots: torch.Tensor, evict: torch.Tensor, stage: EvictionStage, offset: int
+) -> None:
+    """Copy the entries about to be overwritten at ``slots`` where ``evict`` (B, H, P) into the stage at
+    ``[offset, offset + P)`` (count 0 and frame -1 elsewhere); static shapes, no host sync."""
+    src = torch.where(evict, slots, buf.trash)
+    d, dv = buf.k.shape[-1], buf.v.shape[-1]
+    k = buf.k.gather(2, src[..., None].expand(*src.shape, d))
+    v = buf.v.gather(2, src[..., None].expand(*src.shape, dv))
+    count = torch.where(evict, buf.count.gather(2, src), 0.0)
+    frame = torch.where(evict, buf.frame.gather(2, src), -1)
+    stage.put(offset, k, v, count, frame)
 
 
 def match_frame(searcher: Searcher, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +188,8 @@ def merge_frame(
     frame: Frame,
     policy: TempCachePolicy,
     may_overflow: bool,
+    stage: EvictionStage | None = None,
+    offset: int = 0,
 ) -> tuple[Track, torch.Tensor]:
     """Commit one non-sink frame with merging.
 
@@ -182,6 +202,8 @@ def merge_frame(
         frame: absolute latent frame index (host int or 0-d device tensor).
         may_overflow: host-side hint that the cap could be reached in this frame; when False the eviction
             search is skipped (it is provably not needed).
+        stage: where the entries this frame evicts are copied before they are overwritten (a host tier), at
+            ``[offset, offset + P)``; None drops them.
 
     Returns:
         the frame's :class:`Track` and the slot of each token, (B, H, P) int64.
@@ -210,7 +232,9 @@ def merge_frame(
     else:
         target = torch.zeros_like(idx)
     new = ~merged
-    slots_new = _new_slots(buf, new, cap, frame, policy.sink_frames, may_overflow)
+    slots_new, evict = _new_slots(buf, new, cap, frame, policy.sink_frames, may_overflow)
+    if stage is not None and may_overflow:
+        _capture_victims(buf, slots_new, evict, stage, offset)
     buf.write(slots_new, k, v, 1.0, frame)
     buf.lengths.copy_(torch.clamp(buf.lengths + new.sum(-1), max=cap))
     slots = torch.where(merged, target, slots_new)
@@ -238,6 +262,8 @@ def commit_recent(
     *,
     full: bool,
     may_overflow: bool,
+    stage: EvictionStage | None = None,
+    offset: int = 0,
 ) -> tuple[Track, torch.Tensor]:
     """Commit one non-sink frame into the verbatim ring; the frame it displaces merges into the older entries.
 
@@ -252,6 +278,7 @@ def commit_recent(
         frame: absolute latent frame index (host int or 0-d device tensor).
         full: host-side: the ring already holds W frames (the one at this frame's position leaves it).
         may_overflow: host-side hint passed to :func:`merge_frame` for the leaving frame.
+        stage, offset: where the leaving frame's merge copies the entries it evicts (see :func:`merge_frame`).
 
     Returns:
         the new :class:`Track` (``keys`` = ``x``) and the slot of each of this frame's tokens, (B, H, P) int64.
@@ -266,7 +293,7 @@ def commit_recent(
         old = (buf.k.index_select(2, slots), buf.v.index_select(2, slots))
         old_match = (recent.idx.index_select(2, pos)[:, :, 0].long(), recent.cos.index_select(2, pos)[:, :, 0])
         assert track is not None, "a full ring always follows a committed non-sink frame"
-        track, _ = merge_frame(buf, track, old[0], old[1], x, old_match, frame - w, policy, may_overflow)
+        track, _ = merge_frame(buf, track, old[0], old[1], x, old_match, frame - w, policy, may_overflow, stage, offset)
     else:
         buf.lengths += p
         if track is None:
@@ -300,6 +327,7 @@ def commit_chunk(
     may_overflow: Sequence[bool],
     recent: RecentWindow | None = None,
     recent_full: Sequence[bool] | None = None,
+    stage: EvictionStage | None = None,
 ) -> tuple[Track | None, torch.Tensor]:
     """Commit the chunk staged at slots ``[lo, lo + n)``: sinks verbatim, every other frame merged in order
     (with ``policy.recent_frames`` > 0: into the verbatim ring, the frame it displaces merged).
@@ -319,6 +347,9 @@ def commit_chunk(
         recent: the ring's :class:`RecentWindow` (required with ``recent_frames`` > 0).
         recent_full: per frame, whether the ring is full when it is committed (host-side; required with
             ``recent_frames`` > 0).
+        stage: the host tier's :class:`~longroll.cache.host_tier.EvictionStage`: cleared, then frame ``i``'s
+            merge copies the entries it evicts at ``[i * P, (i + 1) * P)`` before overwriting them; None drops
+            them.
 
     Returns:
         the last frame's :class:`Track` (None when it was a sink) and each staged token's slot, (B, H, n) int64.
@@ -337,6 +368,8 @@ def commit_chunk(
     prev = None if track is None else track.keys
     buf.count[:, :, staged] = 0.0
     buf.frame[:, :, staged] = -1
+    if stage is not None:
+        stage.clear()
     slots = []
     for i in range(nf):
         sl = slice(i * tpf, (i + 1) * tpf)
@@ -350,12 +383,13 @@ def commit_chunk(
                 assert recent is not None and recent_full is not None
                 track, s = commit_recent(
                     buf, recent, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy,
-                    full=recent_full[i], may_overflow=may_overflow[i],
+                    full=recent_full[i], may_overflow=may_overflow[i], stage=stage, offset=i * tpf,
                 )  # fmt: skip
             else:
                 track, s = merge_frame(
-                    buf, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy, may_overflow[i]
-                )
+                    buf, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy, may_overflow[i],
+                    stage, i * tpf,
+                )  # fmt: skip
             slots.append(s)
         prev = x
     return track, torch.cat(slots, dim=2)

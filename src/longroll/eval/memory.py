@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from longroll.cache.config import SinkWindowPolicy
+from longroll.cache.host_tier import HostTierConfig
 from longroll.eval.stats import paired_difference
 from longroll.eval.world import ProbedProcessor, run_record
 from longroll.policies.cached import CachedProcessor
@@ -76,6 +77,11 @@ class LayoutCandidate:
         max_density: AnnSA's cap on the ANN-selected share of key blocks instead of the preset's (None:
             unchanged).
         annca: False drops the preset's AnnCA (prompt-token selection), to tell its share of a change apart.
+        host_frames: a host tier under the cache holding this many latent frames of evicted entries per head
+            (:class:`~longroll.cache.host_tier.HostTierConfig`; bases ``tempcache``, ``tempcache_lsh`` and
+            ``sink_window``); None: no host tier.
+        host_top_blocks: blocks the host tier retrieves per head and chunk.
+        host_block_tokens: entries per host block (None: a quarter of a frame).
     """
 
     name: str
@@ -84,6 +90,9 @@ class LayoutCandidate:
     top_k_blocks: int | None = None
     max_density: float | None = None
     annca: bool = True
+    host_frames: int | None = None
+    host_top_blocks: int = 8
+    host_block_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or self.name in MEMORY_PRESETS or self.name in LAYOUT_BASES:
@@ -97,6 +106,14 @@ class LayoutCandidate:
             raise ValueError(f"top_k_blocks, max_density and annca apply to 'all' and 'all_int8', not {self.base!r}")
         if self.top_k_blocks is not None and self.top_k_blocks < 1:
             raise ValueError(f"top_k_blocks must be >= 1 or None, got {self.top_k_blocks!r}")
+        if self.host_frames is not None and self.base not in ("tempcache", "tempcache_lsh", "sink_window"):
+            raise ValueError(f"host_frames applies to tempcache, tempcache_lsh and sink_window, not {self.base!r}")
+        for name in ("host_frames", "host_block_tokens"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or val < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {val!r}")
+        if not isinstance(self.host_top_blocks, int) or self.host_top_blocks < 1:
+            raise ValueError(f"host_top_blocks must be an int >= 1, got {self.host_top_blocks!r}")
         if self.max_density is not None and not 0.0 < self.max_density <= 1.0:
             raise ValueError(f"max_density must be in (0, 1] or None, got {self.max_density!r}")
 
@@ -105,9 +122,9 @@ def parse_layout(text: str) -> LayoutCandidate:
     """``name=base:key=value,...`` -> a :class:`LayoutCandidate`, keys of :class:`TempCacheLayout`
     (``sinks`` for sink_frames, ``recent`` for recent_frames, ``threshold``, ``overflow``, ``group``;
     ``group=none`` for unbounded), and for ``all``/``all_int8`` AnnSA's ``topk`` and ``density`` and
-    ``annca=off``.
+    ``annca=off``, and a host tier's ``host`` (frames), ``top`` (blocks per chunk) and ``block`` (tokens).
 
-    E.g. ``tc_g4=tempcache:group=4`` or ``tc_s1=tempcache:sinks=1``.
+    E.g. ``tc_g4=tempcache:group=4``, ``tc_s1=tempcache:sinks=1`` or ``tc_host=tempcache:host=48,top=8``.
     """
     try:
         name, rest = text.split("=", 1)
@@ -118,7 +135,11 @@ def parse_layout(text: str) -> LayoutCandidate:
                 "overflow": "overflow_threshold", "group": "max_group"}  # fmt: skip
         for item in filter(None, (o.strip() for o in opts.split(","))):
             key, value = item.split("=", 1)
-            if key == "topk":
+            if key in ("host", "top", "block"):
+                sparse[{"host": "host_frames", "top": "host_top_blocks", "block": "host_block_tokens"}[key]] = int(
+                    value
+                )
+            elif key == "topk":
                 sparse["top_k_blocks"] = int(value)
             elif key == "density":
                 sparse["max_density"] = float(value)
@@ -127,7 +148,8 @@ def parse_layout(text: str) -> LayoutCandidate:
                     raise ValueError(f"annca must be on or off, got {value!r}")
                 sparse["annca"] = value == "on"
             elif key not in keys:
-                raise ValueError(f"unknown layout key {key!r}; use {[*sorted(keys), 'annca', 'density', 'topk']}")
+                extra = ["annca", "block", "density", "host", "top", "topk"]
+                raise ValueError(f"unknown layout key {key!r}; use {[*sorted(keys), *extra]}")
             elif key in ("sinks", "recent", "group"):
                 kwargs[keys[key]] = None if value.lower() == "none" and key == "group" else int(value)
             else:
@@ -193,9 +215,13 @@ class MemoryEvalConfig:
         tpf, fpc, mem = spec.tokens_per_frame, spec.frames_per_chunk, self.memory_frames
         out = [preset(name, tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=mem) for name in self.policies]
         for cand in self.layouts:
+            tier = None
+            if cand.host_frames is not None:
+                block = cand.host_block_tokens or max(1, tpf // 4)
+                tier = HostTierConfig(cand.host_frames * tpf, block_tokens=block, top_blocks=cand.host_top_blocks)
             if cand.base == "sink_window":
                 sinks = min(cand.layout.sink_frames, mem - fpc)
-                out.append(AttentionPolicy(cand.name, SinkWindowPolicy(sinks, mem - sinks)))
+                out.append(AttentionPolicy(cand.name, SinkWindowPolicy(sinks, mem - sinks), host_tier=tier))
                 continue
             p = preset(cand.base, tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=mem, layout=cand.layout)
             annsa = p.annsa
@@ -204,7 +230,7 @@ class MemoryEvalConfig:
             if annsa is not None and cand.max_density is not None:
                 annsa = dataclasses.replace(annsa, max_density=cand.max_density)
             annca = p.annca if cand.annca else None
-            out.append(dataclasses.replace(p, name=cand.name, annsa=annsa, annca=annca))
+            out.append(dataclasses.replace(p, name=cand.name, annsa=annsa, annca=annca, host_tier=tier))
         return out
 
 

@@ -117,9 +117,12 @@ class CachedProcessor:
         if group_commits not in ("auto", "off"):
             raise ValueError(f"group_commits must be 'auto' or 'off', got {group_commits!r}")
         self.policy = policy
+        if group_commits == "auto" and policy.host_tier is not None:
+            raise ValueError("group_commits='auto' does not combine with a host tier yet; use 'off'")
         cfg = CacheConfig(
-            tokens_per_frame, frames_per_chunk, policy.cache, check_finite=check_finite, commit_graphs=cuda_graphs
-        )
+            tokens_per_frame, frames_per_chunk, policy.cache, check_finite=check_finite, commit_graphs=cuda_graphs,
+            host_tier=policy.host_tier,
+        )  # fmt: skip
         self.graph_inputs = StaticInputs()
         self.commits = CommitStream(device, overlap=overlap_commit == "auto")
         self.group: CacheGroup | None = None

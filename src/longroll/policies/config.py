@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from longroll.ann.config import AnnConfig, Int8Config, LSHConfig
 from longroll.cache.config import BudgetPolicy, CachePolicy, FullPolicy, SinkWindowPolicy, TempCachePolicy
+from longroll.cache.host_tier import HostTierConfig
 from longroll.ops.attention import BACKENDS, Backend
 from longroll.policies.schedule import SparseSchedule
 from longroll.sparse.annca import AnnCAConfig
@@ -25,6 +26,9 @@ class AttentionPolicy:
         annca: ANN prompt-token selection in cross-attention, or None for dense cross-attention.
         schedule: which denoising steps and layers use the sparse paths (the first ~30 % of steps stay dense).
         radial: a static Radial-Attention-style mask over the time-ordered full cache (peer baseline), or None.
+        host_tier: entries the cache evicts move to host memory and the most relevant blocks of them are
+            attended again each chunk (:class:`~longroll.cache.host_tier.HostTierConfig`); needs a TempCache or
+            sink-window cache and dense self-attention (no AnnSA or radial mask yet). None: evicted is gone.
     """
 
     name: str = "dense"
@@ -34,6 +38,7 @@ class AttentionPolicy:
     annca: AnnCAConfig | None = None
     schedule: SparseSchedule = field(default_factory=SparseSchedule)
     radial: RadialConfig | None = None
+    host_tier: HostTierConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -42,6 +47,13 @@ class AttentionPolicy:
             raise ValueError("annsa cannot run over a SinkWindowPolicy cache (its ring buffer must not be reordered)")
         if self.radial is not None and (self.annsa is not None or not isinstance(self.cache, FullPolicy)):
             raise ValueError("radial needs the full cache (slots in time order) and excludes annsa")
+        if self.host_tier is not None:
+            if not isinstance(self.host_tier, HostTierConfig):
+                raise ValueError(f"host_tier must be a HostTierConfig or None, got {type(self.host_tier).__name__}")
+            if not isinstance(self.cache, TempCachePolicy | SinkWindowPolicy):
+                raise ValueError(f"host_tier needs a TempCache or sink-window cache, got {type(self.cache).__name__}")
+            if self.annsa is not None or self.radial is not None:
+                raise ValueError("host_tier runs with dense self-attention only (annsa and radial must be None)")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
 

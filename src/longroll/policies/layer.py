@@ -32,6 +32,7 @@ from longroll.cache.kv_cache import LayerKVCache, LoadedState
 from longroll.ops.attention import attention
 from longroll.ops.block_index import BlockSparseIndex
 from longroll.ops.block_sparse import block_sparse_attention
+from longroll.ops.merge import merge_attention
 from longroll.policies.config import AttentionPolicy
 from longroll.policies.timing import ComponentTimer
 from longroll.sparse.annca import AnnCA, CollapsedPrompt, collapse_duplicates
@@ -132,7 +133,11 @@ class LayerAttention:
     ) -> None:
         if not isinstance(policy, AttentionPolicy):
             raise ValueError(f"policy must be an AttentionPolicy, got {type(policy).__name__}")
-        if not isinstance(cache_config, CacheConfig) or cache_config.policy != policy.cache:
+        if (
+            not isinstance(cache_config, CacheConfig)
+            or cache_config.policy != policy.cache
+            or cache_config.host_tier != policy.host_tier
+        ):
             got = getattr(cache_config, "policy", type(cache_config).__name__)
             raise ValueError(f"cache_config must be a CacheConfig of the policy's cache {policy.cache!r}, got {got!r}")
         self.policy = policy
@@ -216,8 +221,17 @@ class LayerAttention:
         if sparse and radial is not None:
             with self._span("attention"):
                 return block_sparse_attention(q, view.k, view.v, radial, view.bias).out
+        far = self.cache.retrieved()
         with self._span("attention"):
-            return attention(q, *view, backend=self.policy.attention_backend).out
+            if far is None:
+                return attention(q, *view, backend=self.policy.attention_backend).out
+            # The host tier's blocks are disjoint from the cache: attend both and merge by log-sum-exp.
+            backend = self.policy.attention_backend
+            backend = backend if backend in ("chunked", "triton") else "auto"
+            near = attention(q, *view, backend=backend, return_lse=True)
+            back = attention(q, *far, backend=backend, return_lse=True)
+            assert near.lse is not None and back.lse is not None
+            return merge_attention(near.out, near.lse, back.out, back.lse)[0]
 
     def commit(self, q: torch.Tensor, inputs: tuple[torch.Tensor, ...] = ()) -> None:
         """Commit the staged chunk (the cache policy decides what stays; ``q`` (B, H, n, D) scores importance
