@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longroll.models.wan.model import FeedForward, WanAttention, apply_rope
+from longroll.models.wan.model import FeedForward, WanAttention, rope_self_attention
 from longroll.parallel.group import HeadParallelGroup, split_range
 from longroll.policies.processor import AttentionProcessor
 
@@ -132,12 +132,7 @@ class ShardedWanAttention(nn.Module):
         q, k = self._norm_qk(self.to_q(x), self.to_k(x))
         q, k = q.unflatten(-1, (self.num_heads, -1)), k.unflatten(-1, (self.num_heads, -1))
         v = self.to_v(x).unflatten(-1, (self.num_heads, -1))
-        cos, sin = rope[0][:, None], rope[1][:, None]
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = processor.self_attention(
-            layer, q_rot.transpose(1, 2), k_rot.transpose(1, 2), v.transpose(1, 2), k.transpose(1, 2)
-        )
-        return self._merge_heads(out)
+        return self._merge_heads(rope_self_attention(q, k, v, rope, layer, processor))
 
     def cross_attention(
         self, x: torch.Tensor, context: torch.Tensor, layer: int, processor: AttentionProcessor

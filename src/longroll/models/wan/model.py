@@ -147,6 +147,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).to(x.dtype)
 
 
+def rope_self_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    layer: int,
+    processor: AttentionProcessor,
+) -> torch.Tensor:
+    """RoPE on normalised q and k, then the processor's self-attention.
+
+    Args:
+        q, k, v: (batch, seqlen, heads, head_dim), q and k after their norms.
+        rope: cos, sin (seqlen, head_dim // 2).
+
+    Returns:
+        (batch, heads, seqlen, head_dim); the processor also receives the pre-RoPE keys (for matching).
+    """
+    cos, sin = rope[0][:, None], rope[1][:, None]
+    q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return processor.self_attention(
+        layer, q_rot.transpose(1, 2), k_rot.transpose(1, 2), v.transpose(1, 2), k.transpose(1, 2)
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Attention
 
@@ -297,12 +321,7 @@ class WanAttention(nn.Module):
         q = self.norm_q(q).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(k).unflatten(-1, (self.num_heads, -1))
         v = v.unflatten(-1, (self.num_heads, -1))
-        cos, sin = rope[0][:, None], rope[1][:, None]
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = processor.self_attention(
-            layer, q_rot.transpose(1, 2), k_rot.transpose(1, 2), v.transpose(1, 2), k.transpose(1, 2)
-        )
-        return self._merge_heads(out)
+        return self._merge_heads(rope_self_attention(q, k, v, rope, layer, processor))
 
     def cross_attention(
         self, x: torch.Tensor, context: torch.Tensor, layer: int, processor: AttentionProcessor
