@@ -1,6 +1,8 @@
 """Oracle (b): the chunked autoregressive forward over the KV cache equals the block-causal full-sequence
 forward, and the rollout engine runs every cache policy end to end."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -243,3 +245,19 @@ def test_commits_on_a_side_stream_give_the_in_line_rollout(policy, group):
     side, proc = run("auto")
     assert proc.commits.stream is not None
     torch.testing.assert_close(side, inline, rtol=0, atol=0)
+
+
+def test_kept_latents_are_the_same_wherever_they_are_kept():
+    model = _model()
+    cfg = RolloutConfig(3 * FPC, FPC, (CFG.in_channels, LH, LW), SamplerConfig(timesteps=(1000, 500)))
+    ctx = torch.randn(1, 5, CFG.text_dim)
+    ref = RolloutEngine(model, _processor("sink_window"), cfg).run(ctx).latents
+    host = RolloutEngine(model, _processor("sink_window"), dataclasses.replace(cfg, keep_latents="host"))
+    assert torch.equal(host.run(ctx).latents, ref.cpu())
+    seen: list[torch.Tensor] = []
+    none = RolloutEngine(model, _processor("sink_window"), dataclasses.replace(cfg, keep_latents="none"))
+    res = none.run(ctx, on_chunk=lambda i, lat, st: seen.append(lat))
+    assert res.latents.shape == (*ref.shape[:2], 0, *ref.shape[3:]) and len(res.stats) == 3
+    assert torch.equal(torch.cat(seen, dim=2), ref)
+    with pytest.raises(ValueError, match="keep_latents"):
+        dataclasses.replace(cfg, keep_latents="gpu")

@@ -337,7 +337,8 @@ def generate(
         preset, pipe.wan_config, tokens_per_frame=tpf, frames_per_chunk=frames_per_chunk, dtype=pipe.dtype,
         device=pipe.device, memory_frames=memory_frames, **(processor_options or {}),
     )  # fmt: skip
-    rollout = RolloutConfig(num_frames, frames_per_chunk, latent_shape, sampler, seed)
+    # Latents go to host memory chunk by chunk: the video streams to disk, device memory stays flat.
+    rollout = RolloutConfig(num_frames, frames_per_chunk, latent_shape, sampler, seed, keep_latents="host")
     out = prepare_out_dir(out_dir, name="out_dir")
     video_path, stats_path = out / VIDEO_FILE, out / STATS_FILE
     partial_video, partial_stats = out / PARTIAL_VIDEO_FILE, out / PARTIAL_STATS_FILE

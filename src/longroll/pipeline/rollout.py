@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -43,6 +43,9 @@ class RolloutConfig:
         latent_shape: (channels, height, width) of a latent frame.
         sampler: the per-chunk denoising schedule.
         seed: noise seed; chunk c draws from ``seed + c`` so every policy sees the same noise.
+        keep_latents: where the result keeps each chunk's latents: ``"device"`` (next to the model),
+            ``"host"`` (copied to CPU memory after each chunk, so device memory stays flat over any rollout
+            length), or ``"none"`` (streaming through ``on_chunk`` only; the result's latents have 0 frames).
     """
 
     num_frames: int
@@ -50,6 +53,7 @@ class RolloutConfig:
     latent_shape: tuple[int, int, int] = (16, 60, 104)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
+    keep_latents: Literal["device", "host", "none"] = "device"
 
     def __post_init__(self) -> None:
         if self.frames_per_chunk < 1:
@@ -61,6 +65,8 @@ class RolloutConfig:
             )
         if len(self.latent_shape) != 3 or min(self.latent_shape) < 1:
             raise ValueError(f"latent_shape must be (channels, height, width), got {self.latent_shape}")
+        if self.keep_latents not in ("device", "host", "none"):
+            raise ValueError(f"keep_latents must be 'device', 'host' or 'none', got {self.keep_latents!r}")
 
     @property
     def num_chunks(self) -> int:
@@ -81,7 +87,8 @@ class ChunkStats:
 
 @dataclass
 class RolloutResult:
-    """latents: (batch, channels, frames, height, width), initial frames included; stats: one per chunk."""
+    """latents: (batch, channels, frames, height, width), initial frames included, where
+    ``RolloutConfig.keep_latents`` says (0 frames with ``"none"``); stats: one per chunk."""
 
     latents: torch.Tensor
     stats: list[ChunkStats]
@@ -217,7 +224,7 @@ class RolloutEngine:
                 )
             f0 = initial_latents.shape[2]
             self.commit(initial_latents.to(dtype), context, 0, None if actions is None else actions[:, :f0])
-            frames.append(initial_latents.to(dtype))
+            frames.extend(self._kept(initial_latents.to(dtype)))
         if actions is not None and actions.shape != (b, f0 + cfg.num_frames):
             raise ValueError(f"actions must have shape ({b}, {f0 + cfg.num_frames}), got {tuple(actions.shape)}")
         stats: list[ChunkStats] = []
@@ -258,8 +265,18 @@ class RolloutEngine:
                 components={} if self.processor.timer is None else self.processor.timer.collect(),
             )
             stats.append(st)
-            frames.append(clean)
+            frames.extend(self._kept(clean))
             log.debug("chunk %d: %.3f s", ci, st.seconds)
             if on_chunk is not None:
                 on_chunk(ci, clean, st)
+        if not frames:  # keep_latents="none"
+            where = torch.device("cpu") if cfg.keep_latents == "host" else dev
+            return RolloutResult(torch.empty((b, c, 0, h, w), dtype=dtype, device=where), stats)
         return RolloutResult(torch.cat(frames, dim=2), stats)
+
+    def _kept(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """What the result keeps of one chunk's latents (B, C, F, h, w): nothing, a host copy or the tensor."""
+        keep = self.config.keep_latents
+        if keep == "none":
+            return []
+        return [latents.cpu() if keep == "host" else latents]
