@@ -227,6 +227,23 @@ def test_resume_is_bit_exact(mode):
         torch.testing.assert_close(sa[key], sc[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("kind", ["tempcache", "sink_window"])
+def test_empty_record_positions_hold_zeros(kind):
+    # Positions without a victim must not carry whatever the gathered slot held (on CUDA the trash slot's
+    # content depends on the order of colliding scatters), or two identical rollouts save different states.
+    if kind == "tempcache":
+        tier = HostTierConfig(host_budget_tokens=4 * FPC * P, block_tokens=4, top_blocks=3)
+        cache = LayerKVCache(_tempcache(cap_frames=5, recent=1, tier=tier), batch=B, heads=H, head_dim=D)
+        _run_chunks(cache, _frames(28), 0, 14)
+    else:
+        cache = LayerKVCache(_sink_window(budget_frames=4 * FPC), batch=B, heads=H, head_dim=D)
+        _feed(cache, _frames(12, drift=False), queries=lambda c: torch.randn(B, H, FPC * P, D))
+    state = cache.state_dict()
+    empty = state["host.count"] == 0
+    assert empty.any() and (~empty).any()
+    assert not state["host.k"][empty].any() and not state["host.v"][empty].any()
+
+
 def test_host_state_is_validated():
     cfg = _sink_window(budget_frames=4 * FPC)
     cache = LayerKVCache(cfg, batch=B, heads=H, head_dim=D)

@@ -120,10 +120,15 @@ class EvictionStage:
 
     def put(self, offset: int, k: torch.Tensor, v: torch.Tensor, count: torch.Tensor, frame: torch.Tensor) -> None:
         """Write one frame's victims at ``[offset, offset + n)``: k (B, H, n, D), v (B, H, n, Dv), count and frame
-        (B, H, n)."""
+        (B, H, n); positions of count 0 (no victim) get zero keys and values.
+
+        Their k and v would otherwise be whatever the gathered slot held (the cache's trash slot, written by
+        colliding scatters in no fixed order on CUDA): the record and the saved state would not be reproducible.
+        """
         n = k.shape[2]
-        self.k[:, :, offset : offset + n] = k
-        self.v[:, :, offset : offset + n] = v
+        live = (count > 0)[..., None]
+        self.k[:, :, offset : offset + n] = torch.where(live, k, k.new_zeros(()))
+        self.v[:, :, offset : offset + n] = torch.where(live, v, v.new_zeros(()))
         self.count[:, :, offset : offset + n] = count
         self.frame[:, :, offset : offset + n] = frame
 
