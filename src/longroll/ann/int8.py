@@ -7,7 +7,7 @@ import torch
 from longroll.ann.config import Int8Config
 from longroll.ann.slices import argmax_by_rows
 from longroll.ops._checks import check_rank
-from longroll.ops.top1 import int8_top1
+from longroll.ops.top1 import TOP1_HEAD_DIMS, int8_top1
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,9 +85,12 @@ class Int8Searcher:
         check_rank("candidates", candidates, 4)
         if candidates.shape[2] == 0:
             raise ValueError("candidates must hold at least one vector, got seqlen 0")
-        if self.config.top1_backend != "torch":
+        backend = self.config.top1_backend
+        if backend == "auto":
+            backend = "triton" if queries.is_cuda and queries.shape[-1] in TOP1_HEAD_DIMS else "torch"
+        if backend == "triton":
             qc, qs = quantize_int8(queries)
             cc, cs = quantize_int8(candidates)
-            return int8_top1(qc, qs, cc, cs, backend=self.config.top1_backend)
+            return int8_top1(qc, qs, cc, cs, backend="triton")
         b, h, n, _ = queries.shape
         return argmax_by_rows(lambda r: int8_scores(queries[r], candidates[r]), b, h * n * candidates.shape[2])
