@@ -85,6 +85,19 @@ def test_memory_config_orders_and_builds_policies():
     assert isinstance(pols["tc_s1"].cache, TempCachePolicy) and pols["tc_s1"].cache.max_entries == 15 * 64
     assert pols["sw_s1"].cache == SinkWindowPolicy(1, 14)
     assert pols["all_g4"].cache.max_group == 4 and pols["all_g4"].annsa is not None
+    # equal=on: 8 blocks of 16 retrieved entries fill 2 frames of 64 tokens, taken from the cache's 15.
+    eq = (parse_layout("tc_eq=tempcache:host=24,top=8,block=16,equal=on"),
+          parse_layout("sw_eq=sink_window:host=24,top=8,block=16,equal=on"),
+          parse_layout("tc_h=tempcache:host=24,top=8,block=16"))  # fmt: skip
+    pols = {p.name: p for p in MemoryEvalConfig(policies=("tempcache",), layouts=eq).policy_configs(model)}
+    assert pols["tc_eq"].cache.max_entries == 13 * 64 and pols["tc_h"].cache.max_entries == 15 * 64
+    assert pols["sw_eq"].cache == SinkWindowPolicy(3, 10) and pols["tc_eq"].host_tier.slot_tokens == 128
+    for bad in ("x=tempcache:equal=on", "x=tempcache:host=24,equal=yes"):
+        with pytest.raises(ValueError, match="equal"):
+            parse_layout(bad)
+    huge = MemoryEvalConfig(layouts=(parse_layout("x=tempcache:host=48,top=48,block=16,equal=on"),))
+    with pytest.raises(ValueError, match="slot region"):
+        huge.policy_configs(model)
     for kwargs, match in (
         ({"policies": ("radial",)}, "policies"), ({"policies": ("dense", "dense")}, "policies"),
         ({"layouts": (layouts[0], layouts[0])}, "distinct"), ({"episodes": 0}, "episodes"),

@@ -82,6 +82,9 @@ class LayoutCandidate:
             ``sink_window``); None: no host tier.
         host_top_blocks: blocks the host tier retrieves per head and chunk.
         host_block_tokens: entries per host block (None: a quarter of a frame).
+        host_equal: the host tier's device slot region counts against the memory: the cache gets
+            ``memory_frames`` minus the frames the slots would fill (rounded up), so that cache plus slots hold
+            no more entries than the other policies' caches.
     """
 
     name: str
@@ -93,6 +96,7 @@ class LayoutCandidate:
     host_frames: int | None = None
     host_top_blocks: int = 8
     host_block_tokens: int | None = None
+    host_equal: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or self.name in MEMORY_PRESETS or self.name in LAYOUT_BASES:
@@ -112,6 +116,8 @@ class LayoutCandidate:
             val = getattr(self, name)
             if val is not None and (not isinstance(val, int) or val < 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {val!r}")
+        if self.host_equal and self.host_frames is None:
+            raise ValueError("host_equal needs a host tier (host_frames)")
         if not isinstance(self.host_top_blocks, int) or self.host_top_blocks < 1:
             raise ValueError(f"host_top_blocks must be an int >= 1, got {self.host_top_blocks!r}")
         if self.max_density is not None and not 0.0 < self.max_density <= 1.0:
@@ -122,7 +128,8 @@ def parse_layout(text: str) -> LayoutCandidate:
     """``name=base:key=value,...`` -> a :class:`LayoutCandidate`, keys of :class:`TempCacheLayout`
     (``sinks`` for sink_frames, ``recent`` for recent_frames, ``threshold``, ``overflow``, ``group``;
     ``group=none`` for unbounded), and for ``all``/``all_int8`` AnnSA's ``topk`` and ``density`` and
-    ``annca=off``, and a host tier's ``host`` (frames), ``top`` (blocks per chunk) and ``block`` (tokens).
+    ``annca=off``, and a host tier's ``host`` (frames), ``top`` (blocks per chunk), ``block`` (tokens) and
+    ``equal=on`` (its slot region taken from the cache's memory).
 
     E.g. ``tc_g4=tempcache:group=4``, ``tc_s1=tempcache:sinks=1`` or ``tc_host=tempcache:host=48,top=8``.
     """
@@ -135,7 +142,11 @@ def parse_layout(text: str) -> LayoutCandidate:
                 "overflow": "overflow_threshold", "group": "max_group"}  # fmt: skip
         for item in filter(None, (o.strip() for o in opts.split(","))):
             key, value = item.split("=", 1)
-            if key in ("host", "top", "block"):
+            if key == "equal":
+                if value not in ("on", "off"):
+                    raise ValueError(f"equal must be on or off, got {value!r}")
+                sparse["host_equal"] = value == "on"
+            elif key in ("host", "top", "block"):
                 sparse[{"host": "host_frames", "top": "host_top_blocks", "block": "host_block_tokens"}[key]] = int(
                     value
                 )
@@ -148,7 +159,7 @@ def parse_layout(text: str) -> LayoutCandidate:
                     raise ValueError(f"annca must be on or off, got {value!r}")
                 sparse["annca"] = value == "on"
             elif key not in keys:
-                extra = ["annca", "block", "density", "host", "top", "topk"]
+                extra = ["annca", "block", "density", "equal", "host", "top", "topk"]
                 raise ValueError(f"unknown layout key {key!r}; use {[*sorted(keys), *extra]}")
             elif key in ("sinks", "recent", "group"):
                 kwargs[keys[key]] = None if value.lower() == "none" and key == "group" else int(value)
@@ -215,10 +226,16 @@ class MemoryEvalConfig:
         tpf, fpc, mem = spec.tokens_per_frame, spec.frames_per_chunk, self.memory_frames
         out = [preset(name, tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=mem) for name in self.policies]
         for cand in self.layouts:
-            tier = None
+            tier, mem = None, self.memory_frames
             if cand.host_frames is not None:
                 block = cand.host_block_tokens or max(1, tpf // 4)
                 tier = HostTierConfig(cand.host_frames * tpf, block_tokens=block, top_blocks=cand.host_top_blocks)
+                if cand.host_equal:
+                    mem -= -(-tier.slot_tokens // tpf)
+                    if mem < fpc + 1:
+                        raise ValueError(f"layout {cand.name!r}: a slot region of {tier.slot_tokens} entries "
+                                         f"leaves {mem} of memory_frames={self.memory_frames} frames to the "
+                                         "cache")  # fmt: skip
             if cand.base == "sink_window":
                 sinks = min(cand.layout.sink_frames, mem - fpc)
                 out.append(AttentionPolicy(cand.name, SinkWindowPolicy(sinks, mem - sinks), host_tier=tier))
