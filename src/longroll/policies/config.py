@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from longroll.ann.config import AnnConfig, Int8Config, LSHConfig
 from longroll.cache.config import BudgetPolicy, CachePolicy, FullPolicy, SinkWindowPolicy, TempCachePolicy
@@ -107,6 +108,9 @@ class TempCacheLayout:
         max_group: most frames one merged group may span (None: unbounded).
         recent_frames: newest frames kept verbatim before they merge (at most what the memory holds besides
             the sinks and a chunk; fewer are kept when it is smaller).
+        evict_by: how slots are freed at the cap, ``"age"`` (oldest groups) or ``"redundancy"`` (merge
+            near-duplicate old entries first, age for the rest).
+        compress_threshold: key cosine needed for a redundancy merge, in (0, 1].
     """
 
     sink_frames: int = SINK_FRAMES
@@ -114,8 +118,18 @@ class TempCacheLayout:
     overflow_threshold: float = 0.75
     max_group: int | None = 16
     recent_frames: int = 3
+    evict_by: Literal["age", "redundancy"] = "age"
+    compress_threshold: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.evict_by not in ("age", "redundancy"):
+            raise ValueError(f"evict_by must be 'age' or 'redundancy', got {self.evict_by!r}")
+        if (
+            isinstance(self.compress_threshold, bool)
+            or not isinstance(self.compress_threshold, int | float)
+            or not 0.0 < self.compress_threshold <= 1.0
+        ):
+            raise ValueError(f"compress_threshold must be in (0, 1], got {self.compress_threshold!r}")
         if not isinstance(self.recent_frames, int) or isinstance(self.recent_frames, bool) or self.recent_frames < 0:
             raise ValueError(f"recent_frames must be an int >= 0, got {self.recent_frames!r}")
         if not isinstance(self.sink_frames, int) or isinstance(self.sink_frames, bool) or self.sink_frames < 0:
@@ -134,7 +148,7 @@ class TempCacheLayout:
         return TempCachePolicy(
             threshold=self.threshold, max_entries=max_entries, sink_frames=sink_frames,
             overflow_threshold=self.overflow_threshold, ann=ann, max_group=self.max_group,
-            recent_frames=recent_frames,
+            recent_frames=recent_frames, evict_by=self.evict_by, compress_threshold=self.compress_threshold,
         )  # fmt: skip
 
 
