@@ -64,9 +64,10 @@ def _codes(x: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
     """x: (B, H, N, D) unit-norm; protected: (B, H, N). Returns (B, H, N, TABLES) int64 codes, protected
     entries at ``2**BITS`` (sorted last). NaN keys get code 0 (their scores are -inf anyway)."""
     b, h, n, d = x.shape
-    bits = (x @ hash_signs(d, x.device)) > 0
-    weights = 2 ** torch.arange(BITS, device=x.device, dtype=torch.int64)
-    codes = (bits.reshape(b, h, n, TABLES, BITS).long() * weights).sum(-1)
+    bits = ((x @ hash_signs(d, x.device)) > 0).float()
+    # Sums of distinct powers of two below 2**BITS <= 2**24 are exact in float32.
+    weights = 2.0 ** torch.arange(BITS, device=x.device, dtype=torch.float32)
+    codes = (bits.reshape(b, h, n, TABLES, BITS) @ weights).long()
     return codes.masked_fill(protected[..., None], 1 << BITS)
 
 
@@ -84,12 +85,16 @@ def pair_candidates(x: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Ten
         ties.
     """
     b, h, n, d = x.shape
+    x = x.contiguous()
     codes = _codes(x, protected)
     ninf = torch.full((b, h, 1), _NEG, device=x.device)
+    flat = x.reshape(b * h * n, d)
+    offset = (torch.arange(b * h, device=x.device) * n).view(b, h, 1)
     scores, partners = [], []
     for t in range(TABLES):
         order = torch.sort(codes[..., t], dim=-1, stable=True).indices
-        xs = x.gather(2, order[..., None].expand(b, h, n, d))
+        # Row gathers of one flat matrix (2x faster on the CPU than a gather with an expanded index).
+        xs = flat.index_select(0, (order + offset).reshape(-1)).view(b, h, n, d)
         adj = (xs[:, :, :-1] * xs[:, :, 1:]).sum(-1)
         ps = protected.gather(2, order)
         adj = torch.where(ps[:, :, :-1] | ps[:, :, 1:] | adj.isnan(), _NEG, adj)
