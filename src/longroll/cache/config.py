@@ -77,7 +77,10 @@ class TempCachePolicy:
     Hard cap: a head never holds more than ``max_entries`` committed entries. When a frame's unmatched tokens
     do not fit, (1) tokens whose top-1 similarity is at least ``overflow_threshold`` merge into their match
     anyway (values and count only), then (2) the oldest groups go first, the smallest count first among equally
-    old ones. Memory is therefore fixed by construction.
+    old ones. Memory is therefore fixed by construction. With ``evict_by="redundancy"``, step (2) first frees
+    slots by merging redundant old entries into one another (pairs of unprotected entries whose stored keys have
+    cosine similarity at least ``compress_threshold``, the most similar first; see
+    :mod:`longroll.cache.redundancy`) and evicts the oldest groups only for what is still missing.
 
     Args:
         threshold: cosine similarity needed to merge, in (0, 1].
@@ -99,6 +102,12 @@ class TempCachePolicy:
             like a sink-window's window; a frame merges into the older, compressed entries only when it leaves
             the ring (its correspondence with the frame before it is found on entry and kept, 8 bytes per
             token). 0 merges every frame as it is committed.
+        evict_by: how slots are freed at the cap: ``"age"`` evicts the oldest groups; ``"redundancy"`` first
+            merges an old entry into a very similar other old entry (count-weighted mean value, counts add, the
+            newer entry's key and frame stamp kept) and evicts by age only when no such pair is left. Sinks,
+            the ring and entries of the committing frame are never merged away nor absorb a merge.
+        compress_threshold: cosine similarity of two stored (post-RoPE) keys needed to merge them by
+            redundancy, in (0, 1] (only read with ``evict_by="redundancy"``).
     """
 
     threshold: float = 0.9
@@ -109,8 +118,18 @@ class TempCachePolicy:
     match_keys: Literal["pre_rope", "post_rope"] = "pre_rope"
     max_group: int | None = 8
     recent_frames: int = 0
+    evict_by: Literal["age", "redundancy"] = "age"
+    compress_threshold: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.evict_by not in ("age", "redundancy"):
+            raise ValueError(f"evict_by must be 'age' or 'redundancy', got {self.evict_by!r}")
+        if (
+            isinstance(self.compress_threshold, bool)
+            or not isinstance(self.compress_threshold, int | float)
+            or not 0.0 < self.compress_threshold <= 1.0
+        ):
+            raise ValueError(f"compress_threshold must be in (0, 1], got {self.compress_threshold!r}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 < self.overflow_threshold <= self.threshold:

@@ -17,6 +17,7 @@ from longroll.ann import Searcher
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import TempCachePolicy
 from longroll.cache.host_tier import EvictionStage
+from longroll.cache.redundancy import victims as redundancy_victims
 
 _NEG = float("-inf")
 
@@ -116,10 +117,18 @@ def _merge_values(
 
 
 def _new_slots(
-    buf: CacheBuffers, new: torch.Tensor, cap: int, frame: Frame, sink_frames: int, may_overflow: bool
+    buf: CacheBuffers,
+    new: torch.Tensor,
+    cap: int,
+    frame: Frame,
+    sink_frames: int,
+    may_overflow: bool,
+    compress: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots for unmatched tokens: free slots first, then victims (oldest frame, then smallest count), never
-    sinks, entries touched by this frame or entries of newer frames.
+    sinks, entries touched by this frame or entries of newer frames. With ``compress`` (a cosine threshold,
+    ``evict_by="redundancy"``), the victims start with slots freed by merging redundant entries into one another
+    (:mod:`longroll.cache.redundancy`, applied to ``buf`` here); those are not evictions.
 
     new: (B, H, P) bool. Returns the slots, (B, H, P) int64 (trash where not new), and which of them evict the
     entry they hold, (B, H, P) bool."""
@@ -134,10 +143,19 @@ def _new_slots(
         # Entries of this frame and of newer ones (the verbatim ring) are never victims.
         protected = (fr < sink_frames) | (fr >= frame) | ~valid
         prio = prio.masked_fill(protected, float("inf"))
-        victims = prio.topk(min(new.shape[-1], cap), dim=-1, largest=False).indices
+        k = min(new.shape[-1], cap)
+        if compress is None:
+            victims = prio.topk(k, dim=-1, largest=False).indices
+            merged = None
+        else:
+            need = new.sum(-1) - free[..., 0]
+            victims, merged = redundancy_victims(buf, prio, need, k, compress)
         ev = victims.gather(2, (rank - free).clamp(0, victims.shape[-1] - 1))
         evict = new & (rank >= free)
         slots = torch.where(evict, ev, slots)
+        if merged is not None:
+            # Slots freed by a merge hold nothing that is lost: only the rest are evictions.
+            evict = evict & (rank - free >= merged[..., None])
     return torch.where(new, slots, buf.trash), evict
 
 
@@ -232,7 +250,8 @@ def merge_frame(
     else:
         target = torch.zeros_like(idx)
     new = ~merged
-    slots_new, evict = _new_slots(buf, new, cap, frame, policy.sink_frames, may_overflow)
+    compress = policy.compress_threshold if policy.evict_by == "redundancy" else None
+    slots_new, evict = _new_slots(buf, new, cap, frame, policy.sink_frames, may_overflow, compress)
     if stage is not None and may_overflow:
         _capture_victims(buf, slots_new, evict, stage, offset)
     buf.write(slots_new, k, v, 1.0, frame)

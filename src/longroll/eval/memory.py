@@ -127,11 +127,13 @@ class LayoutCandidate:
 def parse_layout(text: str) -> LayoutCandidate:
     """``name=base:key=value,...`` -> a :class:`LayoutCandidate`, keys of :class:`TempCacheLayout`
     (``sinks`` for sink_frames, ``recent`` for recent_frames, ``threshold``, ``overflow``, ``group``;
-    ``group=none`` for unbounded), and for ``all``/``all_int8`` AnnSA's ``topk`` and ``density`` and
-    ``annca=off``, and a host tier's ``host`` (frames), ``top`` (blocks per chunk), ``block`` (tokens) and
-    ``equal=on`` (its slot region taken from the cache's memory).
+    ``group=none`` for unbounded, ``evict=age|redundancy``, ``compress`` for compress_threshold), and for
+    ``all``/``all_int8`` AnnSA's ``topk`` and ``density`` and ``annca=off``, and a host tier's ``host``
+    (frames), ``top`` (blocks per chunk), ``block`` (tokens) and ``equal=on`` (its slot region taken from the
+    cache's memory).
 
-    E.g. ``tc_g4=tempcache:group=4``, ``tc_s1=tempcache:sinks=1`` or ``tc_host=tempcache:host=48,top=8``.
+    E.g. ``tc_g4=tempcache:group=4``, ``tc_s1=tempcache:sinks=1``, ``tc_host=tempcache:host=48,top=8`` or
+    ``tc_red=tempcache:evict=redundancy,compress=0.5``.
     """
     try:
         name, rest = text.split("=", 1)
@@ -139,7 +141,8 @@ def parse_layout(text: str) -> LayoutCandidate:
         kwargs: dict[str, Any] = {}
         sparse: dict[str, Any] = {}
         keys = {"sinks": "sink_frames", "recent": "recent_frames", "threshold": "threshold",
-                "overflow": "overflow_threshold", "group": "max_group"}  # fmt: skip
+                "overflow": "overflow_threshold", "group": "max_group", "evict": "evict_by",
+                "compress": "compress_threshold"}  # fmt: skip
         for item in filter(None, (o.strip() for o in opts.split(","))):
             key, value = item.split("=", 1)
             if key == "equal":
@@ -161,6 +164,10 @@ def parse_layout(text: str) -> LayoutCandidate:
             elif key not in keys:
                 extra = ["annca", "block", "density", "equal", "host", "top", "topk"]
                 raise ValueError(f"unknown layout key {key!r}; use {[*sorted(keys), *extra]}")
+            elif key == "evict":
+                if value not in ("age", "redundancy"):
+                    raise ValueError(f"evict must be age or redundancy, got {value!r}")
+                kwargs[keys[key]] = value
             elif key in ("sinks", "recent", "group"):
                 kwargs[keys[key]] = None if value.lower() == "none" and key == "group" else int(value)
             else:

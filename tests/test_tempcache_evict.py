@@ -1,0 +1,297 @@
+"""TempCache eviction by redundancy (``evict_by="redundancy"``): at the cap, near-duplicate old entries merge
+into one another before anything old is evicted; the search is a sorted sign-LSH pass (linear-ish in the cap)
+with a plain-loop twin."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longroll.ann import Int8Config, LSHConfig
+from longroll.cache import CacheBuffers, CacheConfig, LayerKVCache, TempCachePolicy
+from longroll.cache.group import CacheGroup
+from longroll.cache.host_tier import HostTierConfig
+from longroll.cache.redundancy import (
+    pair_candidates,
+    pair_candidates_reference,
+    plan_merges,
+    plan_merges_reference,
+    victims,
+)
+from longroll.cache.tempcache import _new_slots
+from longroll.eval.memory import parse_layout
+from longroll.policies.config import TempCacheLayout, preset
+
+P, FPC, H, D, B = 24, 2, 3, 16, 2
+INF = float("inf")
+
+
+def _policy(evict_by="redundancy", compress=0.5, cap_frames=9, recent=2, sinks=1, **kw):
+    return TempCachePolicy(
+        threshold=0.9, max_entries=cap_frames * P, sink_frames=sinks, recent_frames=recent, evict_by=evict_by,
+        compress_threshold=compress, **kw,
+    )  # fmt: skip
+
+
+def _cache(policy, mode="off", host=None, batch=B, layer=0):
+    cfg = CacheConfig(tokens_per_frame=P, frames_per_chunk=FPC, policy=policy, commit_graphs=mode, host_tier=host)
+    return LayerKVCache(cfg, batch=batch, heads=H, head_dim=D, layer=layer)
+
+
+def _chunks(n, seed=0, spread=0.5, batch=B):
+    """Frames around a fixed scene (old frames stay similar to one another: redundant), values random."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(batch, H, P, D, generator=g)
+    for c in range(n):
+        k = torch.cat([base + spread * torch.randn(batch, H, P, D, generator=g) for _ in range(FPC)], 2)
+        yield c, k, torch.randn(batch, H, FPC * P, D, generator=g)
+
+
+def _run(cache, chunks):
+    for c, k, v in chunks:
+        cache.stage(k, v, frame_start=c * FPC, k_match=k)
+        cache.commit()
+    return cache
+
+
+def _state(cache):
+    buf, n = cache.buffers, cache.capacity
+    valid = torch.arange(n) < buf.lengths[..., None]
+    return {
+        "k": buf.k[:, :, :n] * valid[..., None],
+        "v": buf.v[:, :, :n] * valid[..., None],
+        "count": buf.count[:, :, :n] * valid,
+        "frame": torch.where(valid, buf.frame[:, :, :n], -1),
+        "lengths": buf.lengths,
+    }
+
+
+def _assert_same(a, b):
+    for name, x in _state(a).items():
+        torch.testing.assert_close(x, _state(b)[name], rtol=0, atol=0, msg=name)
+
+
+def _keys(b, h, n, d, seed, protect=0.2, nan=False):
+    g = torch.Generator().manual_seed(seed)
+    groups = max(1, n // 3)
+    base = torch.randn(b, h, groups, d, generator=g)
+    x = base[:, :, torch.randint(0, groups, (n,), generator=g)] + 0.3 * torch.randn(b, h, n, d, generator=g)
+    if nan:
+        x[0, 0, n // 2] = float("nan")
+    x = F.normalize(x, dim=-1)
+    prot = torch.rand(b, h, n, generator=g) < protect
+    return x, prot
+
+
+# ------------------------------------------------------------------------------------------ fast == reference
+@pytest.mark.parametrize(("b", "h", "n", "d"), [(2, 3, 97, 16), (1, 2, 7, 5), (1, 1, 1, 4), (2, 1, 155, 9)])
+def test_pair_candidates_equal_the_reference_on_odd_shapes(b, h, n, d):
+    x, prot = _keys(b, h, n, d, seed=n, nan=n > 10)
+    score, nn = pair_candidates(x, prot)
+    ref_score, ref_nn = pair_candidates_reference(x, prot)
+    torch.testing.assert_close(score, ref_score, rtol=0, atol=0)
+    found = score > -INF
+    torch.testing.assert_close(nn[found], ref_nn[found], rtol=0, atol=0)
+    assert not bool(found[prot].any()), "protected entries must not propose"
+    if n > 10:
+        assert bool(found.any()), "clustered keys must find candidates (the test must be able to fail)"
+        assert not bool(found[0, 0, n // 2]), "a NaN key has no candidate"
+        assert not bool((nn[0, 0][found[0, 0]] == n // 2).any()), "nor is it anyone's candidate"
+
+
+@pytest.mark.parametrize(("b", "h", "n", "k"), [(2, 3, 97, 7), (1, 2, 7, 7), (2, 2, 155, 97), (1, 1, 31, 40)])
+def test_plan_merges_equals_the_reference(b, h, n, k):
+    x, prot = _keys(b, h, n, 8, seed=k + n)
+    score, nn = pair_candidates(x, prot)
+    g = torch.Generator().manual_seed(n)
+    # Few distinct priorities: ties between old entries are the common case (same frame, count 1).
+    prio = (torch.randint(0, 4, (b, h, n), generator=g).double() * 2**24 + 1).masked_fill(prot, INF)
+    need = torch.randint(-1, min(k, n // 3) + 2, (b, h), generator=g)  # beyond half the pool: merges limited
+    freed, into, sel = plan_merges(score, nn, prio, need, k, 0.5)
+    ref = plan_merges_reference(score, nn, prio, need, k, 0.5)
+    total = 0
+    for bi in range(b):
+        for hi in range(h):
+            got = [(int(f), int(s)) for f, s, ok in zip(freed[bi, hi], into[bi, hi], sel[bi, hi], strict=True) if ok]
+            assert got == ref[bi][hi]
+            total += len(got)
+            # a prefix of ranks; merged-away entries are distinct and never survivors; nothing protected
+            assert bool(sel[bi, hi].long().diff().le(0).all()) if sel.shape[-1] > 1 else True
+            fs, ss = {f for f, _ in got}, {s for _, s in got}
+            assert len(fs) == len(got) and not fs & ss
+            assert not any(bool(prot[bi, hi, i]) for i in fs | ss)
+    if n > 10:
+        assert total > 0
+
+
+# ------------------------------------------------------------------------------------------ function level
+def _buffers(k, v, count, frame):
+    b, h, n, d = k.shape
+    buf = CacheBuffers.allocate(b, h, n, d, v.shape[-1], torch.float32, torch.device("cpu"))
+    buf.k[:, :, :n], buf.v[:, :, :n], buf.count[:, :, :n], buf.frame[:, :, :n] = k, v, count, frame
+    buf.lengths.fill_(n)
+    return buf
+
+
+def _attend(q, buf, n):
+    logits = q @ buf.k[:, :, :n].transpose(-1, -2) + torch.log(buf.count[:, :, :n])[:, :, None]
+    return torch.softmax(logits, -1) @ buf.v[:, :, :n]
+
+
+def test_merging_identical_keys_leaves_attention_unchanged():
+    """Lemma 5.1: entries with identical keys merged with counts and count-weighted values attend exactly as the
+    separate entries (the freed slot removed)."""
+    b, h, n, d = 2, 3, 41, 8
+    g = torch.Generator().manual_seed(1)
+    distinct = torch.randn(b, h, (n + 1) // 2, d, generator=g)
+    k = distinct[:, :, torch.arange(n) // 2]  # pairs of identical keys (and one single)
+    v = torch.randn(b, h, n, d, generator=g)
+    count = torch.randint(1, 4, (b, h, n), generator=g).float()
+    frame = torch.randint(1, 5, (b, h, n), generator=g).int()
+    buf = _buffers(k, v, count, frame)
+    q = torch.randn(b, h, 5, d, generator=g)
+    before = _attend(q, buf, n)
+    prio = frame.double() * 2**24 + count.double()
+    need = torch.full((b, h), 7)
+    slots, merged = victims(buf, prio, need, 11, 0.99)
+    assert bool((merged == 7).all()), "identical pairs must serve every needed slot"
+    freed = slots[:, :, :7]
+    buf.count.scatter_(2, freed, 0.0)  # the freed slots leave the cache
+    after = _attend(q, buf, n)
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
+    assert float(buf.count[:, :, :n].sum()) == float(count.sum())
+
+
+def test_nothing_similar_enough_falls_back_to_age_and_nan_stays_nan():
+    b, h, n, d = 1, 2, 30, 6
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    k[0, 1, 3] = k[0, 1, 4] * 2.0  # one exact pair (cosine 1) in head 1
+    v[0, 1, 3] = float("nan")
+    count, frame = torch.ones(b, h, n), torch.arange(n, dtype=torch.int32).expand(b, h, n).contiguous()
+    buf = _buffers(k, v, count, frame)
+    prio = (frame.double() * 2**24 + 1).masked_fill(frame < 2, INF)
+    slots, merged = victims(buf, prio, torch.full((b, h), 5), 5, 0.999)
+    assert merged.tolist() == [[0, 1]]
+    # head 0: pure age eviction (the oldest unprotected frames, 2..6); head 1: slot 3 merged into 4, then age
+    assert slots[0, 0].tolist() == [2, 3, 4, 5, 6]
+    assert slots[0, 1].tolist() == [3, 2, 5, 6, 7]
+    assert bool(torch.isnan(buf.v[0, 1, 4]).all()), "a NaN value merged into its survivor stays NaN"
+    assert float(buf.count[0, 1, 4]) == 2.0
+
+
+# ------------------------------------------------------------------------------------------ commits
+def test_nothing_qualifies_is_exactly_age_eviction():
+    # compress_threshold 1.0: random keys never reach cosine 1, so no pair merges
+    age = _run(_cache(_policy("age")), _chunks(10, spread=2.0))
+    red = _run(_cache(_policy("redundancy", compress=1.0)), _chunks(10, spread=2.0))
+    _assert_same(red, age)
+
+
+def test_redundancy_keeps_sinks_ring_and_cap_and_conserves_counts():
+    tier = HostTierConfig(host_budget_tokens=64 * FPC * P, block_tokens=P, top_blocks=2)
+    cache = _cache(_policy(), host=tier)
+    frames = {}
+    for c, k, v in _chunks(12):
+        for i in range(FPC):
+            frames[c * FPC + i] = (k[:, :, i * P : (i + 1) * P], v[:, :, i * P : (i + 1) * P])
+        cache.stage(k, v, frame_start=c * FPC, k_match=k)
+        cache.commit()
+    buf, cap, last = cache.buffers, cache.capacity, cache.committed_frames - 1
+    assert bool((buf.lengths <= cap).all())
+    torch.testing.assert_close(buf.k[:, :, :P], frames[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(buf.v[:, :, :P], frames[0][1], rtol=0, atol=0)
+    for f in (last - 1, last):
+        sl = slice((1 + (f - 1) % 2) * P, (2 + (f - 1) % 2) * P)
+        torch.testing.assert_close(buf.v[:, :, sl], frames[f][1], rtol=0, atol=0)
+        assert bool((buf.count[:, :, sl] == 1).all())
+    valid = torch.arange(cap) < buf.lengths[..., None]
+    assert cache.host is not None
+    kept = (buf.count[:, :, :cap] * valid).sum(-1)
+    evicted = cache.host.host_count.sum((0, -1))
+    committed = cache.committed_frames * P
+    torch.testing.assert_close(kept + evicted, torch.full_like(kept, committed), rtol=0, atol=0)
+    # Age alone evicts more of the history (the test must be able to fail).
+    age = _cache(_policy("age"), host=tier)
+    _run(age, _chunks(12))
+    assert age.host is not None and float(evicted.sum()) < float(age.host.host_count.sum())
+
+
+def test_slots_freed_by_merges_are_not_evictions():
+    """What a merge frees is not handed to the host tier (``evict`` False there); the age fallback's victims
+    are, exactly as with ``evict_by="age"``."""
+    b, h, n, d = 1, 1, 12, 6
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    k[0, 0, 8] = k[0, 0, 5]  # one exact pair among the old entries
+    frame = torch.tensor([[[0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9]]], dtype=torch.int32)
+    new = torch.tensor([[[True, False, True, True]]])
+
+    def run(compress):
+        buf = _buffers(k, v, torch.ones(b, h, n), frame)
+        return _new_slots(buf, new, n, 9, 1, True, compress)
+
+    slots, evict = run(0.99)
+    age_slots, age_evict = run(None)
+    assert slots[0, 0].tolist() == [5, n, 2, 3] and evict[0, 0].tolist() == [False, False, True, True]
+    assert age_slots[0, 0].tolist() == [2, n, 3, 4] and age_evict[0, 0].tolist() == [True, False, True, True]
+
+
+@pytest.mark.parametrize("ann", [Int8Config(), LSHConfig(bits=6, tables=2)])
+def test_captured_redundancy_commit_equals_eager(ann):
+    eager = _run(_cache(_policy(ann=ann)), _chunks(10))
+    captured = _run(_cache(_policy(ann=ann), mode="emulate"), _chunks(10))
+    assert captured.commit_capture.captured
+    _assert_same(captured, eager)
+
+
+def test_resume_with_redundancy_is_bit_identical():
+    chunks = list(_chunks(10))
+    straight = _run(_cache(_policy()), chunks)
+    first = _run(_cache(_policy()), chunks[:6])
+    resumed = _cache(_policy())
+    resumed.load_state_dict(first.state_dict())
+    _run(resumed, chunks[6:])
+    _assert_same(resumed, straight)
+
+
+def test_group_commit_with_redundancy_equals_each_layer_alone():
+    layers = 2
+    cfg = CacheConfig(tokens_per_frame=P, frames_per_chunk=FPC, policy=_policy(), commit_graphs="off")
+    group = CacheGroup(cfg, layers=layers, batch=B, heads=H, head_dim=D)
+    alone = [_cache(_policy(), layer=i) for i in range(layers)]
+    for c, k, v in _chunks(9, batch=layers * B):
+        group.begin()
+        for i in range(layers):
+            rows = slice(i * B, (i + 1) * B)
+            group.caches[i].stage(k[rows], v[rows], frame_start=c * FPC, k_match=k[rows])
+            group.stage_match(i, k[rows])
+            alone[i].stage(k[rows], v[rows], frame_start=c * FPC, k_match=k[rows])
+            alone[i].commit()
+        group.commit()
+    for gc, a in zip(group.caches, alone, strict=True):
+        _assert_same(gc, a)
+
+
+# ------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [({"evict_by": "size"}, "evict_by"), ({"compress_threshold": 0.0}, "compress_threshold"),
+     ({"compress_threshold": 1.5}, "compress_threshold"), ({"compress_threshold": math.nan}, "compress_threshold"),
+     ({"compress_threshold": True}, "compress_threshold")],
+)  # fmt: skip
+def test_eviction_fields_are_validated(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        TempCachePolicy(**kwargs)
+    with pytest.raises(ValueError, match=word):
+        TempCacheLayout(**kwargs)
+
+
+def test_layout_keys_reach_the_preset_policy():
+    cand = parse_layout("tc_red=tempcache:evict=redundancy,compress=0.7")
+    assert cand.layout.evict_by == "redundancy" and cand.layout.compress_threshold == 0.7
+    pol = preset("tempcache", tokens_per_frame=P, frames_per_chunk=FPC, layout=cand.layout).cache
+    assert isinstance(pol, TempCachePolicy) and pol.evict_by == "redundancy" and pol.compress_threshold == 0.7
+    with pytest.raises(ValueError, match="evict"):
+        parse_layout("x=tempcache:evict=newest")
