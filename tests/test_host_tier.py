@@ -233,7 +233,8 @@ def test_empty_record_positions_hold_zeros(kind):
     # content depends on the order of colliding scatters), or two identical rollouts save different states.
     if kind == "tempcache":
         tier = HostTierConfig(host_budget_tokens=4 * FPC * P, block_tokens=4, top_blocks=3)
-        cache = LayerKVCache(_tempcache(cap_frames=5, recent=1, tier=tier), batch=B, heads=H, head_dim=D)
+        cfg = _tempcache(cap_frames=5, recent=1, tier=tier)
+        cache = LayerKVCache(cfg, batch=B, heads=H, head_dim=D, device=DEV)
         _run_chunks(cache, _frames(28), 0, 14)
     else:
         cache = LayerKVCache(_sink_window(budget_frames=4 * FPC), batch=B, heads=H, head_dim=D)
