@@ -13,10 +13,14 @@ from longroll.cache import CacheBuffers, CacheConfig, LayerKVCache, TempCachePol
 from longroll.cache.group import CacheGroup
 from longroll.cache.host_tier import HostTierConfig
 from longroll.cache.redundancy import (
+    BITS,
+    TABLES,
+    min_agreement,
     pair_candidates,
     pair_candidates_reference,
     plan_merges,
     plan_merges_reference,
+    verify_merges,
     victims,
 )
 from longroll.cache.tempcache import _new_slots
@@ -108,8 +112,8 @@ def test_plan_merges_equals_the_reference(b, h, n, k):
     # Few distinct priorities: ties between old entries are the common case (same frame, count 1).
     prio = (torch.randint(0, 4, (b, h, n), generator=g).double() * 2**24 + 1).masked_fill(prot, INF)
     need = torch.randint(-1, min(k, n // 3) + 2, (b, h), generator=g)  # beyond half the pool: merges limited
-    freed, into, sel = plan_merges(score, nn, prio, need, k, 0.5)
-    ref = plan_merges_reference(score, nn, prio, need, k, 0.5)
+    freed, into, sel = plan_merges(score, nn, prio, need, k, min_agreement(0.5))
+    ref = plan_merges_reference(score, nn, prio, need, k, min_agreement(0.5))
     total = 0
     for bi in range(b):
         for hi in range(h):
@@ -123,6 +127,26 @@ def test_plan_merges_equals_the_reference(b, h, n, k):
             assert not any(bool(prot[bi, hi, i]) for i in fs | ss)
     if n > 10:
         assert total > 0
+
+
+def test_signature_agreement_ranks_and_the_exact_cosine_decides():
+    assert min_agreement(1.0) == TABLES * BITS and min_agreement(0.0) == TABLES * BITS / 2
+    assert min_agreement(-1.0) == 0.0
+    g = torch.Generator().manual_seed(3)
+    base = F.normalize(torch.randn(1, 1, 4, 32, generator=g), dim=-1)
+    # Entries 0/1: a near-duplicate pair; 2/3: a pair at cosine ~0.6 (shares bits, fails a 0.9 threshold).
+    keys = torch.cat([base[:, :, :1], base[:, :, :1] + 0.01 * base[:, :, 1:2], base[:, :, 2:3],
+                      0.6 * base[:, :, 2:3] + 0.8 * base[:, :, 3:4]], 2)  # fmt: skip
+    score, nn = pair_candidates(keys, torch.zeros(1, 1, 4, dtype=torch.bool))
+    assert score[0, 0, 0] >= score[0, 0, 2] and nn[0, 0, 0] == 1
+    freed = torch.tensor([[[2, 0, 1]]])
+    into = torch.tensor([[[3, 1, 0]]])
+    sel = torch.tensor([[[True, True, False]]])
+    f2, i2, s2 = verify_merges(keys, freed, into, sel, 0.9)
+    # The 2 -> 3 merge is rejected by its exact cosine; the accepted 0 -> 1 moves to the front (a prefix).
+    assert f2.tolist() == [[[0, 2, 1]]] and i2.tolist() == [[[1, 3, 0]]] and s2.tolist() == [[[True, False, False]]]
+    f3, _, s3 = verify_merges(keys, freed, into, sel, 0.5)
+    assert f3.tolist() == freed.tolist() and s3.tolist() == sel.tolist()
 
 
 # ------------------------------------------------------------------------------------------ function level

@@ -7,30 +7,38 @@ two keys (nothing at all for identical keys: the merged entry's ``log(count)`` b
 Age eviction instead drops whole old places, which a world model revisiting them needs.
 
 Finding each entry's nearest neighbour among all N entries is quadratic in the cap. Here the search is
-linear-ish: each stored key (normalised) gets ``TABLES`` sign-LSH codes of ``BITS`` bits; sorting the
-unprotected entries by each code puts keys on the same side of many hyperplanes next to each other, and each
-entry's candidates are its two neighbours in each sorted order (one dot product per entry and table). Cost per
-committed frame: O(T * N * (BITS + head_dim)) for codes and scores plus T sorts, O(T * N log N); no host
-synchronisation, static shapes (it runs inside a captured commit). The hyperplanes are a fixed integer hash
-(computed on the device, identical on every device and run), so no state is added and a resumed cache plans
-exactly the same merges.
+linear-ish and reads the keys once: each stored key gets a signature of ``TABLES * BITS`` sign-LSH bits
+(SimHash: two keys agree on a bit with probability ``1 - angle / pi``); sorting the unprotected entries by each
+table's ``BITS``-bit code puts keys on the same side of many hyperplanes next to each other, and each entry's
+candidates are its two neighbours in each sorted order, scored by how many of the ``TABLES * BITS`` signature
+bits they share (8 bytes compared per pair, not the keys). The merges are ranked by that agreement and
+accepted only where the exact cosine of the two stored keys reaches the threshold (computed for the chosen
+pairs alone). Cost per committed frame: one pass over the keys for the signatures, T sorts of N codes and
+O(T * N) byte compares, plus O(P * head_dim) for the exact check; no host synchronisation, static shapes (it
+runs inside a captured commit). The hyperplanes are a fixed integer hash (computed on the device, identical on
+every device and run), so no state is added and a resumed cache plans exactly the same merges.
 
 Pairing rule (the one :func:`plan_merges` vectorises and :func:`plan_merges_reference` spells out):
 
-1. each unprotected entry ``i`` proposes the edge ``{i, nn_i}`` to its best candidate ``nn_i`` (highest
-   cosine, first candidate on ties) when that cosine is at least the threshold;
+1. each unprotected entry ``i`` proposes the edge ``{i, nn_i}`` to its best candidate ``nn_i`` (most
+   signature bits shared, first candidate on ties) when the bits shared reach :func:`min_agreement` of the
+   threshold (the agreement expected of two keys at exactly that cosine);
 2. of an edge's two entries the older one (lower eviction priority, lower slot on ties) is merged away into
    the newer one, the survivor: TempCache's representative is always the newest key of a group, and its
    frame stamp the newest member's, which keeps age eviction and temporal RoPE phases consistent;
 3. an entry is merged away by at most one edge (its most similar, lowest proposer on ties), and an entry that
    could be merged away never absorbs (so no merge lands on a slot that is reused); survivors may absorb
    several entries;
-4. the remaining edges free slots in order of similarity (lowest slot on ties), as many as the frame needs and
+4. the remaining edges free slots in order of agreement (lowest slot on ties), as many as the frame needs and
    no more than leave the age fallback enough unprotected entries (each merge uses two of them, an eviction
-   one).
+   one);
+5. of those, a merge happens only where the exact cosine of the two stored keys is at least the threshold
+   (the estimate only ranks); the accepted merges keep their order, and age eviction covers the rest.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -60,44 +68,66 @@ def hash_signs(head_dim: int, device: torch.device) -> torch.Tensor:
     return torch.where((x & 1) == 1, 1.0, -1.0).reshape(head_dim, TABLES * BITS)
 
 
-def _codes(x: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, N, D) unit-norm; protected: (B, H, N). Returns (B, H, N, TABLES) int64 codes, protected
-    entries at ``2**BITS`` (sorted last). NaN keys get code 0 (their scores are -inf anyway)."""
-    b, h, n, d = x.shape
-    bits = ((x @ hash_signs(d, x.device)) > 0).float()
-    # Sums of distinct powers of two below 2**BITS <= 2**24 are exact in float32.
-    weights = 2.0 ** torch.arange(BITS, device=x.device, dtype=torch.float32)
-    codes = (bits.reshape(b, h, n, TABLES, BITS) @ weights).long()
-    return codes.masked_fill(protected[..., None], 1 << BITS)
+def min_agreement(threshold: float) -> float:
+    """Signature bits (of ``TABLES * BITS``) two keys at cosine ``threshold`` share in expectation."""
+    return TABLES * BITS * (1.0 - math.acos(min(1.0, max(-1.0, threshold))) / math.pi)
 
 
-def pair_candidates(x: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+#: Set bits of every byte value.
+_POPCOUNT = [bin(i).count("1") for i in range(256)]
+
+
+def _packing(device: torch.device) -> torch.Tensor:
+    """(TABLES * BITS, TABLES + TABLES * BITS / 8) float32: signature bits -> each table's code, then the bytes.
+
+    One matmul packs both (sums of distinct powers of two below 2**16: exact in float32)."""
+    nbits = TABLES * BITS
+    w = torch.zeros(nbits, TABLES + nbits // 8, device=device)
+    r = torch.arange(nbits, device=device)
+    w[r, r // BITS] = (2.0 ** (r % BITS)).float()
+    w[r, TABLES + r // 8] = (2.0 ** (r % 8)).float()
+    return w
+
+
+def _signatures(keys: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """keys: (B, H, N, D); protected: (B, H, N).
+
+    Returns bad (B, H, N) bool (protected, or a NaN key: its projections are NaN), codes (B, H, N, TABLES) int64,
+    one ``BITS``-bit code per table, bad entries at ``2**BITS`` (sorted last), and the whole signature packed in
+    bytes, (B, H, N, TABLES * BITS / 8) uint8."""
+    proj = keys @ hash_signs(keys.shape[-1], keys.device).to(keys.dtype)
+    bad = protected | proj[..., 0].isnan()
+    packed = (proj > 0).float() @ _packing(keys.device)
+    codes = packed[..., :TABLES].long().masked_fill(bad[..., None], 1 << BITS)
+    return bad, codes, packed[..., TABLES:].to(torch.uint8)
+
+
+def pair_candidates(keys: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each entry's best merge candidate among its neighbours in the sorted LSH orders.
 
     Args:
-        x: (B, H, N, D) float32 unit-norm stored keys.
+        keys: (B, H, N, D) stored keys (any scale: only the signs of their projections are used).
         protected: (B, H, N) bool; protected entries neither propose nor are proposed to.
 
     Returns:
-        score: (B, H, N) float32 cosine with the best candidate (-inf where there is none: protected, NaN,
-        or every neighbour protected); nn: (B, H, N) int64 that candidate's slot (meaningless at -inf).
-        Candidates are taken in the order (table 0 left, table 0 right, table 1 left, ...), the first wins
-        ties.
+        score: (B, H, N) float32 signature bits shared with the best candidate, in [0, TABLES * BITS] (-inf
+        where there is none: protected, NaN, or every neighbour protected or NaN); nn: (B, H, N) int64 that
+        candidate's slot (meaningless at -inf). Candidates are taken in the order (table 0 left, table 0 right,
+        table 1 left, ...), the first wins ties.
     """
-    b, h, n, d = x.shape
-    x = x.contiguous()
-    codes = _codes(x, protected)
-    ninf = torch.full((b, h, 1), _NEG, device=x.device)
-    flat = x.reshape(b * h * n, d)
-    offset = (torch.arange(b * h, device=x.device) * n).view(b, h, 1)
+    b, h, n, _ = keys.shape
+    bad, codes, packed = _signatures(keys, protected)
+    pop = torch.tensor(_POPCOUNT, dtype=torch.int32, device=keys.device)
+    nbytes = packed.shape[-1]
+    ninf = torch.full((b, h, 1), _NEG, device=keys.device)
     scores, partners = [], []
     for t in range(TABLES):
         order = torch.sort(codes[..., t], dim=-1, stable=True).indices
-        # Row gathers of one flat matrix (2x faster on the CPU than a gather with an expanded index).
-        xs = flat.index_select(0, (order + offset).reshape(-1)).view(b, h, n, d)
-        adj = (xs[:, :, :-1] * xs[:, :, 1:]).sum(-1)
-        ps = protected.gather(2, order)
-        adj = torch.where(ps[:, :, :-1] | ps[:, :, 1:] | adj.isnan(), _NEG, adj)
+        ps = packed.gather(2, order[..., None].expand(b, h, n, nbytes))
+        differ = pop[(ps[:, :, :-1] ^ ps[:, :, 1:]).long()].sum(-1)
+        adj = (TABLES * BITS - differ).float()
+        bs = bad.gather(2, order)
+        adj = torch.where(bs[:, :, :-1] | bs[:, :, 1:], _NEG, adj)
         # At sorted position r: the left neighbour order[r - 1] scores adj[r - 1], the right one adj[r].
         left, right = torch.cat([ninf, adj], -1), torch.cat([adj, ninf], -1)
         lp = torch.cat([order[:, :, :1], order[:, :, :-1]], -1)
@@ -111,6 +141,22 @@ def pair_candidates(x: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Ten
     return score, nn
 
 
+def verify_merges(
+    keys: torch.Tensor, freed: torch.Tensor, into: torch.Tensor, sel: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the planned merges whose two stored keys have cosine >= ``threshold``, in their order, first.
+
+    keys: (B, H, N, D); freed, into, sel: (B, H, K) from :func:`plan_merges`. Returns them reordered so that the
+    accepted merges are a prefix of ``sel`` (a stable reorder: the rejected and unselected ranks follow)."""
+    b, h, kk = freed.shape
+    d = keys.shape[-1]
+    xf = F.normalize(keys.gather(2, freed[..., None].expand(b, h, kk, d)).float(), dim=-1)
+    xs = F.normalize(keys.gather(2, into[..., None].expand(b, h, kk, d)).float(), dim=-1)
+    ok = sel & ((xf * xs).sum(-1) >= threshold)
+    perm = torch.sort((~ok).to(torch.uint8), dim=-1, stable=True).indices
+    return freed.gather(2, perm), into.gather(2, perm), ok.gather(2, perm)
+
+
 def plan_merges(
     score: torch.Tensor, nn: torch.Tensor, prio: torch.Tensor, need: torch.Tensor, k: int, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,7 +167,7 @@ def plan_merges(
         prio: (B, H, N) float64 eviction priority (lower = older), +inf on protected entries.
         need: (B, H) int64 slots the frame needs beyond the free ones (<= 0: none).
         k: most merges considered per head (the frame's tokens), static.
-        threshold: cosine needed to merge.
+        threshold: score needed to propose a merge (signature bits shared: :func:`min_agreement`).
 
     Returns:
         freed: (B, H, K) int64 slot merged away at each rank; into: (B, H, K) int64 its survivor; sel:
@@ -207,9 +253,10 @@ def victims(
         slots were freed by merging (the rest are evicted). K = min(k, N).
     """
     n = prio.shape[-1]
-    x = F.normalize(buf.k[:, :, :n].float(), dim=-1)
-    score, nn = pair_candidates(x, prio == float("inf"))
-    freed, into, sel = plan_merges(score, nn, prio, need, k, threshold)
+    keys = buf.k[:, :, :n]
+    score, nn = pair_candidates(keys, prio == float("inf"))
+    freed, into, sel = plan_merges(score, nn, prio, need, k, min_agreement(threshold))
+    freed, into, sel = verify_merges(keys, freed, into, sel, threshold)
     apply_merges(buf, freed, into, sel)
     b, h, _ = prio.shape
     pad = torch.cat([prio, prio.new_zeros(b, h, 1)], -1)
@@ -223,41 +270,40 @@ def victims(
 
 
 # ----------------------------------------------------------------------------------------------------- reference
-def pair_candidates_reference(x: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_candidates_reference(keys: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-loop twin of :func:`pair_candidates` (same shapes and results)."""
-    b, h, n, d = x.shape
-    proj = hash_signs(d, x.device)
+    b, h, n, d = keys.shape
+    proj = hash_signs(d, keys.device).to(keys.dtype)
+    nbits = TABLES * BITS
     score = torch.full((b, h, n), _NEG)
     nn = torch.zeros(b, h, n, dtype=torch.int64)
     for bi in range(b):
         for hi in range(h):
-            xs, prot = x[bi, hi], protected[bi, hi].tolist()
-            codes = []
-            for i in range(n):
-                bits = (xs[i] @ proj > 0).tolist()
-                row = []
-                for t in range(TABLES):
-                    c = sum(1 << j for j in range(BITS) if bits[t * BITS + j])
-                    row.append(1 << BITS if prot[i] else c)
-                codes.append(row)
+            ks = keys[bi, hi]
+            bad = [bool(protected[bi, hi, i]) or bool(ks[i].isnan().any()) for i in range(n)]
+            sig = [(ks[i] @ proj > 0).tolist() for i in range(n)]
+            codes = [
+                [1 << BITS if bad[i] else sum(1 << j for j in range(BITS) if sig[i][t * BITS + j])
+                 for t in range(TABLES)]
+                for i in range(n)
+            ]  # fmt: skip
             cands: list[list[tuple[float, int]]] = [[] for _ in range(n)]
             for t in range(TABLES):
                 order = sorted(range(n), key=lambda i, t=t: (codes[i][t], i))  # type: ignore[misc]
                 for r, i in enumerate(order):
                     for q in (r - 1, r + 1):
-                        if 0 <= q < n:
+                        if 0 <= q < n and not bad[i] and not bad[order[q]]:
                             j = order[q]
-                            cos = float((xs[i] * xs[j]).sum())
-                            ok = not prot[i] and not prot[j] and cos == cos
-                            cands[i].append((cos if ok else _NEG, j))
+                            cands[i].append((float(sum(a == c for a, c in zip(sig[i], sig[j], strict=True))), j))
                         else:
-                            cands[i].append((_NEG, i))
+                            cands[i].append((_NEG, i if not 0 <= q < n else order[q]))
             for i in range(n):
                 best_s, best_j = cands[i][0]
                 for s_, j in cands[i][1:]:
                     if s_ > best_s:
                         best_s, best_j = s_, j
                 score[bi, hi, i], nn[bi, hi, i] = best_s, best_j
+            assert all(s_ <= nbits for s_ in score[bi, hi].tolist())
     return score, nn
 
 
@@ -296,9 +342,11 @@ __all__ = [
     "TABLES",
     "apply_merges",
     "hash_signs",
+    "min_agreement",
     "pair_candidates",
     "pair_candidates_reference",
     "plan_merges",
     "plan_merges_reference",
+    "verify_merges",
     "victims",
 ]
