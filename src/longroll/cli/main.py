@@ -272,7 +272,7 @@ def _add_world(sub: Any, common: argparse.ArgumentParser) -> None:
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     demo.add_argument("--device", help="default: cuda if available, else cpu")
     demo.add_argument(
-        "--frames", type=_positive_int, default=48, help="frames of the episode, 3 given + a multiple of 3 (default 48)"
+        "--frames", type=_positive_int, default=72, help="frames of the episode, 3 given + a multiple of 3 (default 72)"
     )
     demo.add_argument(
         "--policy",

@@ -101,7 +101,10 @@ class TempCacheLayout:
     :class:`~longroll.cache.config.TempCachePolicy` penalises). Eviction by redundancy at a key cosine of 0.5
     (CPU, 32 episodes, ``results/world_eval/memory_cpu/evict/``): revisited tiles 32.52 dB against 20.22 with
     age eviction and the sink-window's 14.66 (93 % of the gap to dense recovered, against 29 %), recently seen
-    tiles 33.86 against the sink-window's 33.72; 0.7 scores the same within 0.01 dB.
+    tiles 33.86 against the sink-window's 33.72; 0.7 scores the same within 0.01 dB. On the H200, same 32
+    episodes (``results/world_eval/memory/``): 32.47 against 20.34 and 14.75 (93 %), recent 33.75 against 33.54.
+    Its price at Wan2.1-1.3B shapes was x2.05 the sink-window's chunk (x1.37 with age eviction) with the first,
+    full-key candidate search; ``evict_by="age"`` where speed matters more than old places.
 
     Args:
         sink_frames: frames kept verbatim forever (at most ``memory_frames - frames_per_chunk``; fewer are
