@@ -15,6 +15,7 @@ from longroll.cache.host_tier import HostTierConfig
 from longroll.cache.redundancy import (
     BITS,
     TABLES,
+    _popcount64,
     min_agreement,
     pair_candidates,
     pair_candidates_reference,
@@ -127,6 +128,14 @@ def test_plan_merges_equals_the_reference(b, h, n, k):
             assert not any(bool(prot[bi, hi, i]) for i in fs | ss)
     if n > 10:
         assert total > 0
+
+
+def test_popcount_of_any_int64_including_the_sign_bit():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor([0, -1, 1, -(2**63), 2**63 - 1, 0x0101010101010101]),
+                   torch.randint(-(2**63), 2**63 - 1, (500,), generator=g)])  # fmt: skip
+    want = [bin(v & (2**64 - 1)).count("1") for v in x.tolist()]
+    assert _popcount64(x).tolist() == want
 
 
 def test_signature_agreement_ranks_and_the_exact_cosine_decides():

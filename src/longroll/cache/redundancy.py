@@ -73,8 +73,16 @@ def min_agreement(threshold: float) -> float:
     return TABLES * BITS * (1.0 - math.acos(min(1.0, max(-1.0, threshold))) / math.pi)
 
 
-#: Set bits of every byte value.
-_POPCOUNT = [bin(i).count("1") for i in range(256)]
+_M1, _M2, _M4, _H01 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101
+
+
+def _popcount64(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int64 (SWAR; every shift is masked, so the arithmetic shift of negative values and the
+    wrapping product are harmless: the count sits in the top byte, at most 64)."""
+    x = x - ((x >> 1) & _M1)
+    x = (x & _M2) + ((x >> 2) & _M2)
+    x = (x + (x >> 4)) & _M4
+    return (x * _H01) >> 56
 
 
 def _packing(device: torch.device) -> torch.Tensor:
@@ -93,13 +101,15 @@ def _signatures(keys: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tens
     """keys: (B, H, N, D); protected: (B, H, N).
 
     Returns bad (B, H, N) bool (protected, or a NaN key: its projections are NaN), codes (B, H, N, TABLES) int64,
-    one ``BITS``-bit code per table, bad entries at ``2**BITS`` (sorted last), and the whole signature packed in
-    bytes, (B, H, N, TABLES * BITS / 8) uint8."""
+    one ``BITS``-bit code per table, bad entries at ``2**BITS`` (sorted last), and the whole signature in one
+    int64 per entry, (B, H, N) (bit ``j`` of byte ``k`` = signature bit ``8 k + j``)."""
     proj = keys @ hash_signs(keys.shape[-1], keys.device).to(keys.dtype)
     bad = protected | proj[..., 0].isnan()
-    packed = (proj > 0).float() @ _packing(keys.device)
-    codes = packed[..., :TABLES].long().masked_fill(bad[..., None], 1 << BITS)
-    return bad, codes, packed[..., TABLES:].to(torch.uint8)
+    packed = ((proj > 0).float() @ _packing(keys.device)).long()
+    codes = packed[..., :TABLES].masked_fill(bad[..., None], 1 << BITS)
+    shifts = 8 * torch.arange(TABLES * BITS // 8, device=keys.device)
+    # Bytes at distinct offsets: the sum is their bitwise or (int64 wraps into the sign bit as intended).
+    return bad, codes, (packed[..., TABLES:] << shifts).sum(-1)
 
 
 def pair_candidates(keys: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,16 +125,14 @@ def pair_candidates(keys: torch.Tensor, protected: torch.Tensor) -> tuple[torch.
         candidate's slot (meaningless at -inf). Candidates are taken in the order (table 0 left, table 0 right,
         table 1 left, ...), the first wins ties.
     """
-    b, h, n, _ = keys.shape
-    bad, codes, packed = _signatures(keys, protected)
-    pop = torch.tensor(_POPCOUNT, dtype=torch.int32, device=keys.device)
-    nbytes = packed.shape[-1]
+    b, h = keys.shape[:2]
+    bad, codes, sig = _signatures(keys, protected)
     ninf = torch.full((b, h, 1), _NEG, device=keys.device)
     scores, partners = [], []
     for t in range(TABLES):
         order = torch.sort(codes[..., t], dim=-1, stable=True).indices
-        ps = packed.gather(2, order[..., None].expand(b, h, n, nbytes))
-        differ = pop[(ps[:, :, :-1] ^ ps[:, :, 1:]).long()].sum(-1)
+        ps = sig.gather(2, order)
+        differ = _popcount64(ps[:, :, :-1] ^ ps[:, :, 1:])
         adj = (TABLES * BITS - differ).float()
         bs = bad.gather(2, order)
         adj = torch.where(bs[:, :, :-1] | bs[:, :, 1:], _NEG, adj)
