@@ -63,6 +63,18 @@ class BudgetPolicy:
             raise ValueError(f"query_sample must be >= 1, got {self.query_sample}")
 
 
+def check_eviction(evict_by: object, compress_threshold: object) -> None:
+    """Validate TempCache's eviction fields (shared by the policy and the presets' layout)."""
+    if evict_by not in ("age", "redundancy"):
+        raise ValueError(f"evict_by must be 'age' or 'redundancy', got {evict_by!r}")
+    if (
+        isinstance(compress_threshold, bool)
+        or not isinstance(compress_threshold, int | float)
+        or not 0.0 < compress_threshold <= 1.0
+    ):
+        raise ValueError(f"compress_threshold must be in (0, 1], got {compress_threshold!r}")
+
+
 @dataclass(frozen=True)
 class TempCachePolicy:
     """Temporal-correspondence compression with a hard cap.
@@ -122,14 +134,7 @@ class TempCachePolicy:
     compress_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.evict_by not in ("age", "redundancy"):
-            raise ValueError(f"evict_by must be 'age' or 'redundancy', got {self.evict_by!r}")
-        if (
-            isinstance(self.compress_threshold, bool)
-            or not isinstance(self.compress_threshold, int | float)
-            or not 0.0 < self.compress_threshold <= 1.0
-        ):
-            raise ValueError(f"compress_threshold must be in (0, 1], got {self.compress_threshold!r}")
+        check_eviction(self.evict_by, self.compress_threshold)
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 < self.overflow_threshold <= self.threshold:

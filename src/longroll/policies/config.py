@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from longroll.ann.config import AnnConfig, Int8Config, LSHConfig
-from longroll.cache.config import BudgetPolicy, CachePolicy, FullPolicy, SinkWindowPolicy, TempCachePolicy
+from longroll.cache.config import (
+    BudgetPolicy,
+    CachePolicy,
+    FullPolicy,
+    SinkWindowPolicy,
+    TempCachePolicy,
+    check_eviction,
+)
 from longroll.cache.host_tier import HostTierConfig
 from longroll.ops.attention import BACKENDS, Backend
 from longroll.policies.schedule import SparseSchedule
@@ -128,14 +135,7 @@ class TempCacheLayout:
     compress_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.evict_by not in ("age", "redundancy"):
-            raise ValueError(f"evict_by must be 'age' or 'redundancy', got {self.evict_by!r}")
-        if (
-            isinstance(self.compress_threshold, bool)
-            or not isinstance(self.compress_threshold, int | float)
-            or not 0.0 < self.compress_threshold <= 1.0
-        ):
-            raise ValueError(f"compress_threshold must be in (0, 1], got {self.compress_threshold!r}")
+        check_eviction(self.evict_by, self.compress_threshold)
         if not isinstance(self.recent_frames, int) or isinstance(self.recent_frames, bool) or self.recent_frames < 0:
             raise ValueError(f"recent_frames must be an int >= 0, got {self.recent_frames!r}")
         if not isinstance(self.sink_frames, int) or isinstance(self.sink_frames, bool) or self.sink_frames < 0:
