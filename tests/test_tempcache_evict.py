@@ -16,6 +16,8 @@ from longroll.cache.redundancy import (
     BITS,
     TABLES,
     _popcount64,
+    _sum_by_key,
+    apply_merges,
     min_agreement,
     pair_candidates,
     pair_candidates_reference,
@@ -27,6 +29,8 @@ from longroll.cache.redundancy import (
 from longroll.cache.tempcache import _new_slots
 from longroll.eval.memory import parse_layout
 from longroll.policies.config import TempCacheLayout, preset
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 P, FPC, H, D, B = 24, 2, 3, 16, 2
 INF = float("inf")
@@ -128,6 +132,53 @@ def test_plan_merges_equals_the_reference(b, h, n, k):
             assert not any(bool(prot[bi, hi, i]) for i in fs | ss)
     if n > 10:
         assert total > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("b", "h", "k", "c"), [(2, 3, 97, 5), (1, 2, 1025, 64), (1, 1, 1, 3)])
+def test_sums_by_key_add_colliding_rows_in_rank_order_every_run(device, b, h, k, c):
+    """Many freed entries into few survivors: the sums are those of adding each key's rows in rank order, and the
+    same on every run (CUDA's scatter_add would add the colliding rows in thread order)."""
+    g = torch.Generator().manual_seed(k)
+    key = torch.randint(0, max(1, k // 8), (b, h, k), generator=g)
+    x = torch.randn(b, h, k, c, generator=g) * torch.logspace(-3, 3, c)
+    ref = torch.zeros(b, h, k, c)
+    for bi in range(b):
+        for hi in range(h):
+            for r in range(k):
+                ref[bi, hi, key[bi, hi, r]] += x[bi, hi, r]
+    got = _sum_by_key(key.to(device), x.to(device))
+    torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=0)
+    for _ in range(5):
+        assert torch.equal(_sum_by_key(key.to(device), x.to(device)), got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_merges_into_one_survivor_are_the_same_every_run(device):
+    """apply_merges with every selected rank folding into one of two survivors: count-weighted means and summed
+    counts, and one result run after run."""
+    b, h, n, k, dv = 1, 2, 300, 200, 16
+    v = torch.randn(b, h, n, dv, generator=torch.Generator().manual_seed(1))
+    count = torch.randint(1, 5, (b, h, n), generator=torch.Generator().manual_seed(2)).float()
+    freed = torch.arange(2, 2 + k).expand(b, h, k)  # ranks alternate between survivors 0 and 1
+    into = (torch.arange(k) % 2).expand(b, h, k)
+
+    def merged() -> tuple[torch.Tensor, torch.Tensor]:
+        buf = CacheBuffers.allocate(b, h, n, 8, dv, torch.float32, torch.device(device))
+        buf.v[:, :, :n], buf.count[:, :, :n] = v, count
+        sel = torch.ones(b, h, k, dtype=torch.bool, device=device)
+        apply_merges(buf, freed.to(device), into.to(device), sel)
+        return buf.v[:, :, :2].cpu(), buf.count[:, :, :2].cpu()
+
+    v0, c0 = merged()
+    for s in range(2):
+        members = [s, *range(2 + s, 2 + k, 2)]
+        w = count[:, :, members]
+        torch.testing.assert_close(c0[:, :, s], w.sum(-1), rtol=0, atol=0)
+        torch.testing.assert_close(v0[:, :, s], (v[:, :, members] * w[..., None]).sum(2) / w.sum(-1)[..., None])
+    for _ in range(5):
+        again = merged()
+        assert torch.equal(again[0], v0) and torch.equal(again[1], c0)
 
 
 def test_popcount_of_any_int64_including_the_sign_bit():

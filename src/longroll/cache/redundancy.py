@@ -214,6 +214,20 @@ def plan_merges(
     return order, minto.gather(2, order), sel
 
 
+def _sum_by_key(key: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (B, H, K, C) summed by ``key`` (B, H, K) int64 in [0, K) -> (B, H, K, C), in rank order.
+
+    Several freed entries may merge into one survivor, so keys collide: CUDA's ``scatter_add`` adds colliding
+    rows with atomics in whatever order the threads arrive, and the merged values (and with them every later
+    chunk) would change from run to run. An accumulating ``index_put_`` sorts the keys first (stable) and adds
+    each key's rows in order, on the CPU as on CUDA: the same sums every run.
+    """
+    b, h, kk, c = x.shape
+    flat = (torch.arange(b * h, device=key.device).view(b, h, 1) * kk + key).reshape(-1)
+    out = torch.zeros(b * h * kk, c, dtype=x.dtype, device=x.device)
+    return out.index_put_((flat,), x.reshape(-1, c), accumulate=True).view(b, h, kk, c)
+
+
 def apply_merges(buf: CacheBuffers, freed: torch.Tensor, into: torch.Tensor, sel: torch.Tensor) -> None:
     """Fold each selected freed entry into its survivor: count-weighted mean value, counts add; the survivor's
     key and frame stamp stay. freed, into, sel: (B, H, K). The freed slots are left as they are (the caller
@@ -229,10 +243,8 @@ def apply_merges(buf: CacheBuffers, freed: torch.Tensor, into: torch.Tensor, sel
     key = first.gather(2, tgt).clamp_max(kk - 1)
     c_f = torch.where(sel, buf.count.gather(2, freed), 0.0)
     v_f = buf.v.gather(2, freed[..., None].expand(b, h, kk, dv)).float()
-    cadd = torch.zeros(b, h, kk, device=freed.device).scatter_add(2, key, c_f)
-    vadd = torch.zeros(b, h, kk, dv, device=freed.device).scatter_add(
-        2, key[..., None].expand(b, h, kk, dv), torch.where(sel[..., None], v_f * c_f[..., None], 0.0)
-    )
+    cadd = _sum_by_key(key, c_f[..., None])[..., 0]
+    vadd = _sum_by_key(key, torch.where(sel[..., None], v_f * c_f[..., None], 0.0))
     c_s = buf.count.gather(2, tgt)
     v_s = buf.v.gather(2, tgt[..., None].expand(b, h, kk, dv)).float()
     c_new = c_s + cadd.gather(2, key)
