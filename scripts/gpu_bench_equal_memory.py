@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--last", type=int, default=50, help="chunks in the latency median (the last ones)")
     p.add_argument("--memory-frames", type=int, default=15)
     p.add_argument("--no-overlap", action="store_true", help="commits in line in the latency run too")
-    p.add_argument("--group-commits", action="store_true", help="commit every layer's TempCache in one batched call")
+    p.add_argument("--group-commits", default="off",
+                   help="'off' (per layer), 'auto' (every layer in one batched call) or N layers per batched call")
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, a few frames")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -82,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         preset, args.frames, args.components_frames, args.last = "tiny", 9, 6, 2
         args.memory_frames = min(args.memory_frames, 6)
+    gc: str | int = int(args.group_commits) if args.group_commits.isdigit() else args.group_commits
     command = " ".join(["python3", *sys.argv])
     common: dict[str, Any] = {"preset": preset, "policies": policies, "include_dense": False,
                               "memory_frames": args.memory_frames,
-                              "group_commits": "auto" if args.group_commits else "off"}  # fmt: skip
+                              "group_commits": gc}  # fmt: skip
     overlap = "off" if args.no_overlap else "auto"
     latency = run_rollout_bench(
         RolloutBenchConfig(num_frames=args.frames, overlap_commit=overlap, **common), command=command

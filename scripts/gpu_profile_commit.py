@@ -7,8 +7,8 @@ is timed (median of CUDA-event timings over warm commits, stage time subtracted)
 
     PYTHONPATH=src python3 scripts/gpu_profile_commit.py --out $OUT/commit
 
-Variants: the sink-window's ring, TempCache with int8 and LSH matching, and int8 matching through the fused
-top-1 kernel (``tempcache_fused_*``, ``Int8Config(top1_backend="triton")``).
+Variants: the sink-window's ring, TempCache with int8 matching (the fused top-1 kernel on CUDA) under age and
+redundancy eviction, and with LSH matching under age eviction.
 
 Writes ``commit.json`` (per variant: commit ms, stage ms, top kernels with counts and total ms, kernel count)
 and ``<variant>_kernels.txt``. On a machine without CUDA it runs a small smoke version on the CPU.
@@ -17,7 +17,6 @@ and ``<variant>_kernels.txt``. On a machine without CUDA it runs a small smoke v
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -27,7 +26,6 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from longroll.ann import Int8Config
 from longroll.cache import CacheConfig, LayerKVCache
 from longroll.pipeline.record import run_record
 from longroll.policies.config import TempCacheLayout, preset
@@ -126,19 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     timed = args.timed if device.type == "cuda" else 2
     args.out.mkdir(parents=True, exist_ok=True)
     variants: dict[str, Any] = {}
-    names = ["sink_window"] + [f"tempcache_r{r}" for r in args.recent] + [f"tempcache_lsh_r{r}" for r in args.recent]
-    names += [f"tempcache_fused_r{r}" for r in args.recent]
-    for name in names:
-        fused = "_fused" in name
-        base, _, r = name.replace("_fused", "").rpartition("_r") if "_r" in name else (name, "", "")
-        kwargs = {"recent_frames": int(r)} if r and "recent_frames" in TempCacheLayout.__dataclass_fields__ else {}
-        if r and r != "0" and not kwargs:
-            continue
+    # name -> (preset, layout fields): the sink-window's ring, TempCache with each eviction and matching family.
+    table: dict[str, tuple[str, dict[str, Any]]] = {"sink_window": ("sink_window", {})}
+    for r in args.recent:
+        for evict in ("age", "redundancy"):
+            table[f"tempcache_{evict}_r{r}"] = ("tempcache", {"recent_frames": r, "evict_by": evict})
+        table[f"tempcache_lsh_age_r{r}"] = ("tempcache_lsh", {"recent_frames": r, "evict_by": "age"})
+    for name, (base, fields) in table.items():
         pol = preset(base, tokens_per_frame=tpf, frames_per_chunk=FPC, memory_frames=MEMORY,
-                     layout=TempCacheLayout(**kwargs) if base != "sink_window" else None)  # fmt: skip
+                     layout=TempCacheLayout(**fields) if base != "sink_window" else None)  # fmt: skip
         cache_policy = pol.cache
-        if fused:  # the int8 match through the fused top-1 kernel (no score matrix)
-            cache_policy = dataclasses.replace(cache_policy, ann=Int8Config(top1_backend="triton"))
         cfg = CacheConfig(tokens_per_frame=tpf, frames_per_chunk=FPC, policy=cache_policy, check_finite=False)
         cache = LayerKVCache(cfg, batch=1, heads=HEADS, head_dim=HEAD_DIM, dtype=dtype, device=device)
         video = Video(tpf, args.follow, device, dtype)

@@ -83,6 +83,23 @@ def test_group_commit_equals_each_layer_committing_alone(ann, recent, mode):
     assert group.caches[1].buffers.k.data_ptr() == group.stacked.buffers.k[B].data_ptr()
 
 
+@pytest.mark.parametrize("ann", [Int8Config(), LSHConfig(bits=6, tables=2)])
+def test_group_of_later_layers_hashes_as_those_layers(ann):
+    """A group that starts at model layer 5 commits like layers 5.. committing alone (its projections are
+    theirs, not layers 0..'s), and refuses a bad first layer."""
+    cfg = _config(ann, 2, "emulate")
+    group = CacheGroup(cfg, layers=L, batch=B, heads=H, head_dim=D, first_layer=5)
+    assert [c.layer for c in group.caches] == [5, 6, 7] and group.first_layer == 5
+    alone = [LayerKVCache(cfg, batch=B, heads=H, head_dim=D, layer=5 + i) for i in range(L)]
+    chunks = list(_chunks(8, seed=3))
+    _run_group(group, chunks)
+    _run_alone(alone, chunks)
+    _assert_same(group, alone)
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ValueError, match="first_layer"):
+            CacheGroup(cfg, layers=L, batch=B, heads=H, head_dim=D, first_layer=bad)
+
+
 def test_group_with_annsa_plans_and_resume_matches_alone():
     cfg = _config(Int8Config(), 2, "emulate")
     sa = AnnSAConfig(ann=Int8Config(), q_block_size=16, kv_block_size=16, anchors=4)

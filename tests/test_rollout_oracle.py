@@ -189,7 +189,7 @@ def test_captured_steps_give_the_eager_rollout(policy):
     proc = _processor(policy, cuda_graphs="emulate")
     graphed = RolloutEngine(model, proc, cfg).run(ctx).latents
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
-    captures = [c.commit_capture for c in proc.caches()] + ([proc.group.stacked.commit_capture] if proc.group else [])
+    captures = [c.commit_capture for c in proc.caches()] + [g.stacked.commit_capture for g in proc.groups]
     assert any(c.captured for c in captures), "the commit was never captured"
     if proc.policy.annsa is not None:
         planners = [lay.planner for lay in proc.layers if lay.planner is not None]
@@ -209,12 +209,18 @@ def test_grouped_commits_give_the_per_layer_rollout(policy):
         return RolloutEngine(model, proc, cfg).run(ctx).latents, proc
 
     alone, _ = run("off")
-    grouped, proc = run("auto")
-    assert proc.group is not None and proc.caches()[0].recent is not None
-    assert proc.group.stacked.commit_capture.captured
-    torch.testing.assert_close(grouped, alone, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="group_commits"):
-        _processor(policy, group_commits="yes")
+    layers = CFG.num_layers
+    # One group, groups that split the layers unevenly (the last one shorter), one layer per group.
+    for setting, sizes in (("auto", [layers]), (layers - 1, [layers - 1, 1]), (1, [1] * layers)):
+        grouped, proc = run(setting)
+        assert [g.layers for g in proc.groups] == sizes, setting
+        assert [g.first_layer for g in proc.groups] == list(range(0, layers, sizes[0]))
+        assert proc.caches()[0].recent is not None
+        assert all(g.stacked.commit_capture.captured for g in proc.groups)
+        torch.testing.assert_close(grouped, alone, rtol=0, atol=0, msg=f"group_commits={setting!r}")
+    for bad in ("yes", 0, -2, True, 1.5):
+        with pytest.raises(ValueError, match="group_commits"):
+            _processor(policy, group_commits=bad)
 
 
 def test_overlap_commit_is_validated_and_off_on_the_cpu():
@@ -227,7 +233,7 @@ def test_overlap_commit_is_validated_and_off_on_the_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("policy", ["tempcache", "all", "all_int8", "sink_window"])
-@pytest.mark.parametrize("group", ["auto", "off"])
+@pytest.mark.parametrize("group", ["auto", "off", 1])
 def test_commits_on_a_side_stream_give_the_in_line_rollout(policy, group):
     """The commit and the AnnSA plan on a side stream (overlapping the commit pass) change nothing: the same
     kernels run in the same order per cache, and the next chunk waits for them."""

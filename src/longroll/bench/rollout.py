@@ -37,7 +37,7 @@ from longroll.pipeline.overlap import DecodeQueue, check_overlap_mode
 from longroll.pipeline.record import run_record
 from longroll.pipeline.rollout import ChunkDenoiser, ChunkStats, RolloutConfig, RolloutEngine
 from longroll.pipeline.sampler import SamplerConfig
-from longroll.policies.cached import CachedProcessor
+from longroll.policies.cached import CachedProcessor, group_size
 from longroll.policies.config import EQUAL_MEMORY_FRAMES, PRESET_NAMES, AttentionPolicy, preset
 from longroll.policies.timing import ComponentTimer
 
@@ -89,8 +89,9 @@ class RolloutBenchConfig:
         overlap_commit: commits and AnnSA plans on a side stream (``auto``, ``off``); see
             :class:`~longroll.policies.cached.CachedProcessor`. With ``components`` set to time them in line,
             use ``off``: a side-stream commit's span measures its own duration, not what it adds to the chunk.
-        group_commits: every layer's TempCache committed in one batched call (``auto``) or per layer (``off``);
-            see :class:`~longroll.policies.cached.CachedProcessor`.
+        group_commits: every layer's TempCache committed in one batched call (``auto``), in groups of that many
+            consecutive layers (an int), or per layer (``off``); see
+            :class:`~longroll.policies.cached.CachedProcessor`.
         overlap_decode: with ``decode``: ``off`` decodes each chunk before the next chunk's DiT, ``auto``
             decodes it on a side CUDA stream while the next chunk's DiT runs (in line off CUDA), ``emulate``
             the one-behind schedule without streams; see :class:`~longroll.pipeline.overlap.DecodeQueue`.
@@ -125,7 +126,7 @@ class RolloutBenchConfig:
     decoder: str = "wan"
     cuda_graphs: str = "auto"
     overlap_commit: str = "auto"
-    group_commits: str = "off"
+    group_commits: str | int = "off"
     overlap_decode: str = "off"
     decoder_channels_last: bool = False
     decoder_compile: bool = False
@@ -172,8 +173,7 @@ class RolloutBenchConfig:
             raise ValueError(f"cuda_graphs must be 'auto' or 'off', got {self.cuda_graphs!r}")
         if self.overlap_commit not in ("auto", "off"):
             raise ValueError(f"overlap_commit must be 'auto' or 'off', got {self.overlap_commit!r}")
-        if self.group_commits not in ("auto", "off"):
-            raise ValueError(f"group_commits must be 'auto' or 'off', got {self.group_commits!r}")
+        group_size(self.group_commits, 1)  # validates (any layer count)
         check_overlap_mode(self.overlap_decode)
         if self.fp8 != "off":
             check_fp8_granularity(self.fp8)
@@ -328,7 +328,7 @@ class _Bench:
             timer=self.timer,
             cuda_graphs="auto" if c.cuda_graphs == "auto" else "off",
             overlap_commit="auto" if c.overlap_commit == "auto" else "off",
-            group_commits="auto" if c.group_commits == "auto" else "off",
+            group_commits=c.group_commits,
         )
         if self.group is not None:
             return HeadParallelProcessor.for_model(policy, w, group=self.group, **options)

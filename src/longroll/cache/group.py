@@ -33,6 +33,8 @@ class CacheGroup:
         layers: number of layers (caches ``layer = 0 .. layers - 1``).
         batch, heads, head_dim, v_dim, dtype, device, head_ids: as for :class:`LayerKVCache`.
         graph_inputs: static input buffers of captured calls (shared with other captured calls).
+        first_layer: model index of the group's first layer (a model's layers may form several groups of
+            consecutive layers): cache ``i`` is layer ``first_layer + i`` and hashes with its projections.
     """
 
     def __init__(
@@ -48,16 +50,22 @@ class CacheGroup:
         device: torch.device | str = "cpu",
         head_ids: tuple[int, ...] | None = None,
         graph_inputs: StaticInputs | None = None,
+        first_layer: int = 0,
     ) -> None:
         if not isinstance(config.policy, TempCachePolicy):
             raise ValueError(f"config.policy must be a TempCachePolicy, got {type(config.policy).__name__}")
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
+        if not isinstance(first_layer, int) or isinstance(first_layer, bool) or first_layer < 0:
+            raise ValueError(f"first_layer must be an int >= 0, got {first_layer!r}")
         ids = tuple(range(heads)) if head_ids is None else tuple(head_ids)
         dev = torch.empty(0, device=device).device
-        self.layers, self.batch = layers, batch
+        self.layers, self.batch, self.first_layer = layers, batch, first_layer
         self.graph_inputs = graph_inputs if graph_inputs is not None else StaticInputs()
-        own = [make_searcher(config.policy.ann, head_dim, layer=i, head_ids=ids, device=dev) for i in range(layers)]
+        own = [
+            make_searcher(config.policy.ann, head_dim, layer=first_layer + i, head_ids=ids, device=dev)
+            for i in range(layers)
+        ]
         stacked: Searcher = (
             StackedSignLSH([s for s in own if isinstance(s, SignLSH)], batch) if isinstance(own[0], SignLSH) else own[0]
         )
@@ -67,18 +75,20 @@ class CacheGroup:
             head_ids=ids, graph_inputs=self.graph_inputs, searcher=stacked,
         )  # fmt: skip
         st = self.stacked
+        st.match_in_place = True
         self.caches = []
         for i in range(layers):
             rows = (i * batch, (i + 1) * batch)
             storage = (st.buffers.rows(*rows), None if st.recent is None else st.recent.rows(*rows))
             cache = LayerKVCache(
                 config, batch=batch, heads=heads, head_dim=head_dim, v_dim=v_dim, dtype=dtype, device=dev,
-                layer=i, head_ids=ids, graph_inputs=self.graph_inputs, searcher=own[i], storage=storage,
+                layer=first_layer + i, head_ids=ids, graph_inputs=self.graph_inputs, searcher=own[i], storage=storage,
             )  # fmt: skip
             self.caches.append(cache)
-        # The captured commit's own static input: the staged matching keys land where it reads them.
+        # The captured commit's own static input: the staged matching keys land where it reads them. Private to
+        # the group: the layers of the next group stage theirs while this group's commit may still read these.
         shape = (layers * batch, heads, config.chunk_tokens, head_dim)
-        self._k_match = self.graph_inputs.buffer("k_match", shape, dtype, dev)
+        self._k_match = torch.empty(shape, dtype=dtype, device=dev)
         self._loads = [0] * layers
 
     # ----------------------------------------------------------------- per chunk
@@ -100,8 +110,9 @@ class CacheGroup:
             c._pending_len = None
 
     def stage_match(self, layer: int, k_match: torch.Tensor) -> None:
-        """Keep layer ``layer``'s matching keys of the commit pass, (batch, heads, n, head_dim), for
-        :meth:`commit` (after that layer's stage of the same pass)."""
+        """Keep the matching keys of the group's cache ``layer`` (model layer ``first_layer + layer``) of the
+        commit pass, (batch, heads, n, head_dim), for :meth:`commit` (after that layer's stage of the same
+        pass)."""
         c = self.caches[layer]
         n = c.staged_tokens
         if n == 0 or k_match.shape != (c.batch, c.heads, n, c.head_dim):

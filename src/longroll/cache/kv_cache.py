@@ -153,6 +153,9 @@ class LayerKVCache:
         self.commit_capture = KeyedCapture("emulate" if config.commit_graphs == "emulate" else "cuda")
         self._frame0: torch.Tensor | None = None
         self._graph_inputs = graph_inputs if graph_inputs is not None else StaticInputs()
+        #: The staged matching keys live in a persistent buffer that the captured commit reads in place (a
+        #: :class:`~longroll.cache.group.CacheGroup`'s stacked cache) instead of a shared static input.
+        self.match_in_place = False
         self._searcher: Searcher | None = None
         if isinstance(p, TempCachePolicy):
             self._searcher = (
@@ -432,8 +435,10 @@ class LayerKVCache:
             return track.slots, track.keys, track.active, out
 
         arena = self._graph_inputs
-        names = ("track_slots", "track_keys", "track_active", "k_match")
+        names = ("track_slots", "track_keys", "track_active")
         static = [arena.get(name, x) for name, x in zip(names, inputs, strict=False)]
+        # A group's matching keys already sit in a buffer of its own, written before each commit: read in place.
+        static.append(k_match if self.match_in_place else arena.get("k_match", k_match))
         track_slots, track_keys, track_active, out = self.commit_capture(
             key, body, inputs, static=[*static, self._frame0], copy_outputs=False
         )

@@ -111,6 +111,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _group_commits(text: str) -> str | int:
+    if text in ("auto", "off"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'off' or a positive number of layers, got {text!r}")
+    return value
+
+
 # ------------------------------------------------------------------------------------------------- parser
 def _common() -> _Parser:
     """Flags accepted before or after the sub-command (SUPPRESS keeps a later default from erasing them)."""
@@ -242,9 +254,10 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-dit", action="store_true", help="the DiT under torch.compile (attention outside)")
     p.add_argument(
         "--group-commits",
-        choices=("off", "auto"),
+        type=_group_commits,
         default="off",
-        help="commit every layer's TempCache in one batched call (faster commit, more peak memory)",
+        help="commit the TempCaches of every layer ('auto') or of N consecutive layers (an int) in one batched "
+        "call (fewer kernels, more peak memory); 'off': per layer",
     )
     p.add_argument("--out", default="out/bench_rollout", help="folder for bench_rollout.json/.png")
     _add_gpus_arg(p)

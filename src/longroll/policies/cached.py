@@ -76,17 +76,20 @@ class CachedProcessor:
             in line. Same kernels in the same order per cache either way, so results are identical.
         group_commits: ``"auto"`` stacks every layer's TempCache over one storage and commits them all in one
             batched call after the commit pass's last layer (:class:`~longroll.cache.group.CacheGroup`: one set of
-            a few hundred kernels per chunk instead of one per layer); ``"off"`` (the default) commits each layer
-            after its attention. Identical results; other cache policies always commit per layer. Measured on an
-            H200 at Wan2.1-1.3B shapes (``results/gpu/equal_memory/``): the in-line commit of a chunk takes 51 ms
-            (TempCache) and 34 ms (``all``) grouped against 93 and 76 ms per layer, but per-layer commits
-            overlap the commit pass on the side stream, so the chunk gains only 4-8 %, while the stacked
-            commit's temporaries raise the peak memory by ~3 GiB (1.46x the sink-window's for ``all`` instead
-            of 1.10x): not the default.
+            a few hundred kernels per chunk instead of one per layer); an int ``g`` forms groups of ``g``
+            consecutive layers, each committed (on the side stream with ``overlap_commit``) once its last layer
+            has staged, so that a group's commit overlaps the next layers' attention and its temporaries are
+            ``g`` layers' instead of the model's; ``"off"`` (the default) commits each layer after its attention.
+            Identical results; other cache policies always commit per layer. Measured on an H200 at
+            Wan2.1-1.3B shapes (``results/gpu/equal_memory/``): the in-line commit of a chunk takes 51 ms
+            (TempCache, age eviction) and 34 ms (``all``) with one group against 93 and 76 ms per layer, but
+            per-layer commits overlap the commit pass on the side stream, so the chunk gains only 4-8 %, while
+            the stacked commit's temporaries raise the peak memory by ~3 GiB.
 
     Attributes:
         layers: the :class:`LayerAttention` of every layer, in order.
-        group: the :class:`~longroll.cache.group.CacheGroup` of the layers' caches (None when not grouped).
+        groups: the :class:`~longroll.cache.group.CacheGroup` of each run of consecutive layers, in order
+            (empty when commits are per layer).
     """
 
     def __init__(
@@ -106,7 +109,7 @@ class CachedProcessor:
         timer: ComponentTimer | None = None,
         cuda_graphs: Literal["auto", "off", "emulate"] = "auto",
         overlap_commit: Literal["auto", "off"] = "auto",
-        group_commits: Literal["auto", "off"] = "off",
+        group_commits: Literal["auto", "off"] | int = "off",
     ) -> None:
         if not isinstance(policy, AttentionPolicy):
             raise ValueError(f"policy must be an AttentionPolicy, got {type(policy).__name__}")
@@ -114,28 +117,32 @@ class CachedProcessor:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if overlap_commit not in ("auto", "off"):
             raise ValueError(f"overlap_commit must be 'auto' or 'off', got {overlap_commit!r}")
-        if group_commits not in ("auto", "off"):
-            raise ValueError(f"group_commits must be 'auto' or 'off', got {group_commits!r}")
+        size = group_size(group_commits, num_layers)
         self.policy = policy
-        if group_commits == "auto" and policy.host_tier is not None:
-            raise ValueError("group_commits='auto' does not combine with a host tier yet; use 'off'")
+        if size and policy.host_tier is not None:
+            raise ValueError(f"group_commits={group_commits!r} does not combine with a host tier yet; use 'off'")
         cfg = CacheConfig(
             tokens_per_frame, frames_per_chunk, policy.cache, check_finite=check_finite, commit_graphs=cuda_graphs,
             host_tier=policy.host_tier,
         )  # fmt: skip
         self.graph_inputs = StaticInputs()
         self.commits = CommitStream(device, overlap=overlap_commit == "auto")
-        self.group: CacheGroup | None = None
-        if group_commits == "auto" and isinstance(policy.cache, TempCachePolicy):
-            self.group = CacheGroup(
-                cfg, layers=num_layers, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device,
-                head_ids=head_ids, graph_inputs=self.graph_inputs,
+        self.groups: tuple[CacheGroup, ...] = ()
+        if size and isinstance(policy.cache, TempCachePolicy):
+            self.groups = tuple(
+                CacheGroup(
+                    cfg, layers=min(size, num_layers - first), batch=batch, heads=heads, head_dim=head_dim,
+                    dtype=dtype, device=device, head_ids=head_ids, graph_inputs=self.graph_inputs,
+                    first_layer=first,
+                )
+                for first in range(0, num_layers, size)
             )  # fmt: skip
+        self._group_size = size
         self.layers: list[LayerAttention] = [
             LayerAttention(
                 policy, cfg, layer=i, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device,
                 head_ids=head_ids, graph_inputs=self.graph_inputs, commits=self.commits, timer=timer,
-                cache=None if self.group is None else self.group.caches[i],
+                cache=None if not self.groups else self.groups[i // size].caches[i % size],
             )
             for i in range(num_layers)
         ]
@@ -281,8 +288,9 @@ class CachedProcessor:
         self.join_commits()
         if info.frame_start != self.committed_frames:
             raise ValueError(f"frame_start must be {self.committed_frames}, got {info.frame_start}")
-        if self.group is not None and self.layers[0].cache.staged_tokens == 0:
-            self.group.begin()
+        if self.groups and self.layers[0].cache.staged_tokens == 0:
+            for group in self.groups:
+                group.begin()
         self.pass_info = info
 
     def self_attention(
@@ -296,10 +304,11 @@ class CachedProcessor:
         lay.stage(k, v, frame_start=info.frame_start, k_pre_rope=k_pre_rope)
         radial = self._radial_for(lay.cache) if sparse and self.policy.radial is not None else None
         out = lay.attend(q, sparse=sparse, radial=radial)
-        if info.commit and self.group is not None:
-            self.group.stage_match(layer, k_pre_rope)
-            if layer == len(self.layers) - 1:
-                self._commit_group()
+        if info.commit and self.groups:
+            group = self.groups[layer // self._group_size]
+            group.stage_match(layer - group.first_layer, k_pre_rope)
+            if layer == group.first_layer + group.layers - 1:
+                self._commit_group(group)
         elif info.commit:
             lay.commit(q, (k, v, k_pre_rope))
         return out
@@ -308,21 +317,20 @@ class CachedProcessor:
         sparse = self.policy.annca is not None and self._sparse(layer)
         return self.layers[layer].cross_attention(q, k, v, sparse=sparse, tokens_per_frame=self.tokens_per_frame)
 
-    def _commit_group(self) -> None:
-        """Every layer's commit in one batched call, then each layer's AnnSA plan (on the side stream when the
-        layers overlap commits)."""
-        group = self.group
-        assert group is not None
+    def _commit_group(self, group: CacheGroup) -> None:
+        """The group's layers committed in one batched call, then each one's AnnSA plan (on the side stream when
+        the layers overlap commits)."""
+        layers = self.layers[group.first_layer : group.first_layer + group.layers]
 
         def work() -> None:
             with nullcontext() if self.timer is None else self.timer.span("cache_commit"):
                 group.commit()
-            for lay in self.layers:
+            for lay in layers:
                 lay.plan()
 
         buf = group.stacked.buffers
         keep = [buf.k, buf.v, buf.count, buf.frame, buf.lengths]
-        for lay in self.layers:
+        for lay in layers:
             t = lay.cache.track
             if t is not None:
                 keep += [t.slots, t.keys, t.active]
@@ -431,4 +439,17 @@ class CachedProcessor:
         )
 
 
-__all__ = ["CachedProcessor", "ModelGeometry", "PassInfo"]
+def group_size(group_commits: object, num_layers: int) -> int:
+    """Layers per commit group of a ``group_commits`` setting (see :class:`CachedProcessor`); 0 for ``"off"``.
+
+    Raises ValueError naming ``group_commits`` for anything but ``"auto"``, ``"off"`` or an int >= 1."""
+    if group_commits == "off":
+        return 0
+    if group_commits == "auto":
+        return num_layers
+    if isinstance(group_commits, int) and not isinstance(group_commits, bool) and group_commits >= 1:
+        return min(group_commits, num_layers)
+    raise ValueError(f"group_commits must be 'auto', 'off' or an int >= 1 (layers per group), got {group_commits!r}")
+
+
+__all__ = ["CachedProcessor", "ModelGeometry", "PassInfo", "group_size"]
