@@ -28,6 +28,7 @@ from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import BudgetPolicy, CacheConfig, FullPolicy, SinkWindowPolicy, TempCachePolicy
 from longroll.cache.graphs import KeyedCapture, StaticInputs
 from longroll.cache.host_tier import HostTier
+from longroll.cache.redundancy import SignatureConstants
 from longroll.cache.tempcache import RecentWindow, Track, commit_chunk
 from longroll.ops._checks import check_float, check_rank
 
@@ -157,12 +158,16 @@ class LayerKVCache:
         #: :class:`~longroll.cache.group.CacheGroup`'s stacked cache) instead of a shared static input.
         self.match_in_place = False
         self._searcher: Searcher | None = None
+        # Redundancy eviction's hash constants, made here once rather than inside every (captured) commit.
+        self._signatures: SignatureConstants | None = None
         if isinstance(p, TempCachePolicy):
             self._searcher = (
                 make_searcher(p.ann, head_dim, layer=layer, head_ids=self.head_ids, device=self.device)
                 if searcher is None
                 else searcher
             )
+            if p.evict_by == "redundancy":
+                self._signatures = SignatureConstants.build(head_dim, self.buffers.k.dtype, self.device)
 
     def _check_storage(self, ring: int) -> None:
         buf, want = self.buffers, self._initial_slots()
@@ -389,6 +394,7 @@ class LayerKVCache:
                 self.buffers, self._searcher, p, self.track, self._k_match,
                 lo=lo, tokens_per_frame=tpf, frames=frames, sinks=sinks, may_overflow=overflow,
                 recent=self.recent, recent_full=full if self.recent is not None else None, stage=stage,
+                consts=self._signatures,
             )  # fmt: skip
         if self.host is not None and stage is not None:
             self.host.absorb()
@@ -429,7 +435,7 @@ class LayerKVCache:
                 buf, searcher, p, Track(slots, keys, active), km,
                 lo=lo, tokens_per_frame=tpf, frames=[frame0 + i for i in range(nf)], sinks=[False] * nf,
                 may_overflow=[True] * nf, recent=self.recent,
-                recent_full=[True] * nf if self.recent is not None else None, stage=stage,
+                recent_full=[True] * nf if self.recent is not None else None, stage=stage, consts=self._signatures,
             )  # fmt: skip
             assert track is not None
             return track.slots, track.keys, track.active, out

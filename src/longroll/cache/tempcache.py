@@ -17,6 +17,7 @@ from longroll.ann import Searcher
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import TempCachePolicy
 from longroll.cache.host_tier import EvictionStage
+from longroll.cache.redundancy import SignatureConstants
 from longroll.cache.redundancy import victims as redundancy_victims
 
 _NEG = float("-inf")
@@ -124,6 +125,7 @@ def _new_slots(
     sink_frames: int,
     may_overflow: bool,
     compress: float | None = None,
+    consts: SignatureConstants | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots for unmatched tokens: free slots first, then victims (oldest frame, then smallest count), never
     sinks, entries touched by this frame or entries of newer frames. With ``compress`` (a cosine threshold,
@@ -149,7 +151,7 @@ def _new_slots(
             merged = None
         else:
             need = new.sum(-1) - free[..., 0]
-            victims, merged = redundancy_victims(buf, prio, need, k, compress)
+            victims, merged = redundancy_victims(buf, prio, need, k, compress, consts)
         ev = victims.gather(2, (rank - free).clamp(0, victims.shape[-1] - 1))
         evict = new & (rank >= free)
         slots = torch.where(evict, ev, slots)
@@ -208,6 +210,7 @@ def merge_frame(
     may_overflow: bool,
     stage: EvictionStage | None = None,
     offset: int = 0,
+    consts: SignatureConstants | None = None,
 ) -> tuple[Track, torch.Tensor]:
     """Commit one non-sink frame with merging.
 
@@ -222,6 +225,7 @@ def merge_frame(
             search is skipped (it is provably not needed).
         stage: where the entries this frame evicts are copied before they are overwritten (a host tier), at
             ``[offset, offset + P)``; None drops them.
+        consts: redundancy eviction's signature constants for the buffers' keys (built per search when None).
 
     Returns:
         the frame's :class:`Track` and the slot of each token, (B, H, P) int64.
@@ -251,7 +255,7 @@ def merge_frame(
         target = torch.zeros_like(idx)
     new = ~merged
     compress = policy.compress_threshold if policy.evict_by == "redundancy" else None
-    slots_new, evict = _new_slots(buf, new, cap, frame, policy.sink_frames, may_overflow, compress)
+    slots_new, evict = _new_slots(buf, new, cap, frame, policy.sink_frames, may_overflow, compress, consts)
     if stage is not None and may_overflow:
         _capture_victims(buf, slots_new, evict, stage, offset)
     buf.write(slots_new, k, v, 1.0, frame)
@@ -283,6 +287,7 @@ def commit_recent(
     may_overflow: bool,
     stage: EvictionStage | None = None,
     offset: int = 0,
+    consts: SignatureConstants | None = None,
 ) -> tuple[Track, torch.Tensor]:
     """Commit one non-sink frame into the verbatim ring; the frame it displaces merges into the older entries.
 
@@ -298,6 +303,7 @@ def commit_recent(
         full: host-side: the ring already holds W frames (the one at this frame's position leaves it).
         may_overflow: host-side hint passed to :func:`merge_frame` for the leaving frame.
         stage, offset: where the leaving frame's merge copies the entries it evicts (see :func:`merge_frame`).
+        consts: as for :func:`merge_frame`.
 
     Returns:
         the new :class:`Track` (``keys`` = ``x``) and the slot of each of this frame's tokens, (B, H, P) int64.
@@ -312,7 +318,9 @@ def commit_recent(
         old = (buf.k.index_select(2, slots), buf.v.index_select(2, slots))
         old_match = (recent.idx.index_select(2, pos)[:, :, 0].long(), recent.cos.index_select(2, pos)[:, :, 0])
         assert track is not None, "a full ring always follows a committed non-sink frame"
-        track, _ = merge_frame(buf, track, old[0], old[1], x, old_match, frame - w, policy, may_overflow, stage, offset)
+        track, _ = merge_frame(
+            buf, track, old[0], old[1], x, old_match, frame - w, policy, may_overflow, stage, offset, consts
+        )
     else:
         buf.lengths += p
         if track is None:
@@ -347,6 +355,7 @@ def commit_chunk(
     recent: RecentWindow | None = None,
     recent_full: Sequence[bool] | None = None,
     stage: EvictionStage | None = None,
+    consts: SignatureConstants | None = None,
 ) -> tuple[Track | None, torch.Tensor]:
     """Commit the chunk staged at slots ``[lo, lo + n)``: sinks verbatim, every other frame merged in order
     (with ``policy.recent_frames`` > 0: into the verbatim ring, the frame it displaces merged).
@@ -369,6 +378,8 @@ def commit_chunk(
         stage: the host tier's :class:`~longroll.cache.host_tier.EvictionStage`: cleared, then frame ``i``'s
             merge copies the entries it evicts at ``[i * P, (i + 1) * P)`` before overwriting them; None drops
             them.
+        consts: redundancy eviction's signature constants for ``buf``'s keys; the cache holds them (made once,
+            outside any capture); built here, once per chunk, when None.
 
     Returns:
         the last frame's :class:`Track` (None when it was a sink) and each staged token's slot, (B, H, n) int64.
@@ -378,6 +389,8 @@ def commit_chunk(
     ring = policy.recent_frames > 0
     if ring and (recent is None or recent_full is None or len(recent_full) != nf):
         raise ValueError("commit_chunk with recent_frames > 0 needs recent and one recent_full flag per frame")
+    if consts is None and policy.evict_by == "redundancy" and any(may_overflow):
+        consts = SignatureConstants.build(buf.k.shape[-1], buf.k.dtype, buf.k.device)
     # The staged range can be overwritten by the new slots (and scatters refuse sources that alias their
     # destination): read it out first.
     staged = slice(lo, lo + n)
@@ -402,12 +415,12 @@ def commit_chunk(
                 assert recent is not None and recent_full is not None
                 track, s = commit_recent(
                     buf, recent, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy,
-                    full=recent_full[i], may_overflow=may_overflow[i], stage=stage, offset=i * tpf,
+                    full=recent_full[i], may_overflow=may_overflow[i], stage=stage, offset=i * tpf, consts=consts,
                 )  # fmt: skip
             else:
                 track, s = merge_frame(
                     buf, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy, may_overflow[i],
-                    stage, i * tpf,
+                    stage, i * tpf, consts,
                 )  # fmt: skip
             slots.append(s)
         prev = x
