@@ -15,7 +15,6 @@ from longroll.cache.host_tier import HostTierConfig
 from longroll.cache.redundancy import (
     BITS,
     TABLES,
-    _popcount64,
     _sum_by_key,
     apply_merges,
     min_agreement,
@@ -28,6 +27,7 @@ from longroll.cache.redundancy import (
 )
 from longroll.cache.tempcache import _new_slots
 from longroll.eval.memory import parse_layout
+from longroll.ops.neighbours import popcount64
 from longroll.policies.config import TempCacheLayout, preset
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -136,21 +136,29 @@ def test_plan_merges_equals_the_reference(b, h, n, k):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("b", "h", "k", "c"), [(2, 3, 97, 5), (1, 2, 1025, 64), (1, 1, 1, 3)])
-def test_sums_by_key_add_colliding_rows_in_rank_order_every_run(device, b, h, k, c):
-    """Many freed entries into few survivors: the sums are those of adding each key's rows in rank order, and the
-    same on every run (CUDA's scatter_add would add the colliding rows in thread order)."""
+def test_sums_by_key_are_exact_to_fixed_point_and_the_same_every_run(device, b, h, k, c):
+    """Many rows into few keys: the sums are the exact (float64) ones to within the fixed point's resolution,
+    and the same on every run (CUDA's float scatter_add adds colliding rows in thread order)."""
     g = torch.Generator().manual_seed(k)
     key = torch.randint(0, max(1, k // 8), (b, h, k), generator=g)
     x = torch.randn(b, h, k, c, generator=g) * torch.logspace(-3, 3, c)
-    ref = torch.zeros(b, h, k, c)
-    for bi in range(b):
-        for hi in range(h):
-            for r in range(k):
-                ref[bi, hi, key[bi, hi, r]] += x[bi, hi, r]
+    ref = torch.zeros(b, h, k, c, dtype=torch.float64).scatter_add_(2, key[..., None].expand(b, h, k, c), x.double())
     got = _sum_by_key(key.to(device), x.to(device))
-    torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=0)
+    assert got.dtype == torch.float64
+    resolution = k * float(x.abs().max()) * 2.0**-61
+    assert float((got.cpu() - ref).abs().max()) <= resolution
     for _ in range(5):
         assert torch.equal(_sum_by_key(key.to(device), x.to(device)), got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sums_by_key_keep_nan_and_inf(device):
+    key = torch.tensor([[[0, 0, 1, 1, 2, 2]]], device=device)
+    x = torch.tensor([1.0, float("nan"), float("inf"), 2.0, 3.0, 4.0], device=device).view(1, 1, 6, 1)
+    got = _sum_by_key(key, x)[0, 0, :3, 0].cpu()
+    assert got[0].isnan() and got[1] == float("inf") and got[2] == 7.0
+    zeros = _sum_by_key(key, torch.zeros_like(x))
+    assert torch.equal(zeros, torch.zeros_like(zeros))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -186,7 +194,7 @@ def test_popcount_of_any_int64_including_the_sign_bit():
     x = torch.cat([torch.tensor([0, -1, 1, -(2**63), 2**63 - 1, 0x0101010101010101]),
                    torch.randint(-(2**63), 2**63 - 1, (500,), generator=g)])  # fmt: skip
     want = [bin(v & (2**64 - 1)).count("1") for v in x.tolist()]
-    assert _popcount64(x).tolist() == want
+    assert popcount64(x).tolist() == want
 
 
 def test_signature_agreement_ranks_and_the_exact_cosine_decides():

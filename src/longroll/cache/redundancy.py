@@ -39,11 +39,13 @@ Pairing rule (the one :func:`plan_merges` vectorises and :func:`plan_merges_refe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from longroll.cache.buffers import CacheBuffers
+from longroll.ops.neighbours import SIGNATURE_BITS, sorted_neighbours
 
 #: Sign-LSH tables (sorted orders) and bits per table. Adjacent entries of a sorted order share a long code
 #: prefix; further tables rescue pairs split by a table's leading bits. Measured on clustered random keys
@@ -52,6 +54,7 @@ from longroll.cache.buffers import CacheBuffers
 #: tables x bits (0.90 with 4x8, 0.97 with 4x12) at a moderate spread, 0.89 with 4x16 at a wide one.
 TABLES = 4
 BITS = 16
+assert TABLES * BITS == SIGNATURE_BITS, "a signature is one int64"
 
 _NEG = float("-inf")
 _M32 = 1 << 32
@@ -73,18 +76,6 @@ def min_agreement(threshold: float) -> float:
     return TABLES * BITS * (1.0 - math.acos(min(1.0, max(-1.0, threshold))) / math.pi)
 
 
-_M1, _M2, _M4, _H01 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101
-
-
-def _popcount64(x: torch.Tensor) -> torch.Tensor:
-    """Set bits of each int64 (SWAR; every shift is masked, so the arithmetic shift of negative values and the
-    wrapping product are harmless: the count sits in the top byte, at most 64)."""
-    x = x - ((x >> 1) & _M1)
-    x = (x & _M2) + ((x >> 2) & _M2)
-    x = (x + (x >> 4)) & _M4
-    return (x * _H01) >> 56
-
-
 def _packing(device: torch.device) -> torch.Tensor:
     """(TABLES * BITS, TABLES + TABLES * BITS / 8) float32: signature bits -> each table's code, then the bytes.
 
@@ -97,27 +88,64 @@ def _packing(device: torch.device) -> torch.Tensor:
     return w
 
 
-def _signatures(keys: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """keys: (B, H, N, D); protected: (B, H, N).
+@dataclass(frozen=True)
+class SignatureConstants:
+    """The signature hash's constant tensors for one head dim, key dtype and device.
+
+    Made once per cache, outside any captured commit (each search would otherwise rebuild them: some thirty
+    small kernels per committed frame). Fields: ``signs`` (head_dim, TABLES * BITS) +-1 hyperplanes in the keys'
+    dtype (:func:`hash_signs`); ``packing`` (TABLES * BITS, TABLES + TABLES * BITS / 8) float32 (:func:`_packing`);
+    ``shifts`` (TABLES * BITS / 8,) int64 bit offsets of the signature's bytes.
+    """
+
+    signs: torch.Tensor
+    packing: torch.Tensor
+    shifts: torch.Tensor
+
+    @classmethod
+    def build(cls, head_dim: int, dtype: torch.dtype, device: torch.device) -> SignatureConstants:
+        return cls(
+            signs=hash_signs(head_dim, device).to(dtype),
+            packing=_packing(device),
+            shifts=8 * torch.arange(TABLES * BITS // 8, device=device),
+        )
+
+    def check(self, keys: torch.Tensor) -> None:
+        """Raise ValueError unless these constants serve ``keys`` (B, H, N, D)."""
+        want = (keys.shape[-1], keys.dtype, keys.device)
+        have = (self.signs.shape[0], self.signs.dtype, self.signs.device)
+        if have != want:
+            raise ValueError(f"signature constants are for (head_dim, dtype, device) {have}, keys need {want}")
+
+
+def _signatures(
+    keys: torch.Tensor, protected: torch.Tensor, consts: SignatureConstants | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """keys: (B, H, N, D); protected: (B, H, N); consts: built for ``keys`` when not given.
 
     Returns bad (B, H, N) bool (protected, or a NaN key: its projections are NaN), codes (B, H, N, TABLES) int64,
     one ``BITS``-bit code per table, bad entries at ``2**BITS`` (sorted last), and the whole signature in one
     int64 per entry, (B, H, N) (bit ``j`` of byte ``k`` = signature bit ``8 k + j``)."""
-    proj = keys @ hash_signs(keys.shape[-1], keys.device).to(keys.dtype)
+    if consts is None:
+        consts = SignatureConstants.build(keys.shape[-1], keys.dtype, keys.device)
+    consts.check(keys)
+    proj = keys @ consts.signs
     bad = protected | proj[..., 0].isnan()
-    packed = ((proj > 0).float() @ _packing(keys.device)).long()
+    packed = ((proj > 0).float() @ consts.packing).long()
     codes = packed[..., :TABLES].masked_fill(bad[..., None], 1 << BITS)
-    shifts = 8 * torch.arange(TABLES * BITS // 8, device=keys.device)
     # Bytes at distinct offsets: the sum is their bitwise or (int64 wraps into the sign bit as intended).
-    return bad, codes, (packed[..., TABLES:] << shifts).sum(-1)
+    return bad, codes, (packed[..., TABLES:] << consts.shifts).sum(-1)
 
 
-def pair_candidates(keys: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_candidates(
+    keys: torch.Tensor, protected: torch.Tensor, consts: SignatureConstants | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each entry's best merge candidate among its neighbours in the sorted LSH orders.
 
     Args:
         keys: (B, H, N, D) stored keys (any scale: only the signs of their projections are used).
         protected: (B, H, N) bool; protected entries neither propose nor are proposed to.
+        consts: the signature hash's constants for ``keys`` (built here when not given).
 
     Returns:
         score: (B, H, N) float32 signature bits shared with the best candidate, in [0, TABLES * BITS] (-inf
@@ -125,28 +153,10 @@ def pair_candidates(keys: torch.Tensor, protected: torch.Tensor) -> tuple[torch.
         candidate's slot (meaningless at -inf). Candidates are taken in the order (table 0 left, table 0 right,
         table 1 left, ...), the first wins ties.
     """
-    b, h = keys.shape[:2]
-    bad, codes, sig = _signatures(keys, protected)
-    ninf = torch.full((b, h, 1), _NEG, device=keys.device)
-    scores, partners = [], []
-    for t in range(TABLES):
-        order = torch.sort(codes[..., t], dim=-1, stable=True).indices
-        ps = sig.gather(2, order)
-        differ = _popcount64(ps[:, :, :-1] ^ ps[:, :, 1:])
-        adj = (TABLES * BITS - differ).float()
-        bs = bad.gather(2, order)
-        adj = torch.where(bs[:, :, :-1] | bs[:, :, 1:], _NEG, adj)
-        # At sorted position r: the left neighbour order[r - 1] scores adj[r - 1], the right one adj[r].
-        left, right = torch.cat([ninf, adj], -1), torch.cat([adj, ninf], -1)
-        lp = torch.cat([order[:, :, :1], order[:, :, :-1]], -1)
-        rp = torch.cat([order[:, :, 1:], order[:, :, -1:]], -1)
-        for sc, pa in ((left, lp), (right, rp)):
-            # order is a permutation: scattering by it moves sorted positions back to slots without collisions.
-            scores.append(torch.empty_like(sc).scatter_(2, order, sc))
-            partners.append(torch.empty_like(pa).scatter_(2, order, pa))
-    score, which = torch.stack(scores, -1).max(-1)
-    nn = torch.stack(partners, -1).gather(-1, which[..., None])[..., 0]
-    return score, nn
+    bad, codes, sig = _signatures(keys, protected, consts)
+    # Every table's order in one sort (stable: equal codes keep slot order).
+    order = torch.sort(codes.transpose(-1, -2), dim=-1, stable=True).indices
+    return sorted_neighbours(order, sig, bad)
 
 
 def verify_merges(
@@ -215,17 +225,26 @@ def plan_merges(
 
 
 def _sum_by_key(key: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` (B, H, K, C) summed by ``key`` (B, H, K) int64 in [0, K) -> (B, H, K, C), in rank order.
+    """Rows of ``x`` (B, H, K, C) float summed by ``key`` (B, H, K) int64 in [0, K) -> (B, H, K, C) float64.
 
-    Several freed entries may merge into one survivor, so keys collide: CUDA's ``scatter_add`` adds colliding
-    rows with atomics in whatever order the threads arrive, and the merged values (and with them every later
-    chunk) would change from run to run. An accumulating ``index_put_`` sorts the keys first (stable) and adds
-    each key's rows in order, on the CPU as on CUDA: the same sums every run.
+    Several freed entries may merge into one survivor, so keys collide, and CUDA's float ``scatter_add`` adds
+    colliding rows with atomics in whatever order the threads arrive: the merged values, and every later chunk,
+    would change from run to run. Integer addition does not depend on the order, so the rows are added as
+    int64 fixed-point numbers with a scale that leaves room for K of the largest one (absolute error below
+    ``K * max|x| * 2**-62``, far under float32's rounding of the same sum); the same sums every run, on every
+    device. Non-finite rows keep their float sum (inf or NaN whatever the order): NaN stays NaN.
     """
     b, h, kk, c = x.shape
-    flat = (torch.arange(b * h, device=key.device).view(b, h, 1) * kk + key).reshape(-1)
-    out = torch.zeros(b * h * kk, c, dtype=x.dtype, device=x.device)
-    return out.index_put_((flat,), x.reshape(-1, c), accumulate=True).view(b, h, kk, c)
+    idx = key[..., None].expand(b, h, kk, c)
+    finite = x.isfinite()
+    top = torch.where(finite, x, 0.0).abs().amax().double()
+    # The scale is a power of two, so scaling and unscaling are exact.
+    scale = torch.exp2(62.0 - torch.ceil(torch.log2(top * kk + 1e-300)).clamp_min(-900.0))
+    fixed = torch.round(torch.where(finite, x, 0.0).double() * scale).long()
+    out = torch.zeros(b, h, kk, c, dtype=torch.int64, device=x.device).scatter_add_(2, idx, fixed).double() / scale
+    bad = torch.zeros(b, h, kk, c, dtype=torch.int32, device=x.device).scatter_add_(2, idx, (~finite).int())
+    floats = torch.zeros(b, h, kk, c, dtype=x.dtype, device=x.device).scatter_add_(2, idx, torch.where(finite, 0.0, x))
+    return torch.where(bad > 0, floats.double(), out)
 
 
 def apply_merges(buf: CacheBuffers, freed: torch.Tensor, into: torch.Tensor, sel: torch.Tensor) -> None:
@@ -243,8 +262,9 @@ def apply_merges(buf: CacheBuffers, freed: torch.Tensor, into: torch.Tensor, sel
     key = first.gather(2, tgt).clamp_max(kk - 1)
     c_f = torch.where(sel, buf.count.gather(2, freed), 0.0)
     v_f = buf.v.gather(2, freed[..., None].expand(b, h, kk, dv)).float()
-    cadd = _sum_by_key(key, c_f[..., None])[..., 0]
-    vadd = _sum_by_key(key, torch.where(sel[..., None], v_f * c_f[..., None], 0.0))
+    # Counts are whole numbers (below 2**24): their float sums are exact in any order.
+    cadd = torch.zeros(b, h, kk, device=freed.device).scatter_add(2, key, c_f)
+    vadd = _sum_by_key(key, torch.where(sel[..., None], v_f * c_f[..., None], 0.0)).float()
     c_s = buf.count.gather(2, tgt)
     v_s = buf.v.gather(2, tgt[..., None].expand(b, h, kk, dv)).float()
     c_new = c_s + cadd.gather(2, key)
@@ -256,7 +276,12 @@ def apply_merges(buf: CacheBuffers, freed: torch.Tensor, into: torch.Tensor, sel
 
 
 def victims(
-    buf: CacheBuffers, prio: torch.Tensor, need: torch.Tensor, k: int, threshold: float
+    buf: CacheBuffers,
+    prio: torch.Tensor,
+    need: torch.Tensor,
+    k: int,
+    threshold: float,
+    consts: SignatureConstants | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge redundant entries into their survivors (in ``buf``) and list the slots to reuse.
 
@@ -266,6 +291,7 @@ def victims(
         need: (B, H) int64 slots needed beyond the free ones.
         k: victims listed per head (the frame's tokens), static.
         threshold: cosine needed to merge.
+        consts: the signature hash's constants for the buffers' keys (built here when not given).
 
     Returns:
         slots: (B, H, K) int64, the merged-away slots first (most similar first), then the age victims (oldest
@@ -274,7 +300,7 @@ def victims(
     """
     n = prio.shape[-1]
     keys = buf.k[:, :, :n]
-    score, nn = pair_candidates(keys, prio == float("inf"))
+    score, nn = pair_candidates(keys, prio == float("inf"), consts)
     freed, into, sel = plan_merges(score, nn, prio, need, k, min_agreement(threshold))
     freed, into, sel = verify_merges(keys, freed, into, sel, threshold)
     apply_merges(buf, freed, into, sel)
@@ -360,6 +386,7 @@ def plan_merges_reference(
 __all__ = [
     "BITS",
     "TABLES",
+    "SignatureConstants",
     "apply_merges",
     "hash_signs",
     "min_agreement",
