@@ -69,7 +69,7 @@ class AttentionPolicy:
 #: Cache budgets of the presets, in latent frames. The sink-window baseline is LongLive's (sink 3 + window 12);
 #: every bounded preset gets the same memory (15 frames) and the same sink frames, so that quality compares at
 #: equal memory: with 1 sink instead of 3, on recently seen tiles of the world model's memory test, a sink-window
-#: loses 12.9 dB and TempCache 6.9 dB (pooled over 32 episodes, results/world_eval/memory/).
+#: loses 12.9 dB and TempCache 6.9 dB (pooled over 32 episodes, results/world_eval/memory/sweeps/memory/).
 SINK_FRAMES = 3
 WINDOW_FRAMES = 12
 EQUAL_MEMORY_FRAMES = SINK_FRAMES + WINDOW_FRAMES
@@ -109,7 +109,8 @@ class TempCacheLayout:
     (CPU, 32 episodes, ``results/world_eval/memory_cpu/evict/``): revisited tiles 32.52 dB against 20.22 with
     age eviction and the sink-window's 14.66 (93 % of the gap to dense recovered, against 29 %), recently seen
     tiles 33.86 against the sink-window's 33.72; 0.7 scores the same within 0.01 dB. On the H200, same 32
-    episodes (``results/world_eval/memory/``): 32.47 against 20.34 and 14.75 (93 %), recent 33.75 against 33.54.
+    episodes (``results/world_eval/memory/``): 32.49 against 14.75 (93 %), recent 33.75 against 33.54; with
+    age eviction 20.34 (``results/world_eval/memory/full_key_layouts/``).
     Its price at Wan2.1-1.3B shapes was x2.05 the sink-window's chunk (x1.37 with age eviction) with the first,
     full-key candidate search; ``evict_by="age"`` where speed matters more than old places.
 
