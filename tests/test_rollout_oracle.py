@@ -253,6 +253,42 @@ def test_commits_on_a_side_stream_give_the_in_line_rollout(policy, group):
     torch.testing.assert_close(side, inline, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["tempcache", "all"])
+@pytest.mark.parametrize("group", ["off", 2])
+def test_slow_side_stream_commits_are_waited_for_layer_by_layer(policy, group, monkeypatch):
+    """Each layer's next stage waits for that layer's commit alone: with every side-stream commit held back
+    by a GPU sleep, so that the next chunk's first layers would overtake an unwaited commit, the rollout is
+    still the in-line one."""
+    from longroll.cache.group import CacheGroup
+    from longroll.policies.layer import LayerAttention
+
+    model = _model().cuda()
+    ctx = torch.randn(1, 5, CFG.text_dim, generator=torch.Generator().manual_seed(3)).cuda()
+    cfg = RolloutConfig(6 * FPC, FPC, (CFG.in_channels, LH, LW), SamplerConfig(timesteps=(1000, 500)))
+
+    def run(overlap):
+        pol = preset(policy, tokens_per_frame=P, frames_per_chunk=FPC, memory_frames=4)
+        proc = CachedProcessor.for_model(pol, CFG, tokens_per_frame=P, frames_per_chunk=FPC, dtype=torch.float32,
+                                         device="cuda", overlap_commit=overlap, group_commits=group)  # fmt: skip
+        return RolloutEngine(model, proc, cfg).run(ctx).latents
+
+    inline = run("off")
+    commit, group_commit = LayerAttention._commit, CacheGroup.commit
+
+    def slow_commit(self, q):
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time on the side stream, before the commit's kernels
+        commit(self, q)
+
+    def slow_group_commit(self):
+        torch.cuda._sleep(20_000_000)
+        group_commit(self)
+
+    monkeypatch.setattr(LayerAttention, "_commit", slow_commit)
+    monkeypatch.setattr(CacheGroup, "commit", slow_group_commit)
+    torch.testing.assert_close(run("auto"), inline, rtol=0, atol=0)
+
+
 def test_kept_latents_are_the_same_wherever_they_are_kept():
     model = _model()
     cfg = RolloutConfig(3 * FPC, FPC, (CFG.in_channels, LH, LW), SamplerConfig(timesteps=(1000, 500)))

@@ -71,8 +71,8 @@ class CachedProcessor:
             per-step block selection): ``"auto"`` on CUDA devices, ``"off"``, or ``"emulate"`` (the capture
             machinery without a graph, for tests). Every layer's captured calls share one set of static inputs.
         overlap_commit: ``"auto"`` (CUDA devices) runs each layer's commit and AnnSA plan on a side stream, so
-            that their many small kernels overlap the rest of the commit pass (nothing reads a committed
-            history before the next chunk, whose first pass waits for the side stream); ``"off"`` runs them
+            that their many small kernels overlap the rest of the commit pass and the next chunk's first
+            layers (each layer's next stage waits for that layer's commit only); ``"off"`` runs them
             in line. Same kernels in the same order per cache either way, so results are identical.
         group_commits: ``"auto"`` stacks every layer's TempCache over one storage and commits them all in one
             batched call after the commit pass's last layer (:class:`~longroll.cache.group.CacheGroup`: one set of
@@ -284,8 +284,9 @@ class CachedProcessor:
 
     # ------------------------------------------------------------------ the schedule
     def begin_pass(self, info: PassInfo) -> None:
-        """Declare the next forward pass (called by the rollout engine before each model call)."""
-        self.join_commits()
+        """Declare the next forward pass (called by the rollout engine before each model call). Commits still
+        running on the side stream go on: each layer waits for its own when it stages (host-side state, as
+        ``committed_frames``, is already current)."""
         if info.frame_start != self.committed_frames:
             raise ValueError(f"frame_start must be {self.committed_frames}, got {info.frame_start}")
         if self.groups and self.layers[0].cache.staged_tokens == 0:
@@ -334,11 +335,15 @@ class CachedProcessor:
             t = lay.cache.track
             if t is not None:
                 keep += [t.slots, t.keys, t.active]
-        self.commits.submit(work, keep)
+        done = self.commits.submit(work, keep)
+        for lay in layers:
+            lay.committed_by(done)
 
     def join_commits(self) -> None:
         """Make the current stream wait for commits still running on the side stream (no host sync)."""
         self.commits.join()
+        for lay in self.layers:
+            lay.committed_by(None)
 
     def _radial_for(self, cache: LayerKVCache) -> BlockSparseIndex:
         """The static mask of the current chunk, built once and shared by every layer and step."""

@@ -53,9 +53,10 @@ def _fingerprint(k: torch.Tensor) -> tuple[float, float]:
 class CommitStream:
     """Where the layers of one processor run their commits: a CUDA side stream, or in line.
 
-    On a side stream a commit's many small kernels overlap the rest of the commit pass; nothing reads a
-    committed history before the next chunk, whose first pass waits (:meth:`join`). Same kernels in the same
-    order per cache either way, so results are identical.
+    On a side stream a commit's many small kernels overlap the rest of the commit pass and the next chunk's
+    first layers: nothing reads a layer's committed history before the next chunk reaches that layer, which
+    waits for that layer's commit only (the event :meth:`submit` returns); :meth:`join` waits for all of them
+    (reports, state). Same kernels in the same order per cache either way, so results are identical.
 
     Args:
         device: the caches' device.
@@ -67,18 +68,22 @@ class CommitStream:
         self.stream = torch.cuda.Stream(dev) if overlap and dev.type == "cuda" else None
         self.pending = False
 
-    def submit(self, work: Callable[[], None], keep: list[torch.Tensor]) -> None:
+    def submit(self, work: Callable[[], None], keep: list[torch.Tensor]) -> torch.cuda.Event | None:
         """Run ``work`` after everything the current stream issued so far; the tensors of ``keep`` (made on the
-        current stream) stay allocated until it is done."""
+        current stream) stay allocated until it is done. Returns the event that marks its end on the side
+        stream (None when it ran in line)."""
         if self.stream is None:
             work()
-            return
+            return None
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         for t in keep:
             t.record_stream(self.stream)
         with torch.cuda.stream(self.stream):
             work()
+            done = torch.cuda.Event()
+            done.record(self.stream)
         self.pending = True
+        return done
 
     def join(self) -> None:
         """Make the current stream wait for the commits submitted so far (no host sync)."""
@@ -166,6 +171,8 @@ class LayerAttention:
         self._gate: Gate | None = None
         self._selecting: bool | None = None
         self.commits = commits if commits is not None else CommitStream(self.cache.device, overlap=False)
+        # The end of this layer's commit still running on the side stream (None: nothing in flight).
+        self._in_flight: torch.cuda.Event | None = None
         self.timer = timer
 
     # ------------------------------------------------------------------ what the layer holds
@@ -195,8 +202,22 @@ class LayerAttention:
 
     # ------------------------------------------------------------------ life cycle
     def stage(self, k: torch.Tensor, v: torch.Tensor, *, frame_start: int, k_pre_rope: torch.Tensor) -> None:
-        """Write this pass's chunk: k (B, Hk, n, D) and k_pre_rope (B, Hk, n, D) keys, v (B, Hk, n, Dv)."""
+        """Write this pass's chunk: k (B, Hk, n, D) and k_pre_rope (B, Hk, n, D) keys, v (B, Hk, n, Dv).
+
+        The current stream first waits for this layer's commit in flight (no host sync), so that the chunk is
+        staged over, and attends, the committed history; other layers' commits may still run."""
+        self.await_commit()
         self.cache.stage(k, v, frame_start=frame_start, k_match=k_pre_rope)
+
+    def await_commit(self) -> None:
+        """Make the current stream wait for this layer's commit in flight, if any (no host sync)."""
+        done, self._in_flight = self._in_flight, None
+        if done is not None:
+            torch.cuda.current_stream(self.cache.device).wait_event(done)
+
+    def committed_by(self, done: torch.cuda.Event | None) -> None:
+        """Record that this layer's commit ends at ``done`` on the side stream (a group commit's event)."""
+        self._in_flight = done
 
     def selection(self, q: torch.Tensor) -> AnnSASelection | None:
         """AnnSA's selection for queries q (B, H, Lq, D) over the staged cache (None without a plan)."""
@@ -227,7 +248,7 @@ class LayerAttention:
                 return attention(q, *view, backend=self.policy.attention_backend).out
             # The host tier's blocks are disjoint from the cache: attend both and merge by log-sum-exp.
             backend = self.policy.attention_backend
-            backend = backend if backend in ("chunked", "triton") else "auto"
+            backend = backend if backend in ("chunked", "triton", "fa4") else "auto"
             near = attention(q, *view, backend=backend, return_lse=True)
             back = attention(q, *far, backend=backend, return_lse=True)
             assert near.lse is not None and back.lse is not None
@@ -247,7 +268,7 @@ class LayerAttention:
         keep = [q, *inputs, buf.k, buf.v, buf.count, buf.frame, buf.lengths]
         if track is not None:
             keep += [track.slots, track.keys, track.active]
-        self.commits.submit(lambda: self._commit(q), keep)
+        self._in_flight = self.commits.submit(lambda: self._commit(q), keep)
 
     def _commit(self, q: torch.Tensor) -> None:
         with self._span("cache_commit"):
@@ -274,6 +295,7 @@ class LayerAttention:
     def join(self) -> None:
         """Make the current stream wait for this layer's (and its siblings') commits in flight."""
         self.commits.join()
+        self._in_flight = None
 
     # ------------------------------------------------------------------ cross-attention
     def cross_attention(
