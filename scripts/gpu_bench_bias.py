@@ -23,6 +23,8 @@ own bf16 error on the same rows):
     flex_flash        compiled FlexAttention with kernel_options BACKEND=FLASH (flash-attn-4's CuTe DSL
                       kernels), same score_mod; only where ``flash_attn.cute`` imports
     fa4_nobias        flash-attn-4's own interface without the bias, for its raw speed on this chip
+    fa4_aug{W}        flash-attn-4 over the augmented q, k of qk width W (kernel only; it takes any multiple of
+                      8 on SM90), and ``fa4`` the shipped route (``attention(backend="fa4")``: build + kernel)
 
 Timing: CUDA-graph replays (medians of 20 after warm-up) where the route captures, else
 ``triton.testing.do_bench`` medians. One failing route is recorded with its error and does not stop the run.
@@ -118,6 +120,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--merged", type=float, default=0.4, help="share of keys in merged groups (counts 2-8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated route names to run (default: every route)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -193,11 +196,20 @@ def run_case(lk: int, args: argparse.Namespace, device: str, dtype: torch.dtype,
 
             qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
             routes["fa4_nobias"] = lambda: flash_attn_func(qt, kt, vt, softmax_scale=scale)[0].transpose(1, 2)
+            for width_mult in (16, 32, 64):
+                qa, ka = (x.transpose(1, 2).contiguous() for x in augment_qk(q, k, bias, scale, multiple=width_mult))
+                routes[f"fa4_aug{qa.shape[-1]}"] = lambda qa=qa, ka=ka: flash_attn_func(
+                    qa, ka, vt, softmax_scale=scale
+                )[0].transpose(1, 2)
+            routes["fa4"] = lambda: attention(q, k, v, bias, scale=scale, backend="fa4").out
         except Exception as exc:
             case["flash_attn_cute"] = repr(exc)[:300]
     except Exception as exc:
         case["flex_error"] = repr(exc)[:300]
+    only = [x for x in args.only.split(",") if x]
     for name, fn in routes.items():
+        if only and name not in only:
+            continue
         res: dict[str, Any] = {}
         try:
             out = fn()

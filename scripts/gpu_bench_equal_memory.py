@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-overlap", action="store_true", help="commits in line in the latency run too")
     p.add_argument("--group-commits", default="off",
                    help="'off' (per layer), 'auto' (every layer in one batched call) or N layers per batched call")
+    p.add_argument("--attention-backend", default="auto",
+                   help="every policy's dense attention route, e.g. 'fa4' (flash-attn-4) on both sides")
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, a few frames")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python3", *sys.argv])
     common: dict[str, Any] = {"preset": preset, "policies": policies, "include_dense": False,
                               "memory_frames": args.memory_frames,
-                              "group_commits": gc}  # fmt: skip
+                              "group_commits": gc, "attention_backend": args.attention_backend}  # fmt: skip
     overlap = "off" if args.no_overlap else "auto"
     latency = run_rollout_bench(
         RolloutBenchConfig(num_frames=args.frames, overlap_commit=overlap, **common), command=command
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "components_frames": args.components_frames,
             "overlap_commit": overlap,
             "group_commits": common["group_commits"],
+            "attention_backend": args.attention_backend,
         },
         "policies": {name: policy_summary(latency, comps, name, args.last) for name in policies},
     }

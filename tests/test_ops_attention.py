@@ -140,3 +140,48 @@ def test_triton_backend_returns_lse_like_the_reference(dtype):
     res = attention(q, k, v, bias, backend="triton", return_lse=True)
     assert_within_rule("triton", res.out, ref, pt)
     assert torch.allclose(res.lse, lse_ref, atol=1e-3, rtol=1e-3)
+
+
+def test_fa4_route_is_opt_in_with_a_clear_error_where_it_cannot_run():
+    from longroll.ops.fa4 import fa4_available
+
+    q, k, v, bias = _inputs(3, 5, torch.float32)
+    if not fa4_available():
+        with pytest.raises(ValueError, match="backend='fa4'"):
+            attention(q, k, v, bias, backend="fa4")
+    # "auto" never picks it: the CPU and every machine without the optional package keep their routes.
+    assert torch.equal(attention(q, k, v, bias).out, attention(q, k, v, bias, backend="sdpa").out)
+
+
+_FA4 = pytest.mark.skipif(
+    not torch.cuda.is_available() or not __import__("longroll.ops.fa4", fromlist=["x"]).fa4_available(),
+    reason="needs flash-attn-4 on a Hopper/Blackwell GPU",
+)
+
+
+@_FA4
+@pytest.mark.parametrize(("lq", "lk"), [(97, 1025), (1, 97), (200, 128), (4680, 3000)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+def test_fa4_route_matches_the_reference(lq, lk, dtype, with_bias, d):
+    q, k, v, bias = (t.cuda() for t in _inputs(lq, lk, dtype, d=d, dv=d))
+    bias = bias if with_bias else None
+    ref, lse_ref = attention_ref(q, k, v, bias)
+    pt, _ = attention_ref(q, k, v, bias, upcast=False)
+    res = attention(q, k, v, bias, backend="fa4", return_lse=True)
+    assert res.out.dtype == dtype and res.out.shape == (1, 4, lq, d)
+    assert_within_rule("fa4", res.out, ref, pt)
+    assert res.lse is not None and torch.allclose(res.lse, lse_ref.float(), atol=1e-3, rtol=1e-3)
+    assert torch.equal(attention(q, k, v, bias, backend="fa4").out, res.out)
+
+
+@_FA4
+def test_fa4_route_masked_rows_and_nan_like_the_others():
+    q, k, v, bias = (t.cuda() for t in _inputs(5, 7, torch.bfloat16, masked=7))
+    res = attention(q, k, v, bias, backend="fa4", return_lse=True)
+    assert torch.all(res.out == 0) and torch.all(torch.isneginf(res.lse))
+    q, k, v, bias = (t.cuda() for t in _inputs(5, 97, torch.bfloat16))
+    q[0, 1, 2, 3] = float("nan")
+    out = attention(q, k, v, bias, backend="fa4").out
+    assert torch.isnan(out[0, 1, 2]).all() and not torch.isnan(out[0, 0]).any()

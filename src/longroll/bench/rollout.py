@@ -28,6 +28,7 @@ import torch
 
 from longroll.cache.host_tier import HostTierConfig
 from longroll.models.wan import PRESETS, CausalWanModel, WanConfig
+from longroll.ops.attention import BACKENDS
 from longroll.ops.fp8 import check_fp8_granularity
 from longroll.parallel import HeadParallelGroup, HeadParallelProcessor, shard_wan_model
 from longroll.pipeline.compiled import CompiledChunkDenoiser
@@ -103,6 +104,8 @@ class RolloutBenchConfig:
         compile_dit: the DiT under ``torch.compile`` with the attention policy outside the graphs
             (:class:`~longroll.pipeline.compiled.CompiledChunkDenoiser`), backend ``compile_backend``.
         host_tier: a host tier under every policy's cache (TempCache and sink-window policies only); None: none.
+        attention_backend: every policy's dense attention route (:func:`longroll.ops.attention.attention`),
+            e.g. ``fa4`` for flash-attn-4 on both sides of a comparison; ``auto``: each preset's own.
     """
 
     preset: str = "tiny"
@@ -135,8 +138,11 @@ class RolloutBenchConfig:
     compile_dit: bool = False
     compile_backend: str = "inductor"
     host_tier: HostTierConfig | None = None
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         pols = tuple(self.policies)
@@ -331,13 +337,18 @@ class _Bench:
             group_commits=c.group_commits,
         )
         if self.group is not None:
+            if c.attention_backend != "auto":
+                raise ValueError("attention_backend applies to single-device runs; leave it 'auto' with a group")
             return HeadParallelProcessor.for_model(policy, w, group=self.group, **options)
-        if c.host_tier is not None:
+        if c.host_tier is not None or c.attention_backend != "auto":
             pol: AttentionPolicy = preset(
                 policy, tokens_per_frame=self.tokens_per_frame, frames_per_chunk=c.frames_per_chunk,
                 memory_frames=c.memory_frames,
             )  # fmt: skip
-            return CachedProcessor.for_model(dataclasses.replace(pol, host_tier=c.host_tier), w, **options)
+            changes: dict[str, Any] = {"host_tier": c.host_tier} if c.host_tier is not None else {}
+            if c.attention_backend != "auto":
+                changes["attention_backend"] = c.attention_backend
+            return CachedProcessor.for_model(dataclasses.replace(pol, **changes), w, **options)
         return CachedProcessor.for_model(policy, w, **options)
 
     def _rollout(

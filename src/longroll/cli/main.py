@@ -737,7 +737,7 @@ def info_report() -> dict[str, Any]:
         "cuda_available": cuda,
         "cuda_version": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "attention_backends": {b: _check_backend(b, device) for b in ("sdpa", "sdpa_augmented", "chunked")},
+        "attention_backends": {b: _check_backend(b, device) for b in ("sdpa", "sdpa_augmented", "chunked", "fa4")},
         "triton_kernels": _kernel_imports(),
     }
 

@@ -17,6 +17,9 @@ Backends (``backend=``):
   mask route (``results/gpu/kernels_h100.json``). No log-sum-exp.
 - ``"triton"``: the block-sparse Triton kernel of :mod:`longroll.ops.block_sparse` with every block selected;
   returns the log-sum-exp at dense-kernel speed on a GPU.
+- ``"fa4"``: flash-attn-4's CuTe DSL kernel (an optional dependency, :mod:`longroll.ops.fa4`; fp16/bf16 on
+  Hopper or Blackwell), the bias folded into q and k as in ``sdpa_augmented`` but with the qk width rounded up
+  to 16 only; returns the log-sum-exp. Never chosen by ``"auto"``.
 - ``"auto"``: when the log-sum-exp is asked for, ``triton`` on CUDA (head dims the kernel supports) and
   ``chunked`` elsewhere; otherwise ``sdpa`` without a bias, and with a bias ``sdpa_augmented`` on CUDA and
   ``sdpa`` elsewhere.
@@ -45,11 +48,12 @@ import torch.nn.functional as F
 from longroll.ops._checks import check_bias, check_qkv
 from longroll.ops.block_index import BlockSparseIndex
 from longroll.ops.block_sparse import TRITON_HEAD_DIMS, block_sparse_attention
+from longroll.ops.fa4 import AUG_MULTIPLE, fa4_forward
 from longroll.ops.reference import expand_kv_heads
 from longroll.ops.types import MASKED_BIAS, AttentionOutput
 
-Backend = Literal["auto", "chunked", "sdpa", "sdpa_augmented", "triton"]
-BACKENDS: tuple[str, ...] = ("auto", "chunked", "sdpa", "sdpa_augmented", "triton")
+Backend = Literal["auto", "chunked", "sdpa", "sdpa_augmented", "triton", "fa4"]
+BACKENDS: tuple[str, ...] = ("auto", "chunked", "sdpa", "sdpa_augmented", "triton", "fa4")
 
 
 def attention(
@@ -95,8 +99,10 @@ def attention(
             backend = "sdpa"
         else:
             backend = "sdpa_augmented" if q.is_cuda else "sdpa"
-    if return_lse and backend not in ("chunked", "triton"):
-        raise ValueError(f"backend={backend!r} cannot return the log-sum-exp; use backend='chunked' or 'triton'")
+    if return_lse and backend not in ("chunked", "triton", "fa4"):
+        raise ValueError(
+            f"backend={backend!r} cannot return the log-sum-exp; use backend='chunked', 'triton' or 'fa4'"
+        )
     if backend == "chunked":
         out, lse = _chunked(q, k, v, bias, scale, max_elements)
         return AttentionOutput(out, lse if return_lse else None)
@@ -107,6 +113,14 @@ def attention(
         return AttentionOutput(res.out, res.lse if return_lse else None)
     if lk == 0:
         raise ValueError("k has seqlen_k = 0; only backend='chunked' accepts an empty key set")
+    if backend == "fa4":
+        qa, ka = (q, k) if bias is None else augment_qk(q, k, bias, scale, multiple=AUG_MULTIPLE)
+        raw, raw_lse = fa4_forward(qa, ka, v, scale, return_lse)
+        if raw_lse is not None and bias is not None:
+            # A row whose keys are all masked has no mass: -inf, as on the other routes (NaN stays NaN).
+            live = expand_kv_heads(~(bias <= MASKED_BIAS).all(dim=-1), h)
+            raw_lse = raw_lse.masked_fill(~live[:, :, None], float("-inf"))
+        return AttentionOutput(_dense_semantics(raw, q, bias, h), raw_lse)
     if backend == "sdpa":
         return AttentionOutput(_dense_semantics(_sdpa_mask(q, k, v, bias, scale, h, hk), q, bias, h), None)
     return AttentionOutput(_dense_semantics(_sdpa_augmented(q, k, v, bias, scale, h, hk), q, bias, h), None)
