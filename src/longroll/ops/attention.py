@@ -40,6 +40,7 @@ bias is ``log(count)`` of validated counts).
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
 import torch
@@ -153,20 +154,38 @@ def _sdpa_mask(
 
 
 def augment_qk(
-    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float, multiple: int = 64
+    q: torch.Tensor,
+    k: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    multiple: int = 64,
+    *,
+    backend: Literal["auto", "torch", "triton"] = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold a per-key bias into the head dim so that any dense kernel applies it.
 
     Args:
         q: (batch, heads, seqlen_q, head_dim); k: (batch, heads_kv, seqlen_k, head_dim);
         bias: (batch, heads_kv, seqlen_k); scale: the logit scale the kernel will use.
+        backend: ``"triton"`` builds both in one pass each (:mod:`longroll.kernels.augment`; CUDA tensors, or
+            CPU ones under ``TRITON_INTERPRET=1``), ``"torch"`` with torch ops (its twin: the same bits);
+            ``"auto"``: Triton on CUDA.
 
     Returns:
         q_aug: (batch, heads, seqlen_q, D'); k_aug: (batch, heads_kv, seqlen_k, D'), D' = head_dim + 2 rounded
-        up to ``multiple`` (cuDNN refuses odd widths such as 130 or 136 and runs 192 fastest for 128).
+        up to ``multiple`` (cuDNN refuses odd widths such as 130 or 136 and runs 192 fastest for 128); both
+        contiguous.
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     d = q.shape[-1]
     width = -(-(d + 2) // multiple) * multiple
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+        # The fill as the dtype holds it, so that the kernel's cast and torch's agree bit for bit.
+        fill = float(torch.tensor(1.0 / scale, dtype=q.dtype))
+        return _augment_rows(q, None, width, fill), _augment_rows(k, bias, width, 0.0)
     b = bias.float().clamp_min(MASKED_BIAS)
     hi = b.to(k.dtype)
     lo = (b - hi.float()).to(k.dtype)
@@ -178,6 +197,33 @@ def augment_qk(
     cols[:2] = 1.0 / scale
     qa = torch.cat([q, cols.expand(*q.shape[:-1], width - d)], dim=-1)
     return qa, ka
+
+
+def _augment_rows(x: torch.Tensor, bias: torch.Tensor | None, width: int, fill: float) -> torch.Tensor:
+    """x (B, H, N, D) -> (B, H, N, width): [x, b_hi, b_lo, 0...] from bias (B, H, N), or [x, fill, fill, 0...]."""
+    from longroll.kernels.augment import augment_rows_kernel
+
+    b, h, n, d = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(b, h, n, width, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    bb = x if bias is None else bias  # any tensor when there is no bias: HAS_BIAS=False never reads it
+    sb = (0, 0) if bias is None else (bias.stride(0), bias.stride(1))
+    block_w = _next_power_of_2(width)
+    block_r = max(1, 8192 // block_w)
+    grid = ((n + block_r - 1) // block_r, h, b)
+    augment_rows_kernel[grid](
+        x, bb, out, n, d, width, fill, MASKED_BIAS,
+        x.stride(0), x.stride(1), x.stride(2), sb[0], sb[1], out.stride(0), out.stride(1), out.stride(2),
+        HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_W=block_w,
+    )  # fmt: skip
+    return out
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _sdpa_augmented(
