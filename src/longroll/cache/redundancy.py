@@ -13,12 +13,10 @@ table's ``BITS``-bit code puts keys on the same side of many hyperplanes next to
 candidates are its two neighbours in each sorted order, scored by how many of the ``TABLES * BITS`` signature
 bits they share (8 bytes compared per pair, not the keys). The merges are ranked by that agreement and
 accepted only where the exact cosine of the two stored keys reaches the threshold (computed for the chosen
-pairs alone). Cost per search: one pass over the keys for the signatures, T sorts of N codes and
-O(T * N) byte compares, plus O(K * head_dim) for the exact check of K planned merges; no host synchronisation,
-static shapes (it runs inside a captured commit). A commit searches once per chunk (:func:`plan_victims`, for
-the chunk's tokens; ``longroll.cache.tempcache.ChunkEviction`` hands each frame its ranks). The hyperplanes
-are a fixed integer hash (computed on the device, identical on every device and run), so no state is added
-and a resumed cache plans exactly the same merges.
+pairs alone). Cost per committed frame: one pass over the keys for the signatures, T sorts of N codes and
+O(T * N) byte compares, plus O(P * head_dim) for the exact check; no host synchronisation, static shapes (it
+runs inside a captured commit). The hyperplanes are a fixed integer hash (computed on the device, identical on
+every device and run), so no state is added and a resumed cache plans exactly the same merges.
 
 Pairing rule (the one :func:`plan_merges` vectorises and :func:`plan_merges_reference` spells out):
 
