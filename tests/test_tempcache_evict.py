@@ -25,7 +25,7 @@ from longroll.cache.redundancy import (
     verify_merges,
     victims,
 )
-from longroll.cache.tempcache import ChunkEviction, _new_slots
+from longroll.cache.tempcache import _new_slots
 from longroll.eval.memory import parse_layout
 from longroll.ops.neighbours import popcount64
 from longroll.policies.config import TempCacheLayout, preset
@@ -328,56 +328,6 @@ def test_slots_freed_by_merges_are_not_evictions():
     age_slots, age_evict = run(None)
     assert slots[0, 0].tolist() == [5, n, 2, 3] and evict[0, 0].tolist() == [False, False, True, True]
     assert age_slots[0, 0].tolist() == [2, n, 3, 4] and age_evict[0, 0].tolist() == [True, False, True, True]
-
-
-def _frames_of_a_chunk(compress, one_plan, seed=0, n=40, p=6, nf=3):
-    """Three frames written one after the other into a full cache, their slots chosen per frame or from one
-    plan for the chunk. Old entries have distinct priorities (one frame stamp each); with ``compress``, some
-    are exact duplicates of one another."""
-    b, h, d = 2, 3, 8
-    g = torch.Generator().manual_seed(seed)
-    k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
-    dup = torch.randperm(n - 2, generator=g)[:12] + 2
-    k[:, :, dup[:6]] = k[:, :, dup[6:]]  # six exact pairs among the old entries
-    frame = torch.arange(n, dtype=torch.int32).expand(b, h, n).clone()  # entry i of frame i; frame 0 is a sink
-    buf = _buffers(k, v, torch.ones(b, h, n), frame)
-    chunk = ChunkEviction(nf * p) if one_plan else None
-    out = []
-    for i in range(nf):
-        new = torch.rand(b, h, p, generator=g) < 0.7
-        slots, evict = _new_slots(buf, new, n, 100 + i, 1, True, compress, None, chunk)
-        buf.write(slots, torch.randn(b, h, p, d, generator=g), torch.randn(b, h, p, d, generator=g), 1.0, 100 + i)
-        out.append((slots, evict))
-    return buf, out
-
-
-@pytest.mark.parametrize("compress", [None, 0.99])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_one_plan_per_chunk_chooses_what_each_frame_would(compress, seed):
-    """The chunk's one plan takes, frame by frame, the slots (and merges) a search at each frame would: the
-    frames after the first write only newer entries or the plan's own ranks, so its ranking stays right. (With
-    near-duplicates that the exact cosine rejects, the plan may use further merges sooner: not compared.)"""
-    per_frame, slots_a = _frames_of_a_chunk(compress, one_plan=False, seed=seed)
-    planned, slots_b = _frames_of_a_chunk(compress, one_plan=True, seed=seed)
-    for (sa, ea), (sb, eb) in zip(slots_a, slots_b, strict=True):
-        assert torch.equal(sa, sb) and torch.equal(ea, eb)
-    for name in ("k", "v", "count", "frame", "lengths"):
-        assert torch.equal(getattr(planned, name), getattr(per_frame, name)), name
-
-
-def test_one_plan_conserves_counts_and_never_reuses_a_slot_twice():
-    before, _ = _frames_of_a_chunk(0.99, one_plan=True, nf=0)
-    buf, out = _frames_of_a_chunk(0.99, one_plan=True)
-    n = 40
-    taken = torch.cat([s for s, _ in out], -1).reshape(-1, 3 * 6)
-    for row in taken.tolist():
-        used = [x for x in row if x < n]
-        assert len(set(used)) == len(used), "a slot written twice in one chunk"
-    new_tokens = sum((s < n).sum(-1) for s, _ in out)
-    evicted = sum(e.sum(-1) for _, e in out)  # every old entry that is evicted held count 1 here
-    merged_counts = buf.count[:, :, :n].sum(-1) - before.count[:, :, :n].sum(-1)
-    torch.testing.assert_close(merged_counts, (new_tokens - evicted).float(), rtol=0, atol=0)
-    assert int(evicted.sum()) < int(new_tokens.sum()), "some slots came from merges"
 
 
 @pytest.mark.parametrize("ann", [Int8Config(), LSHConfig(bits=6, tables=2)])

@@ -468,13 +468,11 @@ def commit_chunk(
     if stage is not None:
         stage.clear()
     slots = []
-    # Victims are chosen once per chunk, at its first frame that may overflow (ChunkEviction), where the
-    # entries it can rank surely hold the chunk's tokens: all but the sinks, the ring, the frame's own targets.
-    one_plan = policy.max_entries >= (policy.sink_frames + policy.recent_frames + 1 + nf) * tpf
+    # Victims are chosen once per chunk, at its first frame that may overflow (ChunkEviction).
     chunk: ChunkEviction | None = None
     for i in range(nf):
         sl = slice(i * tpf, (i + 1) * tpf)
-        if chunk is None and one_plan and may_overflow[i] and not sinks[i]:
+        if chunk is None and may_overflow[i] and not sinks[i]:
             chunk = ChunkEviction((nf - i) * tpf)
         x = F.normalize(km_all[:, :, sl].float(), dim=-1)
         if sinks[i]:
