@@ -275,59 +275,6 @@ def apply_merges(buf: CacheBuffers, freed: torch.Tensor, into: torch.Tensor, sel
     buf.write(tgt, None, v_new, c_new, None)
 
 
-@dataclass(frozen=True)
-class VictimPlan:
-    """The slots a capped cache will reuse, ranked, and the merges that free the first of them (nothing applied).
-
-    Fields, K ranks per head: ``slots`` (B, H, K) int64, the merged-away slots first (most similar first), then
-    the age victims (oldest first) among the entries neither merged away nor absorbing; ``freed``, ``into``
-    (B, H, K) int64 and ``sel`` (B, H, K) bool the planned merges (``freed[..., r]`` folds into
-    ``into[..., r]`` where ``sel``; the selected ranks are a prefix, and ``slots[..., r] = freed[..., r]`` on it);
-    ``merged`` (B, H) int64 how many ranks are merges (the rest are evictions).
-    """
-
-    slots: torch.Tensor
-    freed: torch.Tensor
-    into: torch.Tensor
-    sel: torch.Tensor
-    merged: torch.Tensor
-
-
-def plan_victims(
-    buf: CacheBuffers,
-    prio: torch.Tensor,
-    need: torch.Tensor,
-    k: int,
-    threshold: float,
-    consts: SignatureConstants | None = None,
-) -> VictimPlan:
-    """Rank the slots to reuse, merges first (rules 1-5 of the module docstring); ``buf`` is only read.
-
-    Args:
-        buf: the layer's buffers; entries ``[0, N)`` are considered (N = ``prio.shape[-1]``, the cap).
-        prio: (B, H, N) float64 eviction priority, +inf on protected entries.
-        need: (B, H) int64 slots needed beyond the free ones.
-        k: victims listed per head, static. K = min(k, N).
-        threshold: cosine needed to merge.
-        consts: the signature hash's constants for the buffers' keys (built here when not given).
-    """
-    n = prio.shape[-1]
-    keys = buf.k[:, :, :n]
-    score, nn = pair_candidates(keys, prio == float("inf"), consts)
-    freed, into, sel = plan_merges(score, nn, prio, need, k, min_agreement(threshold))
-    freed, into, sel = verify_merges(keys, freed, into, sel, threshold)
-    b, h, _ = prio.shape
-    pad = torch.cat([prio, prio.new_zeros(b, h, 1)], -1)
-    pad = pad.scatter(2, torch.where(sel, freed, n), float("inf")).scatter(2, torch.where(sel, into, n), float("inf"))
-    kk = freed.shape[-1]
-    age = pad[..., :n].topk(kk, dim=-1, largest=False).indices
-    merged = sel.sum(-1)
-    rank = torch.arange(kk, device=prio.device)
-    from_age = age.gather(2, (rank - merged[..., None]).clamp_min(0))
-    slots = torch.where(rank < merged[..., None], freed, from_age)
-    return VictimPlan(slots, freed, into, sel, merged)
-
-
 def victims(
     buf: CacheBuffers,
     prio: torch.Tensor,
@@ -336,16 +283,36 @@ def victims(
     threshold: float,
     consts: SignatureConstants | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge redundant entries into their survivors (in ``buf``) and list the slots to reuse: every merge of
-    :func:`plan_victims` applied at once (arguments as there).
+    """Merge redundant entries into their survivors (in ``buf``) and list the slots to reuse.
+
+    Args:
+        buf: the layer's buffers; entries ``[0, N)`` are considered (N = ``prio.shape[-1]``, the cap).
+        prio: (B, H, N) float64 eviction priority, +inf on protected entries.
+        need: (B, H) int64 slots needed beyond the free ones.
+        k: victims listed per head (the frame's tokens), static.
+        threshold: cosine needed to merge.
+        consts: the signature hash's constants for the buffers' keys (built here when not given).
 
     Returns:
-        slots: (B, H, K) int64 (:attr:`VictimPlan.slots`); merged: (B, H) int64 how many of the first slots were
-        freed by merging (the rest are evicted).
+        slots: (B, H, K) int64, the merged-away slots first (most similar first), then the age victims (oldest
+        first) among the entries neither merged away nor absorbing; merged: (B, H) int64 how many of the first
+        slots were freed by merging (the rest are evicted). K = min(k, N).
     """
-    plan = plan_victims(buf, prio, need, k, threshold, consts)
-    apply_merges(buf, plan.freed, plan.into, plan.sel)
-    return plan.slots, plan.merged
+    n = prio.shape[-1]
+    keys = buf.k[:, :, :n]
+    score, nn = pair_candidates(keys, prio == float("inf"), consts)
+    freed, into, sel = plan_merges(score, nn, prio, need, k, min_agreement(threshold))
+    freed, into, sel = verify_merges(keys, freed, into, sel, threshold)
+    apply_merges(buf, freed, into, sel)
+    b, h, _ = prio.shape
+    pad = torch.cat([prio, prio.new_zeros(b, h, 1)], -1)
+    pad = pad.scatter(2, torch.where(sel, freed, n), float("inf")).scatter(2, torch.where(sel, into, n), float("inf"))
+    kk = freed.shape[-1]
+    age = pad[..., :n].topk(kk, dim=-1, largest=False).indices
+    merged = sel.sum(-1)
+    rank = torch.arange(kk, device=prio.device)
+    from_age = age.gather(2, (rank - merged[..., None]).clamp_min(0))
+    return torch.where(rank < merged[..., None], freed, from_age), merged
 
 
 # ----------------------------------------------------------------------------------------------------- reference

@@ -17,7 +17,7 @@ from longroll.ann import Searcher
 from longroll.cache.buffers import CacheBuffers
 from longroll.cache.config import TempCachePolicy
 from longroll.cache.host_tier import EvictionStage
-from longroll.cache.redundancy import SignatureConstants, VictimPlan, apply_merges, plan_victims
+from longroll.cache.redundancy import SignatureConstants
 from longroll.cache.redundancy import victims as redundancy_victims
 
 _NEG = float("-inf")
@@ -41,59 +41,6 @@ class Track:
 
 #: A latent frame index: a host int, or a 0-d int64 device tensor (inside a captured CUDA graph).
 Frame = int | torch.Tensor
-
-
-class ChunkEviction:
-    """The victims of the rest of one chunk's commit, chosen once.
-
-    The first frame of a chunk that may overflow ranks victims for every token the chunk has left (with
-    eviction by redundancy one signature search, sort and merge plan instead of one per frame; with age
-    eviction one top-k); each frame then takes the next ranks it needs and applies only their merges. A plan
-    stays valid across the chunk's frames: it ranks only entries older than its first frame, outside the sinks
-    and the ring, and the frames after it write only newer entries (their merges land on slots the previous
-    frame of the chunk touched) or the plan's own ranks, in order. Local to one commit: nothing of it is cache
-    state.
-
-    Args:
-        reserve: tokens the chunk has left when the plan is made (its rank count, at most the cap).
-    """
-
-    def __init__(self, reserve: int) -> None:
-        self.reserve = reserve
-        self.plan: VictimPlan | None = None
-        self.cursor: torch.Tensor | None = None  # (B, H) int64 ranks already taken
-
-    def take(
-        self,
-        buf: CacheBuffers,
-        prio: torch.Tensor,
-        free: torch.Tensor,
-        taken: torch.Tensor,
-        compress: float | None,
-        consts: SignatureConstants | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The plan's next ``taken`` (B, H) int64 ranks (planned on first use, with prio (B, H, N) and the free
-        slots ``free`` (B, H)), their merges applied to ``buf``. Returns the plan's slots (B, H, K) and the
-        first rank each token's list position starts at, (B, H, 1): token ``j`` beyond the free slots takes
-        rank ``start + j``; ranks below :attr:`VictimPlan.merged` are merges, the rest evictions."""
-        if self.plan is None:
-            k = min(self.reserve, prio.shape[-1])
-            if compress is None:
-                # Age eviction: the oldest entries, no merges.
-                age = prio.topk(k, dim=-1, largest=False).indices
-                none = torch.zeros_like(age, dtype=torch.bool)
-                self.plan = VictimPlan(age, age, age, none, torch.zeros_like(free))
-            else:
-                self.plan = plan_victims(buf, prio, k - free, k, compress, consts)
-            self.cursor = torch.zeros_like(free)
-        assert self.cursor is not None
-        plan, start = self.plan, self.cursor
-        rank = torch.arange(plan.slots.shape[-1], device=prio.device)
-        window = (rank >= start[..., None]) & (rank < (start + taken)[..., None])
-        if compress is not None:
-            apply_merges(buf, plan.freed, plan.into, plan.sel & window)
-        self.cursor = start + taken
-        return plan.slots, start[..., None]
 
 
 @dataclass
@@ -179,13 +126,11 @@ def _new_slots(
     may_overflow: bool,
     compress: float | None = None,
     consts: SignatureConstants | None = None,
-    chunk: ChunkEviction | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots for unmatched tokens: free slots first, then victims (oldest frame, then smallest count), never
     sinks, entries touched by this frame or entries of newer frames. With ``compress`` (a cosine threshold,
     ``evict_by="redundancy"``), the victims start with slots freed by merging redundant entries into one another
-    (:mod:`longroll.cache.redundancy`, applied to ``buf`` here); those are not evictions. With ``chunk``, they
-    come from the chunk's one plan (:class:`ChunkEviction`) instead of a search for this frame.
+    (:mod:`longroll.cache.redundancy`, applied to ``buf`` here); those are not evictions.
 
     new: (B, H, P) bool. Returns the slots, (B, H, P) int64 (trash where not new), and which of them evict the
     entry they hold, (B, H, P) bool."""
@@ -201,24 +146,18 @@ def _new_slots(
         protected = (fr < sink_frames) | (fr >= frame) | ~valid
         prio = prio.masked_fill(protected, float("inf"))
         k = min(new.shape[-1], cap)
-        need = new.sum(-1) - free[..., 0]
-        start = torch.zeros_like(free)
-        merged: torch.Tensor | None = None
-        if chunk is not None:
-            victims, start = chunk.take(buf, prio, free[..., 0], need.clamp_min(0), compress, consts)
-            assert chunk.plan is not None
-            merged = chunk.plan.merged
-        elif compress is None:
+        if compress is None:
             victims = prio.topk(k, dim=-1, largest=False).indices
+            merged = None
         else:
+            need = new.sum(-1) - free[..., 0]
             victims, merged = redundancy_victims(buf, prio, need, k, compress, consts)
-        pos = start + rank - free
-        ev = victims.gather(2, pos.clamp(0, victims.shape[-1] - 1))
+        ev = victims.gather(2, (rank - free).clamp(0, victims.shape[-1] - 1))
         evict = new & (rank >= free)
         slots = torch.where(evict, ev, slots)
         if merged is not None:
             # Slots freed by a merge hold nothing that is lost: only the rest are evictions.
-            evict = evict & (pos >= merged[..., None])
+            evict = evict & (rank - free >= merged[..., None])
     return torch.where(new, slots, buf.trash), evict
 
 
@@ -272,7 +211,6 @@ def merge_frame(
     stage: EvictionStage | None = None,
     offset: int = 0,
     consts: SignatureConstants | None = None,
-    chunk: ChunkEviction | None = None,
 ) -> tuple[Track, torch.Tensor]:
     """Commit one non-sink frame with merging.
 
@@ -288,8 +226,6 @@ def merge_frame(
         stage: where the entries this frame evicts are copied before they are overwritten (a host tier), at
             ``[offset, offset + P)``; None drops them.
         consts: redundancy eviction's signature constants for the buffers' keys (built per search when None).
-        chunk: redundancy eviction's plan for the rest of the chunk (:class:`ChunkEviction`); None searches for
-            this frame alone.
 
     Returns:
         the frame's :class:`Track` and the slot of each token, (B, H, P) int64.
@@ -319,7 +255,7 @@ def merge_frame(
         target = torch.zeros_like(idx)
     new = ~merged
     compress = policy.compress_threshold if policy.evict_by == "redundancy" else None
-    slots_new, evict = _new_slots(buf, new, cap, frame, policy.sink_frames, may_overflow, compress, consts, chunk)
+    slots_new, evict = _new_slots(buf, new, cap, frame, policy.sink_frames, may_overflow, compress, consts)
     if stage is not None and may_overflow:
         _capture_victims(buf, slots_new, evict, stage, offset)
     buf.write(slots_new, k, v, 1.0, frame)
@@ -352,7 +288,6 @@ def commit_recent(
     stage: EvictionStage | None = None,
     offset: int = 0,
     consts: SignatureConstants | None = None,
-    chunk: ChunkEviction | None = None,
 ) -> tuple[Track, torch.Tensor]:
     """Commit one non-sink frame into the verbatim ring; the frame it displaces merges into the older entries.
 
@@ -368,7 +303,7 @@ def commit_recent(
         full: host-side: the ring already holds W frames (the one at this frame's position leaves it).
         may_overflow: host-side hint passed to :func:`merge_frame` for the leaving frame.
         stage, offset: where the leaving frame's merge copies the entries it evicts (see :func:`merge_frame`).
-        consts, chunk: as for :func:`merge_frame`.
+        consts: as for :func:`merge_frame`.
 
     Returns:
         the new :class:`Track` (``keys`` = ``x``) and the slot of each of this frame's tokens, (B, H, P) int64.
@@ -384,7 +319,7 @@ def commit_recent(
         old_match = (recent.idx.index_select(2, pos)[:, :, 0].long(), recent.cos.index_select(2, pos)[:, :, 0])
         assert track is not None, "a full ring always follows a committed non-sink frame"
         track, _ = merge_frame(
-            buf, track, old[0], old[1], x, old_match, frame - w, policy, may_overflow, stage, offset, consts, chunk
+            buf, track, old[0], old[1], x, old_match, frame - w, policy, may_overflow, stage, offset, consts
         )
     else:
         buf.lengths += p
@@ -468,12 +403,8 @@ def commit_chunk(
     if stage is not None:
         stage.clear()
     slots = []
-    # Victims are chosen once per chunk, at its first frame that may overflow (ChunkEviction).
-    chunk: ChunkEviction | None = None
     for i in range(nf):
         sl = slice(i * tpf, (i + 1) * tpf)
-        if chunk is None and may_overflow[i] and not sinks[i]:
-            chunk = ChunkEviction((nf - i) * tpf)
         x = F.normalize(km_all[:, :, sl].float(), dim=-1)
         if sinks[i]:
             slots.append(append_verbatim(buf, k_all[:, :, sl], v_all[:, :, sl], frames[i]))
@@ -485,12 +416,11 @@ def commit_chunk(
                 track, s = commit_recent(
                     buf, recent, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy,
                     full=recent_full[i], may_overflow=may_overflow[i], stage=stage, offset=i * tpf, consts=consts,
-                    chunk=chunk,
                 )  # fmt: skip
             else:
                 track, s = merge_frame(
                     buf, track, k_all[:, :, sl], v_all[:, :, sl], x, match, frames[i], policy, may_overflow[i],
-                    stage, i * tpf, consts, chunk,
+                    stage, i * tpf, consts,
                 )  # fmt: skip
             slots.append(s)
         prev = x
