@@ -58,6 +58,17 @@ def test_strided_views_and_nan_are_kept():
     assert torch.isnan(ka[0, 2, 7, 64]) and not torch.isnan(ka[0, 2, 6]).any()
 
 
+@needs_kernel
+def test_a_bias_strided_along_its_keys_is_read_right():
+    q, k, bias = _inputs(1, 2, 2, 9, 97, 16, torch.float32)
+    wide = torch.zeros(1, 2, 97, 3, device=DEV)
+    wide[..., 1] = bias
+    strided = wide[..., 1]  # stride 3 along the keys
+    assert strided.stride(-1) != 1
+    kernel = augment_qk(q, k, strided, 0.25, backend="triton")[1]
+    assert torch.equal(kernel, augment_qk(q, k, bias, 0.25, backend="torch")[1])
+
+
 def test_bad_backend_and_device_are_named():
     q, k, bias = (t.cpu() for t in _inputs(1, 2, 2, 3, 5, 16, torch.float32))
     with pytest.raises(ValueError, match="backend must be"):

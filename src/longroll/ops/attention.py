@@ -209,6 +209,8 @@ def _augment_rows(x: torch.Tensor, bias: torch.Tensor | None, width: int, fill: 
     out = torch.empty(b, h, n, width, dtype=x.dtype, device=x.device)
     if n == 0:
         return out
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()  # the kernel reads a row's biases as consecutive floats
     bb = x if bias is None else bias  # any tensor when there is no bias: HAS_BIAS=False never reads it
     sb = (0, 0) if bias is None else (bias.stride(0), bias.stride(1))
     block_w = _next_power_of_2(width)
