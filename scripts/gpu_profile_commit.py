@@ -8,7 +8,9 @@ is timed (median of CUDA-event timings over warm commits, stage time subtracted)
     PYTHONPATH=src python3 scripts/gpu_profile_commit.py --out $OUT/commit
 
 Variants: the sink-window's ring, TempCache with int8 matching (the fused top-1 kernel on CUDA) under age and
-redundancy eviction, and with LSH matching under age eviction.
+redundancy eviction (the redundancy merge plan both as torch ops and as the fused kernels of
+``longroll.ops.redundancy``: their buffers after the same chunks are compared), and with LSH matching under
+age eviction.
 
 Writes ``commit.json`` (per variant: commit ms, stage ms, top kernels with counts and total ms, kernel count)
 and ``<variant>_kernels.txt``. On a machine without CUDA it runs a small smoke version on the CPU.
@@ -17,6 +19,7 @@ and ``<variant>_kernels.txt``. On a machine without CUDA it runs a small smoke v
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -58,7 +61,7 @@ class Video:
 
     def chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
         k = torch.cat([self.frame() for _ in range(FPC)], dim=2)
-        return k.to(self.dtype), torch.randn_like(k).to(self.dtype)
+        return k.to(self.dtype), torch.randn(k.shape, device=self.device, generator=self.gen).to(self.dtype)
 
 
 def measure(name: str, cache: LayerKVCache, video: Video, warm_chunks: int, timed: int, out: Path) -> dict:
@@ -116,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--follow", type=float, default=0.7, help="share of tokens that follow the previous frame")
     ap.add_argument("--timed", type=int, default=20)
-    ap.add_argument("--recent", type=int, nargs="*", default=[0], help="TempCache recent_frames values to time")
+    ap.add_argument("--recent", type=int, nargs="*", default=[3], help="TempCache recent_frames values to time")
+    ap.add_argument("--plan-backends", nargs="*", default=["torch", "triton"],
+                    help="redundancy merge-plan backends to time (both: their buffers are compared)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tpf = 1560 if device.type == "cuda" else 16
@@ -126,23 +131,47 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, Any] = {}
     # name -> (preset, layout fields): the sink-window's ring, TempCache with each eviction and matching family.
     table: dict[str, tuple[str, dict[str, Any]]] = {"sink_window": ("sink_window", {})}
+    backends: dict[str, str] = {}
     for r in args.recent:
-        for evict in ("age", "redundancy"):
-            table[f"tempcache_{evict}_r{r}"] = ("tempcache", {"recent_frames": r, "evict_by": evict})
+        table[f"tempcache_age_r{r}"] = ("tempcache", {"recent_frames": r, "evict_by": "age"})
+        for backend in args.plan_backends:
+            name = f"tempcache_redundancy_{backend}_r{r}"
+            table[name] = ("tempcache", {"recent_frames": r, "evict_by": "redundancy"})
+            backends[name] = backend
         table[f"tempcache_lsh_age_r{r}"] = ("tempcache_lsh", {"recent_frames": r, "evict_by": "age"})
+    buffers: dict[str, Any] = {}
     for name, (base, fields) in table.items():
         pol = preset(base, tokens_per_frame=tpf, frames_per_chunk=FPC, memory_frames=MEMORY,
                      layout=TempCacheLayout(**fields) if base != "sink_window" else None)  # fmt: skip
         cache_policy = pol.cache
+        if name in backends:
+            cache_policy = dataclasses.replace(cache_policy, plan_backend=backends[name])  # type: ignore[arg-type]
         cfg = CacheConfig(tokens_per_frame=tpf, frames_per_chunk=FPC, policy=cache_policy, check_finite=False)
         cache = LayerKVCache(cfg, batch=1, heads=HEADS, head_dim=HEAD_DIM, dtype=dtype, device=device)
         video = Video(tpf, args.follow, device, dtype)
         variants[name] = measure(name, cache, video, warm_chunks=MEMORY // FPC + 4, timed=timed, out=args.out)
+        if name in backends:
+            buffers[name] = cache.buffers
         r_ = variants[name]
         print(f"{name}: commit {r_['commit_ms']} ms, {r_['kernel_launches']} kernels, merged {r_['merged_share']:.2f}")
+    # The same chunks through both plan backends: merges, victims and counts must agree; values to rounding.
+    agreement: dict[str, Any] = {}
+    for r in args.recent:
+        names = [f"tempcache_redundancy_{b}_r{r}" for b in args.plan_backends]
+        if len(names) == 2:
+            a, b = (buffers[n] for n in names)
+            # The trash slot (the last) takes masked writes in any order: it is left out.
+            agreement[f"r{r}"] = {
+                field: bool(torch.equal(getattr(a, field)[:, :, : a.slots], getattr(b, field)[:, :, : a.slots]))
+                for field in ("k", "count", "frame")
+            } | {
+                "lengths": bool(torch.equal(a.lengths, b.lengths)),
+                "v_max_abs_diff": float((a.v.float() - b.v.float())[:, :, : a.slots].abs().max()),
+            }
+            print(f"r{r} torch vs triton plan: {agreement[f'r{r}']}")
     rec = run_record(device) | {"shapes": {"heads": HEADS, "head_dim": HEAD_DIM, "tokens_per_frame": tpf,
                                             "frames_per_chunk": FPC, "memory_frames": MEMORY, "dtype": str(dtype)},
-                                "follow": args.follow, "variants": variants}  # fmt: skip
+                                "follow": args.follow, "variants": variants, "plan_agreement": agreement}  # fmt: skip
     (args.out / "commit.json").write_text(json.dumps(rec, indent=1))
     return 0
 

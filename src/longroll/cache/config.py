@@ -120,6 +120,9 @@ class TempCachePolicy:
             the ring and entries of the committing frame are never merged away nor absorb a merge.
         compress_threshold: cosine similarity of two stored (post-RoPE) keys needed to merge them by
             redundancy, in (0, 1] (only read with ``evict_by="redundancy"``).
+        plan_backend: how redundancy eviction's merge plan runs: ``"auto"`` as fused Triton kernels on CUDA
+            (head dims powers of two) and as torch ops elsewhere, ``"triton"`` always fused, ``"torch"`` always
+            torch ops (the reference twin; same merges and victims).
     """
 
     threshold: float = 0.9
@@ -132,9 +135,12 @@ class TempCachePolicy:
     recent_frames: int = 0
     evict_by: Literal["age", "redundancy"] = "age"
     compress_threshold: float = 0.5
+    plan_backend: Literal["auto", "torch", "triton"] = "auto"
 
     def __post_init__(self) -> None:
         check_eviction(self.evict_by, self.compress_threshold)
+        if self.plan_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"plan_backend must be 'auto', 'torch' or 'triton', got {self.plan_backend!r}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 < self.overflow_threshold <= self.threshold:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from longroll.cache.buffers import CacheBuffers
 from longroll.ops.neighbours import SIGNATURE_BITS, sorted_neighbours
+from longroll.ops.redundancy import PROTECTED, PlanBackend, fused_supported, fused_victims
 
 #: Sign-LSH tables (sorted orders) and bits per table. Adjacent entries of a sorted order share a long code
 #: prefix; further tables rescue pairs split by a table's leading bits. Measured on clustered random keys
@@ -182,7 +183,8 @@ def plan_merges(
 
     Args:
         score, nn: (B, H, N) from :func:`pair_candidates`.
-        prio: (B, H, N) float64 eviction priority (lower = older), +inf on protected entries.
+        prio: (B, H, N) eviction priority (lower = older, no two alike): int64
+            :func:`~longroll.ops.redundancy.age_keys`, ``>= PROTECTED`` on protected entries.
         need: (B, H) int64 slots the frame needs beyond the free ones (<= 0: none).
         k: most merges considered per head (the frame's tokens), static.
         threshold: score needed to propose a merge (signature bits shared: :func:`min_agreement`).
@@ -216,7 +218,7 @@ def plan_merges(
     minto = torch.zeros(b, h, n + 1, dtype=torch.int64, device=score.device).scatter(2, at, surv)
     order = torch.sort(mscore, dim=-1, descending=True, stable=True).indices[..., :kk]
     top = mscore.gather(2, order)
-    unprotected = (prio < float("inf")).sum(-1)
+    unprotected = (prio < PROTECTED).sum(-1)
     # Each merge uses two unprotected entries for one slot, an eviction one: keep enough for the age fallback.
     limit = torch.minimum(need, unprotected - need)
     rank = torch.arange(kk, device=score.device)
@@ -282,32 +284,52 @@ def victims(
     k: int,
     threshold: float,
     consts: SignatureConstants | None = None,
+    backend: PlanBackend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge redundant entries into their survivors (in ``buf``) and list the slots to reuse.
 
     Args:
         buf: the layer's buffers; entries ``[0, N)`` are considered (N = ``prio.shape[-1]``, the cap).
-        prio: (B, H, N) float64 eviction priority, +inf on protected entries.
+        prio: (B, H, N) int64 :func:`~longroll.ops.redundancy.age_keys` (``>= PROTECTED`` on protected entries).
         need: (B, H) int64 slots needed beyond the free ones.
         k: victims listed per head (the frame's tokens), static.
         threshold: cosine needed to merge.
         consts: the signature hash's constants for the buffers' keys (built here when not given).
+        backend: ``"triton"`` runs the fused kernels of :func:`~longroll.ops.redundancy.fused_victims`,
+            ``"torch"`` the torch ops below (its reference twin), ``"auto"`` the kernels on CUDA where they
+            apply (head dims powers of two) and the torch ops elsewhere.
 
     Returns:
         slots: (B, H, K) int64, the merged-away slots first (most similar first), then the age victims (oldest
         first) among the entries neither merged away nor absorbing; merged: (B, H) int64 how many of the first
         slots were freed by merging (the rest are evicted). K = min(k, N).
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     n = prio.shape[-1]
+    kk = min(k, n)
+    if backend != "torch":
+        why = fused_supported(buf.k, buf.v)
+        if why is None and (backend == "triton" or buf.k.is_cuda):
+            if consts is None:
+                consts = SignatureConstants.build(buf.k.shape[-1], buf.k.dtype, buf.k.device)
+            consts.check(buf.k)
+            return fused_victims(
+                buf.k, buf.v, buf.count, prio, need, kk, threshold, min_agreement(threshold), consts.signs
+            )
+        if backend == "triton":
+            raise ValueError(f"backend='triton': the fused merge plan {why}")
     keys = buf.k[:, :, :n]
-    score, nn = pair_candidates(keys, prio == float("inf"), consts)
+    score, nn = pair_candidates(keys, prio >= PROTECTED, consts)
     freed, into, sel = plan_merges(score, nn, prio, need, k, min_agreement(threshold))
     freed, into, sel = verify_merges(keys, freed, into, sel, threshold)
     apply_merges(buf, freed, into, sel)
     b, h, _ = prio.shape
+    # Entries merged away or absorbing leave the age order (above every key; the slot keeps keys distinct).
+    slot = torch.arange(n + 1, device=prio.device).expand(b, h, n + 1)
     pad = torch.cat([prio, prio.new_zeros(b, h, 1)], -1)
-    pad = pad.scatter(2, torch.where(sel, freed, n), float("inf")).scatter(2, torch.where(sel, into, n), float("inf"))
-    kk = freed.shape[-1]
+    for idx in (torch.where(sel, freed, n), torch.where(sel, into, n)):
+        pad = pad.scatter(2, idx, (PROTECTED | slot.gather(2, idx)).to(pad.dtype))
     age = pad[..., :n].topk(kk, dim=-1, largest=False).indices
     merged = sel.sum(-1)
     rank = torch.arange(kk, device=prio.device)
@@ -375,7 +397,7 @@ def plan_merges_reference(
                     edges[freed] = (sc[i], i, surv)
             kept = [(s_, f, sv) for f, (s_, _, sv) in edges.items() if sv not in edges]
             kept.sort(key=lambda e: (-e[0], e[1]))
-            unprotected = sum(1 for p in pr if p < float("inf"))
+            unprotected = sum(1 for p in pr if p < PROTECTED)
             want = int(need[bi, hi])
             limit = max(0, min(want, unprotected - want, k, n))
             row.append([(f, sv) for _, f, sv in kept[:limit]])

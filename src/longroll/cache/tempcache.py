@@ -19,6 +19,7 @@ from longroll.cache.config import TempCachePolicy
 from longroll.cache.host_tier import EvictionStage
 from longroll.cache.redundancy import SignatureConstants
 from longroll.cache.redundancy import victims as redundancy_victims
+from longroll.ops.redundancy import PlanBackend, age_keys
 
 _NEG = float("-inf")
 
@@ -126,11 +127,13 @@ def _new_slots(
     may_overflow: bool,
     compress: float | None = None,
     consts: SignatureConstants | None = None,
+    backend: PlanBackend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots for unmatched tokens: free slots first, then victims (oldest frame, then smallest count), never
-    sinks, entries touched by this frame or entries of newer frames. With ``compress`` (a cosine threshold,
-    ``evict_by="redundancy"``), the victims start with slots freed by merging redundant entries into one another
-    (:mod:`longroll.cache.redundancy`, applied to ``buf`` here); those are not evictions.
+    """Slots for unmatched tokens: free slots first, then victims (oldest frame, then smallest count, then lowest
+    slot), never sinks, entries touched by this frame or entries of newer frames. With ``compress`` (a cosine
+    threshold, ``evict_by="redundancy"``), the victims start with slots freed by merging redundant entries into
+    one another (:mod:`longroll.cache.redundancy`, applied to ``buf`` here, its plan run by ``backend``); those
+    are not evictions.
 
     new: (B, H, P) bool. Returns the slots, (B, H, P) int64 (trash where not new), and which of them evict the
     entry they hold, (B, H, P) bool."""
@@ -139,19 +142,15 @@ def _new_slots(
     evict = torch.zeros_like(new)
     if may_overflow:
         free = (cap - buf.lengths)[..., None]
-        fr = buf.frame[:, :, :cap]
-        prio = fr.double() * 16_777_216.0 + buf.count[:, :, :cap].double().clamp_max(16_777_215.0)
-        valid = torch.arange(cap, device=fr.device) < buf.lengths[..., None]
         # Entries of this frame and of newer ones (the verbatim ring) are never victims.
-        protected = (fr < sink_frames) | (fr >= frame) | ~valid
-        prio = prio.masked_fill(protected, float("inf"))
+        prio = age_keys(buf.frame, buf.count, buf.lengths, cap, frame, sink_frames)
         k = min(new.shape[-1], cap)
         if compress is None:
             victims = prio.topk(k, dim=-1, largest=False).indices
             merged = None
         else:
             need = new.sum(-1) - free[..., 0]
-            victims, merged = redundancy_victims(buf, prio, need, k, compress, consts)
+            victims, merged = redundancy_victims(buf, prio, need, k, compress, consts, backend)
         ev = victims.gather(2, (rank - free).clamp(0, victims.shape[-1] - 1))
         evict = new & (rank >= free)
         slots = torch.where(evict, ev, slots)
@@ -255,7 +254,9 @@ def merge_frame(
         target = torch.zeros_like(idx)
     new = ~merged
     compress = policy.compress_threshold if policy.evict_by == "redundancy" else None
-    slots_new, evict = _new_slots(buf, new, cap, frame, policy.sink_frames, may_overflow, compress, consts)
+    slots_new, evict = _new_slots(
+        buf, new, cap, frame, policy.sink_frames, may_overflow, compress, consts, policy.plan_backend
+    )
     if stage is not None and may_overflow:
         _capture_victims(buf, slots_new, evict, stage, offset)
     buf.write(slots_new, k, v, 1.0, frame)

@@ -118,7 +118,7 @@ def sorted_neighbours(
     # Each entry's position in every order: the kernel reads its neighbours there.
     inv = torch.empty_like(o).scatter_(2, o, torch.arange(n, device=o.device).expand(b * h, t, n))
     s = sig.reshape(b * h, n).contiguous()
-    bd = bad.reshape(b * h, n).contiguous().view(torch.uint8)
+    bd = bad.reshape(b * h, n).to(torch.uint8)
     score = torch.empty(b * h, n, dtype=torch.float32, device=o.device)
     nn = torch.empty(b * h, n, dtype=torch.int64, device=o.device)
     grid = ((n + _BLOCK - 1) // _BLOCK, b * h)
