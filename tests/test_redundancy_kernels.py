@@ -237,3 +237,20 @@ def test_rows_too_long_for_32_bit_sort_keys_take_64_bit_keys():
     buf = _buffers(1, 1, n, 16, seed=13, groups=n // 2)
     prio = age_keys(buf.frame, buf.count, buf.lengths, n, 5, 1)
     _assert_same_plan(*_both(buf, prio, torch.tensor([[12]], device=DEV), 16, 0.5))
+
+
+def test_age_keys_made_in_the_first_kernel_equal_the_torch_keys():
+    """An AgeOrder (the keys made from the buffers inside the fused plan) plans what the explicit keys plan."""
+    from longroll.ops.redundancy import AgeOrder
+
+    buf = _buffers(2, 2, 120, 16, seed=17, frames=8)
+    need = torch.tensor([[10, 30], [0, 25]], device=DEV)
+    prio = age_keys(buf.frame, buf.count, buf.lengths, 120, 6, 2)
+    a, ref, c, out = _both(buf, prio, need, 30, 0.5)
+    _assert_same_plan(a, ref, c, out)
+    d = _clone(buf)
+    got = victims(d, AgeOrder(120, torch.tensor(6, device=DEV), 2), need, 30, 0.5, backend="triton")
+    _assert_same_plan(a, ref, d, got)
+    e = _clone(buf)
+    twin = victims(e, AgeOrder(120, 6, 2), need, 30, 0.5, backend="torch")
+    _assert_same_plan(a, ref, e, twin)

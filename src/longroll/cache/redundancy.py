@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from longroll.cache.buffers import CacheBuffers
 from longroll.ops.neighbours import SIGNATURE_BITS, sorted_neighbours
-from longroll.ops.redundancy import PROTECTED, PlanBackend, fused_supported, fused_victims
+from longroll.ops.redundancy import PROTECTED, AgeOrder, PlanBackend, age_keys, fused_supported, fused_victims
 
 #: Sign-LSH tables (sorted orders) and bits per table. Adjacent entries of a sorted order share a long code
 #: prefix; further tables rescue pairs split by a table's leading bits. Measured on clustered random keys
@@ -279,7 +279,7 @@ def apply_merges(buf: CacheBuffers, freed: torch.Tensor, into: torch.Tensor, sel
 
 def victims(
     buf: CacheBuffers,
-    prio: torch.Tensor,
+    prio: torch.Tensor | AgeOrder,
     need: torch.Tensor,
     k: int,
     threshold: float,
@@ -290,7 +290,9 @@ def victims(
 
     Args:
         buf: the layer's buffers; entries ``[0, N)`` are considered (N = ``prio.shape[-1]``, the cap).
-        prio: (B, H, N) int64 :func:`~longroll.ops.redundancy.age_keys` (``>= PROTECTED`` on protected entries).
+        prio: (B, H, N) int64 :func:`~longroll.ops.redundancy.age_keys` (``>= PROTECTED`` on protected entries),
+            or the :class:`~longroll.ops.redundancy.AgeOrder` to make them from ``buf`` (inside the first fused
+            kernel).
         need: (B, H) int64 slots needed beyond the free ones.
         k: victims listed per head (the frame's tokens), static.
         threshold: cosine needed to merge.
@@ -306,7 +308,7 @@ def victims(
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    n = prio.shape[-1]
+    n = prio.n if isinstance(prio, AgeOrder) else prio.shape[-1]
     kk = min(k, n)
     if backend != "torch":
         why = fused_supported(buf.k, buf.v)
@@ -315,10 +317,13 @@ def victims(
                 consts = SignatureConstants.build(buf.k.shape[-1], buf.k.dtype, buf.k.device)
             consts.check(buf.k)
             return fused_victims(
-                buf.k, buf.v, buf.count, prio, need, kk, threshold, min_agreement(threshold), consts.signs
-            )
+                buf.k, buf.v, buf.count, prio, need, kk, threshold, min_agreement(threshold), consts.signs,
+                frame=buf.frame, lengths=buf.lengths,
+            )  # fmt: skip
         if backend == "triton":
             raise ValueError(f"backend='triton': the fused merge plan {why}")
+    if isinstance(prio, AgeOrder):
+        prio = age_keys(buf.frame, buf.count, buf.lengths, prio.n, prio.frame_now, prio.sink_frames)
     keys = buf.k[:, :, :n]
     score, nn = pair_candidates(keys, prio >= PROTECTED, consts)
     freed, into, sel = plan_merges(score, nn, prio, need, k, min_agreement(threshold))

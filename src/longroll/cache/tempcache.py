@@ -19,7 +19,8 @@ from longroll.cache.config import TempCachePolicy
 from longroll.cache.host_tier import EvictionStage
 from longroll.cache.redundancy import SignatureConstants
 from longroll.cache.redundancy import victims as redundancy_victims
-from longroll.ops.redundancy import PlanBackend, age_keys
+from longroll.ops.redundancy import AgeOrder, PlanBackend, age_keys, fused_supported
+from longroll.ops.track_merge import fused_track_merge
 
 _NEG = float("-inf")
 
@@ -105,7 +106,7 @@ def _merge_values(
     whose active slots are unique, so the scatters never collide)."""
     dv = v.shape[-1]
     vsum = torch.zeros(*idx.shape, dv, device=v.device).scatter_add(
-        2, idx[..., None].expand(*idx.shape, dv), v.float() * merged[..., None]
+        2, idx[..., None].expand(*idx.shape, dv), torch.where(merged[..., None], v.float(), 0.0)
     )
     nadd = torch.zeros(idx.shape, device=v.device).scatter_add(2, idx, merged.float())
     slots = track.slots
@@ -143,14 +144,15 @@ def _new_slots(
     if may_overflow:
         free = (cap - buf.lengths)[..., None]
         # Entries of this frame and of newer ones (the verbatim ring) are never victims.
-        prio = age_keys(buf.frame, buf.count, buf.lengths, cap, frame, sink_frames)
+        order = AgeOrder(cap, frame, sink_frames)
         k = min(new.shape[-1], cap)
         if compress is None:
+            prio = age_keys(buf.frame, buf.count, buf.lengths, cap, frame, sink_frames)
             victims = prio.topk(k, dim=-1, largest=False).indices
             merged = None
         else:
             need = new.sum(-1) - free[..., 0]
-            victims, merged = redundancy_victims(buf, prio, need, k, compress, consts, backend)
+            victims, merged = redundancy_victims(buf, order, need, k, compress, consts, backend)
         ev = victims.gather(2, (rank - free).clamp(0, victims.shape[-1] - 1))
         evict = new & (rank >= free)
         slots = torch.where(evict, ev, slots)
@@ -197,6 +199,18 @@ def match_frame(searcher: Searcher, x: torch.Tensor, prev: torch.Tensor | None) 
     return idx, cos
 
 
+def _fused(policy: TempCachePolicy, buf: CacheBuffers) -> bool:
+    """Whether the frame's merges run as the fused kernels of :mod:`longroll.ops.track_merge` (``plan_backend``;
+    "auto": on CUDA with head dims powers of two >= 16)."""
+    backend = policy.plan_backend
+    if backend == "torch":
+        return False
+    why = fused_supported(buf.k, buf.v)
+    if backend == "triton" and why is not None:
+        raise ValueError(f"plan_backend='triton': the fused merge {why}")
+    return why is None and (backend == "triton" or buf.k.is_cuda)
+
+
 def merge_frame(
     buf: CacheBuffers,
     track: Track | None,
@@ -231,27 +245,36 @@ def merge_frame(
     """
     cap = policy.max_entries
     idx, cos = match
-    if track is None:
-        cos = torch.full_like(cos, _NEG)
+    if track is not None and _fused(policy, buf):
+        now = frame if isinstance(frame, torch.Tensor) else torch.tensor(frame, device=k.device)
+        win, soft, target = fused_track_merge(
+            buf.k, buf.v, buf.count, buf.frame, buf.lengths, idx, cos, track.slots, track.active, k, v,
+            frame_now=now, cap=cap, threshold=policy.threshold, overflow_threshold=policy.overflow_threshold,
+            max_group=policy.max_group, may_overflow=may_overflow,
+        )  # fmt: skip
+        merged = win | soft
     else:
-        open_ = track.active
-        if policy.max_group is not None:
-            # A full group stops absorbing: the tokens start a new group, so no group spans more than
-            # max_group frames of temporal RoPE phase.
-            open_ = open_ & (buf.count.gather(2, track.slots) < policy.max_group)
-        cos = torch.where(open_.gather(2, idx), cos, _NEG)
-    win = _one_to_one_winners(idx, cos, policy.threshold)
-    soft = torch.zeros_like(win)
-    if may_overflow:
-        over = buf.lengths + (~win).sum(-1) > cap
-        soft = ~win & (cos >= policy.overflow_threshold) & over[..., None]
-    merged = win | soft
-    if track is not None:
-        _merge_values(buf, track, idx, merged, v, frame)
-        target = track.slots.gather(2, idx)
-        buf.write(torch.where(win, target, buf.trash), k, None, None, None)
-    else:
-        target = torch.zeros_like(idx)
+        if track is None:
+            cos = torch.full_like(cos, _NEG)
+        else:
+            open_ = track.active
+            if policy.max_group is not None:
+                # A full group stops absorbing: the tokens start a new group, so no group spans more than
+                # max_group frames of temporal RoPE phase.
+                open_ = open_ & (buf.count.gather(2, track.slots) < policy.max_group)
+            cos = torch.where(open_.gather(2, idx), cos, _NEG)
+        win = _one_to_one_winners(idx, cos, policy.threshold)
+        soft = torch.zeros_like(win)
+        if may_overflow:
+            over = buf.lengths + (~win).sum(-1) > cap
+            soft = ~win & (cos >= policy.overflow_threshold) & over[..., None]
+        merged = win | soft
+        if track is not None:
+            _merge_values(buf, track, idx, merged, v, frame)
+            target = track.slots.gather(2, idx)
+            buf.write(torch.where(win, target, buf.trash), k, None, None, None)
+        else:
+            target = torch.zeros_like(idx)
     new = ~merged
     compress = policy.compress_threshold if policy.evict_by == "redundancy" else None
     slots_new, evict = _new_slots(

@@ -33,19 +33,33 @@ import triton.language as tl
 
 @triton.jit
 def pack_kernel(
-    proj_ptr, prio_ptr, keys_ptr, bad_ptr, sig_ptr, age_ptr, unprot_ptr,
-    n,
-    stride_pr, stride_pn, stride_qr, stride_kr, stride_kt, stride_br, stride_sr, stride_ar,
-    PROTECTED: tl.constexpr, TABLES: tl.constexpr, BITS: tl.constexpr, KEY32: tl.constexpr, BLOCK: tl.constexpr,
+    proj_ptr, prio_ptr, frame_ptr, count_ptr, lengths_ptr, now_ptr, keys_ptr, bad_ptr, sig_ptr, age_ptr, unprot_ptr,
+    n, sink_frames,
+    stride_pr, stride_pn, stride_qr, stride_fr, stride_cr, stride_kr, stride_kt, stride_br, stride_sr, stride_ar,
+    PROTECTED: tl.constexpr, TABLES: tl.constexpr, BITS: tl.constexpr, KEY32: tl.constexpr,
+    FROM_BUFFERS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """BLOCK entries of one row: proj (rows, N, TABLES * BITS) -> keys (rows, TABLES, N) ordered as
     ``(code, slot)`` (code ``2**BITS`` for bad entries: protected or NaN): int64 ``(code << 32) | slot``, or
     with KEY32 (N <= 2**15) int32 ``((code << 15) | slot) - 2**31``; bad (rows, N) uint8; sig (rows, N) int64;
-    age (rows, N) int64 = prio; unprot (rows,) int32 += unprotected entries."""
+    age (rows, N) int64 age keys: read from prio, or with FROM_BUFFERS made from frame (rows, S) int32,
+    count (rows, S) float32, lengths (rows,) int64 and the committing frame now (one int64) as
+    ``longroll.ops.redundancy.age_keys`` makes them; unprot (rows,) int32 += unprotected entries."""
     row = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    prio = tl.load(prio_ptr + row * stride_qr + offs, mask=mask, other=PROTECTED)
+    if FROM_BUFFERS:
+        fr = tl.load(frame_ptr + row * stride_fr + offs, mask=mask, other=-1).to(tl.int64)
+        cnt = tl.load(count_ptr + row * stride_cr + offs, mask=mask, other=0.0)
+        length = tl.load(lengths_ptr + row)
+        now = tl.load(now_ptr)
+        slot = offs.to(tl.int64)
+        prot = (fr < sink_frames) | (fr >= now) | (slot >= length)
+        c = tl.minimum(tl.maximum(cnt, 0.0), 16777215.0).to(tl.int64)
+        key = (tl.minimum(tl.maximum(fr, 0), 262143) << 44) | (c << 20) | slot
+        prio = tl.where(prot | ~mask, PROTECTED | slot, key)
+    else:
+        prio = tl.load(prio_ptr + row * stride_qr + offs, mask=mask, other=PROTECTED)
     protected = prio >= PROTECTED
     cols = tl.arange(0, TABLES * BITS)
     p = tl.load(

@@ -17,6 +17,7 @@ Frames are clamped to ``2**18 - 1`` (older entries then tie on frame and go by c
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -43,6 +44,20 @@ _SCAN_BLOCK = 1024
 
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+@dataclass(frozen=True)
+class AgeOrder:
+    """How a row's age keys are made from its buffers (:func:`age_keys`): the first ``n`` slots, the committing
+    frame ``frame_now`` (int, or 0-d int64 tensor inside a captured commit) and the sinks below ``sink_frames``."""
+
+    n: int
+    frame_now: int | torch.Tensor
+    sink_frames: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.n <= MAX_ENTRIES:
+            raise ValueError(f"n must be in [1, {MAX_ENTRIES}], got {self.n}")
 
 
 def age_keys(
@@ -112,8 +127,9 @@ def _check(
 
 
 def fused_victims(
-    k: torch.Tensor, v: torch.Tensor, count: torch.Tensor, prio: torch.Tensor, need: torch.Tensor, kk: int,
-    threshold: float, agreement: float, signs: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, count: torch.Tensor, prio: torch.Tensor | AgeOrder, need: torch.Tensor,
+    kk: int, threshold: float, agreement: float, signs: torch.Tensor, *, frame: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Merge redundant entries into their survivors (``v`` and ``count`` in place) and list the slots to reuse.
 
@@ -122,7 +138,8 @@ def fused_victims(
     Args:
         k: (B, H, S, D) stored keys; v: (B, H, S, Dv) values; count: (B, H, S) float32 members. Slots
             ``[0, n)`` are considered.
-        prio: (B, H, n) int64 :func:`age_keys`.
+        prio: (B, H, n) int64 :func:`age_keys`, or the :class:`AgeOrder` to make them from ``count``, ``frame``
+            ((B, H, S) int32) and ``lengths`` ((B, H) int64) inside the first kernel.
         need: (B, H) int64 slots needed beyond the free ones.
         kk: victims listed per head (the frame's tokens, at most n).
         threshold: cosine of two stored keys needed to merge; agreement: signature bits shared needed to
@@ -134,6 +151,20 @@ def fused_victims(
         first) among entries neither merged away nor absorbing; merged: (B, H) int64 how many of the first slots
         merging freed.
     """
+    order_of_age = prio if isinstance(prio, AgeOrder) else None
+    if order_of_age is not None:
+        if frame is None or lengths is None:
+            raise ValueError("an AgeOrder needs the buffers' frame and lengths")
+        b_, h_, s_ = count.shape
+        if frame.shape != count.shape or frame.dtype != torch.int32:
+            raise ValueError(f"frame must be ({b_}, {h_}, {s_}) int32, got {tuple(frame.shape)} {frame.dtype}")
+        if tuple(lengths.shape) != (b_, h_) or lengths.dtype != torch.int64:
+            raise ValueError(f"lengths must be ({b_}, {h_}) int64, got {tuple(lengths.shape)} {lengths.dtype}")
+        if order_of_age.n > s_:
+            raise ValueError(f"AgeOrder.n={order_of_age.n} exceeds the {s_} slots")
+        # Only the shape of the keys matters to the checks below; they are made in the first kernel.
+        prio = torch.empty(b_, h_, order_of_age.n, dtype=torch.int64, device=count.device)
+    assert isinstance(prio, torch.Tensor)
     _check(k, v, count, prio, need, kk, signs)
     why = fused_supported(k, v)
     if why is not None:
@@ -146,6 +177,14 @@ def fused_victims(
     rows, dev = b * h, k.device
     proj = (k[:, :, :n] @ signs).reshape(rows, n, SIGNATURE_BITS)
     pr = prio.reshape(rows, n)
+    if order_of_age is not None:
+        assert frame is not None and lengths is not None
+        fr, cn, ln = frame.reshape(rows, -1), count.reshape(rows, -1), lengths.reshape(rows)
+        now = order_of_age.frame_now
+        now_t = (now.reshape(()) if isinstance(now, torch.Tensor) else torch.tensor(now, device=dev)).to(torch.int64)
+        sink = order_of_age.sink_frames
+    else:
+        fr, cn, ln, now_t, sink = pr, pr, pr, pr, 0
     # Sort keys of 32 bits where they fit: half the radix passes of 64-bit keys.
     code32, rank32 = n <= 1 << 15, n <= 1 << 24
     keys = torch.empty(rows, _TABLES, n, dtype=torch.int32 if code32 else torch.int64, device=dev)
@@ -154,10 +193,11 @@ def fused_victims(
     age = torch.empty(rows, n, dtype=torch.int64, device=dev)
     unprot = torch.zeros(rows, dtype=torch.int32, device=dev)
     kern.pack_kernel[(_cdiv(n, _PACK_BLOCK), rows)](
-        proj, pr, keys, bad, sig, age, unprot, n,
-        proj.stride(0), proj.stride(1), pr.stride(0), keys.stride(0), keys.stride(1), bad.stride(0), sig.stride(0),
-        age.stride(0),
-        PROTECTED=PROTECTED, TABLES=_TABLES, BITS=_BITS, KEY32=code32, BLOCK=_PACK_BLOCK,
+        proj, pr, fr, cn, ln, now_t, keys, bad, sig, age, unprot, n, sink,
+        proj.stride(0), proj.stride(1), pr.stride(0), fr.stride(0), cn.stride(0), keys.stride(0), keys.stride(1),
+        bad.stride(0), sig.stride(0), age.stride(0),
+        PROTECTED=PROTECTED, TABLES=_TABLES, BITS=_BITS, KEY32=code32, FROM_BUFFERS=order_of_age is not None,
+        BLOCK=_PACK_BLOCK,
     )  # fmt: skip
     # Keys are distinct (the slot is in them): any sort is the stable sort of the codes.
     ordered = torch.sort(keys, dim=-1).values
@@ -225,6 +265,7 @@ __all__ = [
     "MAX_ENTRIES",
     "PLAN_BACKENDS",
     "PROTECTED",
+    "AgeOrder",
     "PlanBackend",
     "age_keys",
     "fused_supported",
