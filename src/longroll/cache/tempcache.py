@@ -20,7 +20,7 @@ from longroll.cache.host_tier import EvictionStage
 from longroll.cache.redundancy import SignatureConstants
 from longroll.cache.redundancy import victims as redundancy_victims
 from longroll.ops.redundancy import AgeOrder, PlanBackend, age_keys, fused_supported
-from longroll.ops.track_merge import fused_track_merge
+from longroll.ops.track_merge import fused_place, fused_track_merge
 
 _NEG = float("-inf")
 
@@ -119,6 +119,31 @@ def _merge_values(
     buf.write(target, None, v_new, c_new, frame)
 
 
+def _victims(
+    buf: CacheBuffers,
+    new: torch.Tensor,
+    cap: int,
+    frame: Frame,
+    sink_frames: int,
+    compress: float | None,
+    consts: SignatureConstants | None,
+    backend: PlanBackend,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The slots a frame at the cap reuses once the free ones are taken, in order: oldest frame, then smallest
+    count, then lowest slot, never sinks, entries touched by this frame or entries of newer frames; with
+    ``compress`` (``evict_by="redundancy"``), first the slots freed by merging redundant entries into one another
+    (:mod:`longroll.cache.redundancy`, applied to ``buf`` here, its plan run by ``backend``).
+
+    new: (B, H, P) bool. Returns victims (B, H, K) int64 and how many of them merging freed, (B, H) int64 (None
+    under age eviction)."""
+    k = min(new.shape[-1], cap)
+    if compress is None:
+        prio = age_keys(buf.frame, buf.count, buf.lengths, cap, frame, sink_frames)
+        return prio.topk(k, dim=-1, largest=False).indices, None
+    need = new.sum(-1) - (cap - buf.lengths)
+    return redundancy_victims(buf, AgeOrder(cap, frame, sink_frames), need, k, compress, consts, backend)
+
+
 def _new_slots(
     buf: CacheBuffers,
     new: torch.Tensor,
@@ -130,11 +155,8 @@ def _new_slots(
     consts: SignatureConstants | None = None,
     backend: PlanBackend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots for unmatched tokens: free slots first, then victims (oldest frame, then smallest count, then lowest
-    slot), never sinks, entries touched by this frame or entries of newer frames. With ``compress`` (a cosine
-    threshold, ``evict_by="redundancy"``), the victims start with slots freed by merging redundant entries into
-    one another (:mod:`longroll.cache.redundancy`, applied to ``buf`` here, its plan run by ``backend``); those
-    are not evictions.
+    """Slots for unmatched tokens: free slots first, then :func:`_victims` (slots freed by a redundancy merge are
+    not evictions).
 
     new: (B, H, P) bool. Returns the slots, (B, H, P) int64 (trash where not new), and which of them evict the
     entry they hold, (B, H, P) bool."""
@@ -143,16 +165,7 @@ def _new_slots(
     evict = torch.zeros_like(new)
     if may_overflow:
         free = (cap - buf.lengths)[..., None]
-        # Entries of this frame and of newer ones (the verbatim ring) are never victims.
-        order = AgeOrder(cap, frame, sink_frames)
-        k = min(new.shape[-1], cap)
-        if compress is None:
-            prio = age_keys(buf.frame, buf.count, buf.lengths, cap, frame, sink_frames)
-            victims = prio.topk(k, dim=-1, largest=False).indices
-            merged = None
-        else:
-            need = new.sum(-1) - free[..., 0]
-            victims, merged = redundancy_victims(buf, order, need, k, compress, consts, backend)
+        victims, merged = _victims(buf, new, cap, frame, sink_frames, compress, consts, backend)
         ev = victims.gather(2, (rank - free).clamp(0, victims.shape[-1] - 1))
         evict = new & (rank >= free)
         slots = torch.where(evict, ev, slots)
@@ -277,6 +290,15 @@ def merge_frame(
             target = torch.zeros_like(idx)
     new = ~merged
     compress = policy.compress_threshold if policy.evict_by == "redundancy" else None
+    if track is not None and stage is None and _fused(policy, buf):
+        victims = None
+        if may_overflow:
+            victims, _ = _victims(buf, new, cap, frame, policy.sink_frames, compress, consts, policy.plan_backend)
+        now = frame if isinstance(frame, torch.Tensor) else torch.tensor(frame, device=k.device)
+        slots = fused_place(
+            buf.k, buf.v, buf.count, buf.frame, buf.lengths, merged, target, victims, k, v, frame_now=now, cap=cap
+        )
+        return Track(slots=slots, keys=x, active=~soft), slots
     slots_new, evict = _new_slots(
         buf, new, cap, frame, policy.sink_frames, may_overflow, compress, consts, policy.plan_backend
     )

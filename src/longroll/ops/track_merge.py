@@ -105,4 +105,60 @@ def fused_track_merge(
     return win.view(b, h, p).bool(), soft.view(b, h, p).bool(), target.view(b, h, p)
 
 
-__all__ = ["fused_track_merge"]
+
+
+def fused_place(
+    k: torch.Tensor, v: torch.Tensor, count: torch.Tensor, frame: torch.Tensor, lengths: torch.Tensor,
+    merged: torch.Tensor, target: torch.Tensor, victims: torch.Tensor | None, k_new: torch.Tensor,
+    v_new: torch.Tensor, *, frame_now: torch.Tensor, cap: int,
+) -> torch.Tensor:  # fmt: skip
+    """Place a frame's unmerged tokens (``k``, ``v``, ``count``, ``frame``, ``lengths`` in place).
+
+    The unmerged tokens take, in token order, the free slots after each head's entries and then (where
+    ``victims`` is given: the cap may be reached) the slots of ``victims`` in order; each gets its key and value,
+    count 1 and the frame stamp ``frame_now``; the length grows by them, at most ``cap``.
+
+    Args:
+        k, v, count, frame, lengths: the buffers, as for :func:`fused_track_merge`.
+        merged: (B, H, P) bool tokens that merged (they keep ``target``); target: (B, H, P) int64.
+        victims: (B, H, K) int64 slots to reuse once the free ones are taken, or None.
+        k_new: (B, H, P, D), v_new: (B, H, P, Dv); frame_now: 0-d int64 tensor; cap: entries per head at most.
+
+    Returns:
+        (B, H, P) int64 the slot of each token.
+    """
+    for name, x, rank in (("merged", merged, 3), ("target", target, 3), ("k_new", k_new, 4), ("v_new", v_new, 4)):
+        check_rank(name, x, rank)
+    b, h, p = merged.shape
+    d, dv = k.shape[-1], v.shape[-1]
+    if tuple(target.shape) != (b, h, p) or merged.dtype != torch.bool or target.dtype != torch.int64:
+        raise ValueError(f"merged and target must be ({b}, {h}, {p}) bool and int64, got {tuple(target.shape)} "
+                         f"{merged.dtype} {target.dtype}")  # fmt: skip
+    if tuple(k_new.shape) != (b, h, p, d) or tuple(v_new.shape) != (b, h, p, dv):
+        raise ValueError(f"k_new and v_new must be {(b, h, p, d)} and {(b, h, p, dv)}, got "
+                         f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")  # fmt: skip
+    if victims is not None and (victims.dim() != 3 or tuple(victims.shape[:2]) != (b, h) or victims.shape[2] < 1):
+        raise ValueError(f"victims must be ({b}, {h}, K >= 1), got {tuple(victims.shape)}")
+    from longroll.kernels import track_merge as kern
+
+    rows, dev = b * h, merged.device
+    m = merged.reshape(rows, p).to(torch.uint8)
+    tg = target.reshape(rows, p).contiguous()
+    vic = (victims if victims is not None else tg[:, None]).reshape(rows, -1).contiguous()
+    kn, vn = k_new.contiguous(), v_new.contiguous()
+    out = torch.empty(rows, p, dtype=torch.int64, device=dev)
+    ln = lengths.view(rows) if lengths.is_contiguous() else None
+    if ln is None:
+        raise ValueError("lengths must be contiguous (it is updated in place)")
+    kern.place_kernel[(rows,)](
+        m, tg, vic, ln, kn, vn, k, v, count, frame, frame_now.reshape(()).to(torch.int64), out,
+        p, cap, vic.shape[1], h,
+        p, vic.stride(0), kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), count.stride(0),
+        count.stride(1), frame.stride(0), frame.stride(1),
+        D=d, DV=dv, MAY_OVERFLOW=victims is not None, BLOCK=256,
+    )  # fmt: skip
+    return out.view(b, h, p)
+
+
+__all__ = ["fused_place", "fused_track_merge"]
