@@ -47,7 +47,9 @@ def _assert_same_plan(a, ref, c, out, *, v_atol=0.0):
     assert torch.equal(out[1], ref[1]), f"merged {out[1].tolist()} != {ref[1].tolist()}"
     assert torch.equal(out[0], ref[0])
     assert torch.equal(c.count, a.count)
-    torch.testing.assert_close(c.v.float(), a.v.float(), rtol=0, atol=v_atol, equal_nan=True)
+    # The mean's last float32 rounding may differ by one ulp (a fused multiply-add on the GPU).
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(c.v.float(), a.v.float(), rtol=2 * eps, atol=v_atol + eps, equal_nan=True)
     torch.testing.assert_close(c.k, a.k, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(c.frame, a.frame)
 
