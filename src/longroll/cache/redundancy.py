@@ -34,6 +34,11 @@ Pairing rule (the one :func:`plan_merges` vectorises and :func:`plan_merges_refe
    one);
 5. of those, a merge happens only where the exact cosine of the two stored keys is at least the threshold
    (the estimate only ranks); the accepted merges keep their order, and age eviction covers the rest.
+
+The functions below are the rule in torch ops; :func:`victims` runs it as the fused Triton kernels of
+:mod:`longroll.ops.redundancy` on CUDA (``backend="auto"``), with these ops as their reference twin. Eviction
+priorities are int64 age keys (:func:`longroll.ops.redundancy.age_keys`): oldest frame, then smallest count, then
+lowest slot, so that no two entries tie and both paths choose the same victims.
 """
 
 from __future__ import annotations
