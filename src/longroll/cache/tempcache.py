@@ -258,8 +258,10 @@ def merge_frame(
     """
     cap = policy.max_entries
     idx, cos = match
-    if track is not None and _fused(policy, buf):
-        now = frame if isinstance(frame, torch.Tensor) else torch.tensor(frame, device=k.device)
+    fused = track is not None and _fused(policy, buf)
+    now = frame if isinstance(frame, torch.Tensor) or not fused else torch.tensor(frame, device=k.device)
+    if fused:
+        assert track is not None and isinstance(now, torch.Tensor)
         win, soft, target = fused_track_merge(
             buf.k, buf.v, buf.count, buf.frame, buf.lengths, idx, cos, track.slots, track.active, k, v,
             frame_now=now, cap=cap, threshold=policy.threshold, overflow_threshold=policy.overflow_threshold,
@@ -290,11 +292,11 @@ def merge_frame(
             target = torch.zeros_like(idx)
     new = ~merged
     compress = policy.compress_threshold if policy.evict_by == "redundancy" else None
-    if track is not None and stage is None and _fused(policy, buf):
+    if fused and stage is None:
+        assert isinstance(now, torch.Tensor)
         victims = None
         if may_overflow:
             victims, _ = _victims(buf, new, cap, frame, policy.sink_frames, compress, consts, policy.plan_backend)
-        now = frame if isinstance(frame, torch.Tensor) else torch.tensor(frame, device=k.device)
         slots = fused_place(
             buf.k, buf.v, buf.count, buf.frame, buf.lengths, merged, target, victims, k, v, frame_now=now, cap=cap
         )

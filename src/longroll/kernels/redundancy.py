@@ -103,25 +103,36 @@ def invert_kernel(
 
 
 @triton.jit
+def _proposals(score_ptr, nn_ptr, age_ptr, row, offs, mask, threshold, stride_sr, stride_nr, stride_ar):
+    """Each entry's proposal: eligible (enough bits shared), the older of the pair (freed), the other (the
+    survivor) and its bid ``(bits << 32) | (2**31 - 1 - proposer)``."""
+    score = tl.load(score_ptr + row * stride_sr + offs, mask=mask, other=float("-inf"))
+    nn = tl.load(nn_ptr + row * stride_nr + offs, mask=mask, other=0)
+    elig = mask & (score >= threshold)
+    a_i = tl.load(age_ptr + row * stride_ar + offs, mask=mask, other=0)
+    a_j = tl.load(age_ptr + row * stride_ar + nn, mask=elig, other=0)
+    older = a_i < a_j
+    freed = tl.where(older, offs.to(tl.int64), nn)
+    surv = tl.where(older, nn, offs.to(tl.int64))
+    bid = (tl.where(elig, score, 0.0).to(tl.int64) << 32) | (2147483647 - offs).to(tl.int64)
+    return elig, freed, surv, bid
+
+
+@triton.jit
 def propose_kernel(
     score_ptr, nn_ptr, age_ptr, best_ptr,
     n, threshold,
     stride_sr, stride_nr, stride_ar, stride_br,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """best (rows, N) int64 (zeros before) = max over the proposals freeing each entry of
-    ``(bits << 32) | (2**31 - 1 - proposer)``."""
+    """best (rows, N) int64 (zeros before) = max over the proposals freeing each entry of their bids."""
     row = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    score = tl.load(score_ptr + row * stride_sr + offs, mask=mask, other=float("-inf"))
-    nn = tl.load(nn_ptr + row * stride_nr + offs, mask=mask, other=0)
-    elig = mask & (score >= threshold)
-    a_i = tl.load(age_ptr + row * stride_ar + offs, mask=mask, other=0)
-    a_j = tl.load(age_ptr + row * stride_ar + nn, mask=elig, other=0)
-    freed = tl.where(a_i < a_j, offs.to(tl.int64), nn)
-    packed = (tl.where(elig, score, 0.0).to(tl.int64) << 32) | (2147483647 - offs).to(tl.int64)
-    tl.atomic_max(best_ptr + row * stride_br + freed, packed, mask=elig)
+    elig, freed, _, bid = _proposals(
+        score_ptr, nn_ptr, age_ptr, row, offs, mask, threshold, stride_sr, stride_nr, stride_ar
+    )
+    tl.atomic_max(best_ptr + row * stride_br + freed, bid, mask=elig)
 
 
 @triton.jit
@@ -135,17 +146,11 @@ def claim_kernel(
     row = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    score = tl.load(score_ptr + row * stride_sr + offs, mask=mask, other=float("-inf"))
-    nn = tl.load(nn_ptr + row * stride_nr + offs, mask=mask, other=0)
-    elig = mask & (score >= threshold)
-    a_i = tl.load(age_ptr + row * stride_ar + offs, mask=mask, other=0)
-    a_j = tl.load(age_ptr + row * stride_ar + nn, mask=elig, other=0)
-    older = a_i < a_j
-    freed = tl.where(older, offs.to(tl.int64), nn)
-    surv = tl.where(older, nn, offs.to(tl.int64))
-    packed = (tl.where(elig, score, 0.0).to(tl.int64) << 32) | (2147483647 - offs).to(tl.int64)
+    elig, freed, surv, bid = _proposals(
+        score_ptr, nn_ptr, age_ptr, row, offs, mask, threshold, stride_sr, stride_nr, stride_ar
+    )
     best = tl.load(best_ptr + row * stride_br + freed, mask=elig, other=0)
-    tl.store(into_ptr + row * stride_ir + freed, surv, mask=elig & (best == packed))
+    tl.store(into_ptr + row * stride_ir + freed, surv, mask=elig & (best == bid))
 
 
 @triton.jit

@@ -27,6 +27,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _bid(cm, t, elig):
+    """A token's bid for its match: positive floats order as their bits, so the cosine first, then the lowest
+    token."""
+    return (tl.where(elig, cm, 0.0).to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - t).to(tl.int64)
+
+
+@triton.jit
 def claim_kernel(
     idx_ptr, cos_ptr, slots_ptr, active_ptr, count_ptr, best_ptr, cm_ptr,
     p, threshold, max_group, heads,
@@ -47,8 +54,7 @@ def claim_kernel(
         open_ = open_ & (cnt < max_group)
     cm = tl.where(open_, cos, float("-inf"))
     elig = mask & (cm >= threshold)
-    # Positive floats order as their bits: the bid is the cosine, then the lowest token.
-    bid = (tl.where(elig, cm, 0.0).to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - t).to(tl.int64)
+    bid = _bid(cm, t, elig)
     tl.atomic_max(best_ptr + row * stride_r + j, bid, mask=elig)
     tl.store(cm_ptr + row * stride_r + t, cm, mask=mask)
 
@@ -67,7 +73,7 @@ def decide_kernel(
     j = tl.load(idx_ptr + row * stride_r + t, mask=mask, other=0)
     cm = tl.load(cm_ptr + row * stride_r + t, mask=mask, other=float("-inf"))
     elig = mask & (cm >= threshold)
-    bid = (tl.where(elig, cm, 0.0).to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - t).to(tl.int64)
+    bid = _bid(cm, t, elig)
     best = tl.load(best_ptr + row * stride_r + j, mask=elig, other=0)
     win = elig & (best == bid)
     tl.store(win_ptr + row * stride_r + t, win.to(tl.uint8), mask=mask)

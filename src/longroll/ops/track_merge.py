@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from longroll.ops._checks import check_rank
+from longroll.ops.redundancy import fused_supported
 
 _BLOCK = 128
 _FOLD_BLOCK = 32
@@ -64,9 +65,9 @@ def fused_track_merge(
                            ("frame", frame, torch.int32), ("lengths", lengths, torch.int64)):  # fmt: skip
         if x.dtype != dtype:
             raise ValueError(f"{name} must be {dtype}, got {x.dtype}")
-    for name, dim in (("head_dim", d), ("value head_dim", dv)):
-        if dim < 16 or dim & (dim - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {dim}")
+    why = fused_supported(k, v)
+    if why is not None:
+        raise ValueError(f"the fused merge {why}")
     from longroll.kernels import track_merge as kern
 
     rows, dev = b * h, idx.device
