@@ -7,21 +7,8 @@ import torch
 from longroll.ann.config import Int8Config
 from longroll.ann.slices import argmax_by_rows
 from longroll.ops._checks import check_rank
+from longroll.ops.quantize import quantize_int8
 from longroll.ops.top1 import TOP1_HEAD_DIMS, int8_top1
-
-
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-vector int8 codes.
-
-    Args:
-        x: (..., d) float.
-
-    Returns:
-        codes: (..., d) int8 with x ~= codes * scale; scale: (...) float32.
-    """
-    scale = x.float().abs().amax(dim=-1).clamp_min(1e-12) / 127.0
-    codes = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-    return codes, scale
 
 
 def int8_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
