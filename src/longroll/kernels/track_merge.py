@@ -16,8 +16,9 @@ the key writes. Here it is four:
 4. ``fold``: each group with merges takes the count-weighted mean of its value and its new members' values
    (summed in a fixed order), the new count and the frame stamp.
 
-``place`` then puts the unmerged tokens in free slots and the victims' slots (one program per row, a running
-count of the tokens placed) and writes them.
+``place`` then puts the unmerged tokens in free slots and the victims' slots and writes them (a block of tokens
+per program; each counts the new tokens of the blocks before it, so the row's placement is a prefix sum without
+a second pass).
 """
 
 from __future__ import annotations
@@ -162,47 +163,53 @@ def fold_kernel(
 
 @triton.jit
 def place_kernel(
-    merged_ptr, target_ptr, victims_ptr, lengths_ptr, knew_ptr, vnew_ptr, k_ptr, v_ptr, count_ptr, frame_ptr,
-    now_ptr, slots_ptr,
+    merged_ptr, target_ptr, victims_ptr, length_in_ptr, lengths_ptr, knew_ptr, vnew_ptr, k_ptr, v_ptr, count_ptr,
+    frame_ptr, now_ptr, slots_ptr,
     p, cap, nvict, heads,
     stride_r, stride_vr, stride_nb, stride_nh, stride_np, stride_wb, stride_wh, stride_wp, stride_kb, stride_kh,
     stride_kn, stride_vb, stride_vh, stride_vn, stride_cb, stride_ch, stride_fb, stride_fh,
     D: tl.constexpr, DV: tl.constexpr, MAY_OVERFLOW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row: the frame's unmerged tokens take the free slots after the row's entries, in token order, then
-    (MAY_OVERFLOW) the victims (rows, nvict) in order; their keys, values, count 1 and frame stamp are written
-    there; slots (rows, P) int64 = each token's slot (its target where it merged); the length grows, capped."""
-    row = tl.program_id(0)
+    """BLOCK tokens of one row: the frame's unmerged tokens take the free slots after the row's entries
+    (length_in (rows,), read only), in token order, then (MAY_OVERFLOW) the victims (rows, nvict) in order;
+    their keys, values, count 1 and frame stamp are written there; slots (rows, P) int64 = each token's slot
+    (its target where it merged); lengths (rows,) += the free slots this block takes (an integer atomic: the
+    row's length grows by its new tokens, at most to the cap)."""
+    row = tl.program_id(1)
+    start = tl.program_id(0) * BLOCK
     rb, rh = row // heads, row % heads
-    length = tl.load(lengths_ptr + row)
+    length = tl.load(length_in_ptr + row)
     now = tl.load(now_ptr).to(tl.int32)
     dims, vdims = tl.arange(0, D), tl.arange(0, DV)
-    added = tl.zeros((), tl.int64)
-    for start in range(0, p, BLOCK):
-        t = start + tl.arange(0, BLOCK)
-        tm = t < p
-        new = tm & (tl.load(merged_ptr + row * stride_r + t, mask=tm, other=1) == 0)
-        rank = added + tl.cumsum(new.to(tl.int64), axis=0) - 1
-        slot = length + rank
-        if MAY_OVERFLOW:
-            over = rank - (cap - length)
-            ev = tl.load(victims_ptr + row * stride_vr + tl.minimum(tl.maximum(over, 0), nvict - 1), mask=new,
-                         other=0)  # fmt: skip
-            slot = tl.where(over >= 0, ev, slot)
-        target = tl.load(target_ptr + row * stride_r + t, mask=tm & ~new, other=0)
-        tl.store(slots_ptr + row * stride_r + t, tl.where(new, slot, target), mask=tm)
-        kn = tl.load(knew_ptr + rb * stride_nb + rh * stride_nh + t[:, None] * stride_np + dims[None, :],
-                     mask=new[:, None], other=0.0)  # fmt: skip
-        tl.store(k_ptr + rb * stride_kb + rh * stride_kh + slot[:, None] * stride_kn + dims[None, :],
-                 kn.to(k_ptr.dtype.element_ty), mask=new[:, None])  # fmt: skip
-        vn = tl.load(vnew_ptr + rb * stride_wb + rh * stride_wh + t[:, None] * stride_wp + vdims[None, :],
-                     mask=new[:, None], other=0.0)  # fmt: skip
-        tl.store(v_ptr + rb * stride_vb + rh * stride_vh + slot[:, None] * stride_vn + vdims[None, :],
-                 vn.to(v_ptr.dtype.element_ty), mask=new[:, None])  # fmt: skip
-        tl.store(count_ptr + rb * stride_cb + rh * stride_ch + slot, tl.full((BLOCK,), 1.0, tl.float32), mask=new)
-        tl.store(frame_ptr + rb * stride_fb + rh * stride_fh + slot, tl.full((BLOCK,), 0, tl.int32) + now, mask=new)
-        added += tl.sum(new.to(tl.int64), axis=0)
-    tl.store(lengths_ptr + row, tl.minimum(length + added, cap))
+    # New tokens before this block: the flags of the blocks before it (P bytes at most).
+    before = tl.zeros((), tl.int64)
+    for s0 in range(0, start, BLOCK):
+        tb = s0 + tl.arange(0, BLOCK)
+        before += tl.sum((tl.load(merged_ptr + row * stride_r + tb, mask=tb < p, other=1) == 0).to(tl.int64), axis=0)
+    t = start + tl.arange(0, BLOCK)
+    tm = t < p
+    new = tm & (tl.load(merged_ptr + row * stride_r + t, mask=tm, other=1) == 0)
+    rank = before + tl.cumsum(new.to(tl.int64), axis=0) - 1
+    slot = length + rank
+    free = new & (rank < cap - length)
+    if MAY_OVERFLOW:
+        over = rank - (cap - length)
+        ev = tl.load(victims_ptr + row * stride_vr + tl.minimum(tl.maximum(over, 0), nvict - 1), mask=new,
+                     other=0)  # fmt: skip
+        slot = tl.where(over >= 0, ev, slot)
+    target = tl.load(target_ptr + row * stride_r + t, mask=tm & ~new, other=0)
+    tl.store(slots_ptr + row * stride_r + t, tl.where(new, slot, target), mask=tm)
+    kn = tl.load(knew_ptr + rb * stride_nb + rh * stride_nh + t[:, None] * stride_np + dims[None, :],
+                 mask=new[:, None], other=0.0)  # fmt: skip
+    tl.store(k_ptr + rb * stride_kb + rh * stride_kh + slot[:, None] * stride_kn + dims[None, :],
+             kn.to(k_ptr.dtype.element_ty), mask=new[:, None])  # fmt: skip
+    vn = tl.load(vnew_ptr + rb * stride_wb + rh * stride_wh + t[:, None] * stride_wp + vdims[None, :],
+                 mask=new[:, None], other=0.0)  # fmt: skip
+    tl.store(v_ptr + rb * stride_vb + rh * stride_vh + slot[:, None] * stride_vn + vdims[None, :],
+             vn.to(v_ptr.dtype.element_ty), mask=new[:, None])  # fmt: skip
+    tl.store(count_ptr + rb * stride_cb + rh * stride_ch + slot, tl.full((BLOCK,), 1.0, tl.float32), mask=new)
+    tl.store(frame_ptr + rb * stride_fb + rh * stride_fh + slot, tl.full((BLOCK,), 0, tl.int32) + now, mask=new)
+    tl.atomic_add(lengths_ptr + row, tl.sum(free.to(tl.int64), axis=0))
 
 
 __all__ = ["claim_kernel", "decide_kernel", "fold_kernel", "merge_kernel", "place_kernel"]

@@ -19,6 +19,7 @@ from longroll.ops.redundancy import fused_supported
 
 _BLOCK = 128
 _FOLD_BLOCK = 32
+_PLACE_BLOCK = 64
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -151,13 +152,14 @@ def fused_place(
     ln = lengths.view(rows) if lengths.is_contiguous() else None
     if ln is None:
         raise ValueError("lengths must be contiguous (it is updated in place)")
-    kern.place_kernel[(rows,)](
-        m, tg, vic, ln, kn, vn, k, v, count, frame, frame_now.reshape(()).to(torch.int64), out,
+    # The blocks read the length before any of them adds to it.
+    kern.place_kernel[(_cdiv(p, _PLACE_BLOCK), rows)](
+        m, tg, vic, ln.clone(), ln, kn, vn, k, v, count, frame, frame_now.reshape(()).to(torch.int64), out,
         p, cap, vic.shape[1], h,
         p, vic.stride(0), kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), count.stride(0),
         count.stride(1), frame.stride(0), frame.stride(1),
-        D=d, DV=dv, MAY_OVERFLOW=victims is not None, BLOCK=256,
+        D=d, DV=dv, MAY_OVERFLOW=victims is not None, BLOCK=_PLACE_BLOCK,
     )  # fmt: skip
     return out.view(b, h, p)
 
