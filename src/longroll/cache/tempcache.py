@@ -20,6 +20,7 @@ from longroll.cache.host_tier import EvictionStage
 from longroll.cache.redundancy import SignatureConstants
 from longroll.cache.redundancy import victims as redundancy_victims
 from longroll.ops.redundancy import AgeOrder, PlanBackend, age_keys, fused_supported
+from longroll.ops.ring import ring_swap
 from longroll.ops.track_merge import fused_place, fused_track_merge
 
 _NEG = float("-inf")
@@ -312,14 +313,6 @@ def merge_frame(
     return Track(slots=slots, keys=x, active=~soft), slots
 
 
-def _ring_position(frame: Frame, policy: TempCachePolicy, device: torch.device) -> torch.Tensor:
-    """(1,) int64 ring position of a non-sink frame (a device tensor, so that a captured commit can replay it)."""
-    rel = frame - policy.sink_frames
-    if isinstance(rel, torch.Tensor):
-        return (rel % policy.recent_frames).reshape(1).long()
-    return torch.tensor([rel % policy.recent_frames], dtype=torch.int64, device=device)
-
-
 def commit_recent(
     buf: CacheBuffers,
     recent: RecentWindow,
@@ -358,16 +351,18 @@ def commit_recent(
     """
     b, h, p, _ = k.shape
     w = policy.recent_frames
-    pos = _ring_position(frame, policy, k.device)
-    slots = policy.sink_frames * p + pos * p + torch.arange(p, device=k.device)
     idx, cos = match
-    cos = torch.full_like(cos, _NEG) if track is None else cos
+    # The ring is protected from merges and eviction, so the new frame can take its place before the leaving
+    # frame merges (from copies): one pass for both.
+    old, slots = ring_swap(
+        buf.k, buf.v, buf.count, buf.frame, recent.idx, recent.cos, k, v, idx, cos, frame_now=frame,
+        sink_frames=policy.sink_frames, full=full, has_track=track is not None,
+        backend="triton" if _fused(policy, buf) else "torch",
+    )  # fmt: skip
     if full:
-        old = (buf.k.index_select(2, slots), buf.v.index_select(2, slots))
-        old_match = (recent.idx.index_select(2, pos)[:, :, 0].long(), recent.cos.index_select(2, pos)[:, :, 0])
-        assert track is not None, "a full ring always follows a committed non-sink frame"
+        assert track is not None and old is not None, "a full ring always follows a committed non-sink frame"
         track, _ = merge_frame(
-            buf, track, old[0], old[1], x, old_match, frame - w, policy, may_overflow, stage, offset, consts
+            buf, track, old[0], old[1], x, (old[2], old[3]), frame - w, policy, may_overflow, stage, offset, consts
         )
     else:
         buf.lengths += p
@@ -376,16 +371,7 @@ def commit_recent(
             track = Track(slots=none, keys=x, active=torch.zeros(b, h, p, dtype=torch.bool, device=k.device))
         else:
             track = Track(slots=track.slots, keys=x, active=track.active)
-    buf.k.index_copy_(2, slots, k.to(buf.k.dtype))
-    buf.v.index_copy_(2, slots, v.to(buf.v.dtype))
-    buf.count.index_fill_(2, slots, 1.0)
-    if isinstance(frame, torch.Tensor):
-        buf.frame.index_copy_(2, slots, frame.to(torch.int32).expand(b, h, p).contiguous())
-    else:
-        buf.frame.index_fill_(2, slots, int(frame))
-    recent.idx.index_copy_(2, pos, idx.to(torch.int32)[:, :, None])
-    recent.cos.index_copy_(2, pos, cos.float()[:, :, None])
-    return track, slots.expand(b, h, p)
+    return track, slots
 
 
 def commit_chunk(
