@@ -22,15 +22,19 @@ def int8_top1_kernel(
     qc_ptr, qs_ptr, cc_ptr, cs_ptr, out_ptr,
     n, m,
     stride_qr, stride_qn, stride_qsr, stride_cr, stride_cm, stride_csr, stride_or,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, INT8_DOT: tl.constexpr = False,
 ):  # fmt: skip
-    """One program: BLOCK_N queries of one (batch, head) row against all m candidates of that row."""
+    """One program: BLOCK_N queries of one (batch, head) row against all m candidates of that row (INT8_DOT: the
+    products on the int8 tensor cores with int32 accumulation, else fp16 operands with float32 accumulation;
+    both exact)."""
     row = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     mask_n = offs_n < n
     q = tl.load(qc_ptr + row * stride_qr + offs_n[:, None] * stride_qn + offs_d[None, :],
-                mask=mask_n[:, None], other=0).to(tl.float16)  # fmt: skip
+                mask=mask_n[:, None], other=0)  # fmt: skip
+    if not INT8_DOT:
+        q = q.to(tl.float16)
     qs = tl.load(qs_ptr + row * stride_qsr + offs_n, mask=mask_n, other=0.0)
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_N,), tl.int64)
@@ -38,9 +42,12 @@ def int8_top1_kernel(
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m
         c = tl.load(cc_ptr + row * stride_cr + offs_m[:, None] * stride_cm + offs_d[None, :],
-                    mask=mask_m[:, None], other=0).to(tl.float16)  # fmt: skip
+                    mask=mask_m[:, None], other=0)  # fmt: skip
         cs = tl.load(cs_ptr + row * stride_csr + offs_m, mask=mask_m, other=0.0)
-        dots = tl.dot(q, tl.trans(c), out_dtype=tl.float32)
+        if INT8_DOT:
+            dots = tl.dot(q, tl.trans(c), out_dtype=tl.int32).to(tl.float32)
+        else:
+            dots = tl.dot(q, tl.trans(c.to(tl.float16)), out_dtype=tl.float32)
         s = (dots * qs[:, None]) * cs[None, :]
         s = tl.where(mask_m[None, :], s, float("-inf"))
         blk_max = tl.max(s, axis=1)
