@@ -1,6 +1,5 @@
-"""The fused int8 top-1 kernel (Triton interpreter on CPU) picks exactly the reference twin's index."""
-
-import os
+"""The fused int8 top-1 kernel (compiled on CUDA in the GPU suite, the Triton interpreter on CPU) picks exactly
+the reference twin's index, with int8 (head dim >= 32) and fp16 (16) tensor-core products."""
 
 import pytest
 import torch
@@ -8,12 +7,10 @@ import torch
 from longroll.ann import Int8Config, Int8Searcher
 from longroll.ann.int8 import quantize_int8
 from longroll.ops.top1 import int8_top1, int8_top1_reference
+from tests.device import KERNEL_DEVICE
 
-# On a GPU machine the kernel runs compiled on CUDA tensors; on a CPU one under the interpreter.
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or the Triton interpreter"
-)
+KERNEL_DEVICE_AWARE = True  # the kernel's tensors live on KERNEL_DEVICE: CUDA in the GPU suite
+DEV = KERNEL_DEVICE
 
 
 def _codes(b, h, n, d, seed):
@@ -21,7 +18,7 @@ def _codes(b, h, n, d, seed):
     return quantize_int8(x.to(DEV))
 
 
-@pytest.mark.parametrize(("n", "m", "d"), [(97, 1025, 16), (64, 64, 32), (1, 130, 128), (65, 3, 16)])
+@pytest.mark.parametrize(("n", "m", "d"), [(97, 1025, 16), (64, 64, 32), (1, 130, 128), (65, 3, 16), (131, 257, 64)])
 def test_kernel_equals_reference(n, m, d):
     qc, qs = _codes(2, 3, n, d, 0)
     cc, cs = _codes(2, 3, m, d, 1)

@@ -7,8 +7,9 @@ registers, runs over the candidates block by block on the tensor cores, and keep
 index, as flash attention keeps its running softmax.
 
 Scores are ``(codes_q . codes_c) * scale_q * scale_c`` in float32, in that order, as the torch twin
-(``longroll.ops.top1.int8_top1_reference``) computes them: the integer products are exact in fp16 operands with
-float32 accumulation (|code| <= 127, head_dim <= 256), so the kernel picks the same index, ties to the lowest.
+(``longroll.ops.top1.int8_top1_reference``) computes them: the integer products are exact, on the int8 tensor
+cores with int32 accumulation or in fp16 operands with float32 accumulation (|code| <= 127, head_dim <= 256),
+so the kernel picks the same index, ties to the lowest.
 """
 
 from __future__ import annotations
