@@ -62,6 +62,43 @@ def policy_summary(latency: dict[str, Any], comps: dict[str, Any], policy: str, 
     }
 
 
+def build_summary(
+    latency: dict[str, Any], comps: dict[str, Any], policies: tuple[str, ...], last: int, components_frames: int,
+    command: str,
+) -> dict[str, Any]:
+    """The acceptance summary of a latency run and a components run (the records of ``run_rollout_bench``)."""
+    env, cfg = latency["environment"], latency["config"]
+    summary: dict[str, Any] = {
+        "device": env.get("device_name"),
+        "versions": env.get("versions"),
+        "date": latency["date"],
+        "command": command,
+        "config": {
+            "preset": cfg["preset"],
+            "latent_frames": cfg["num_frames"],
+            "video_frames": 4 * cfg["num_frames"],
+            "memory_frames": cfg["memory_frames"],
+            "last_chunks": last,
+            "components_frames": components_frames,
+            "overlap_commit": cfg["overlap_commit"],
+            "group_commits": cfg["group_commits"],
+            "attention_backend": cfg.get("attention_backend", "auto"),
+        },
+        "policies": {name: policy_summary(latency, comps, name, last) for name in policies},
+    }
+    base = summary["policies"]["sink_window"]
+    summary["ratios"] = {
+        f"{name}_vs_sink_window": summary["policies"][name]["ms_per_chunk"] / base["ms_per_chunk"]
+        for name in policies
+        if name != "sink_window"
+    }
+    summary["peak_vs_sink_window"] = {
+        name: summary["policies"][name]["peak_gib"] / base["peak_gib"] if base["peak_gib"] else None
+        for name in policies
+    }
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder")
@@ -76,7 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention-backend", default="auto",
                    help="every policy's dense attention route, e.g. 'fa4' (flash-attn-4) on both sides")
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, a few frames")
+    p.add_argument("--from-runs", action="store_true",
+                   help="no rollout: rebuild summary.json and summary.png from the latency_run.json and "
+                        "components_run.json already in --out (the runs' own command is recorded)")
     args = p.parse_args(argv)
+    if args.from_runs:
+        out = Path(args.out)
+        latency = json.loads((out / "latency_run.json").read_text())
+        comps = json.loads((out / "components_run.json").read_text())
+        names = tuple(latency["config"]["policies"])
+        frames = comps["config"]["num_frames"]
+        summary = build_summary(latency, comps, names, args.last, frames, latency["command"])
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_report(latency, out / "summary.png")
+        print(json.dumps(summary["ratios"]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     policies = tuple(x for x in args.policies.split(",") if x)
     if "sink_window" not in policies:
@@ -100,35 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = latency["environment"]
-    summary: dict[str, Any] = {
-        "device": env.get("device_name"),
-        "versions": env.get("versions"),
-        "date": latency["date"],
-        "command": command,
-        "config": {
-            "preset": preset,
-            "latent_frames": args.frames,
-            "video_frames": 4 * args.frames,
-            "memory_frames": args.memory_frames,
-            "last_chunks": args.last,
-            "components_frames": args.components_frames,
-            "overlap_commit": overlap,
-            "group_commits": common["group_commits"],
-            "attention_backend": args.attention_backend,
-        },
-        "policies": {name: policy_summary(latency, comps, name, args.last) for name in policies},
-    }
-    base = summary["policies"]["sink_window"]
-    summary["ratios"] = {
-        f"{name}_vs_sink_window": summary["policies"][name]["ms_per_chunk"] / base["ms_per_chunk"]
-        for name in policies
-        if name != "sink_window"
-    }
-    summary["peak_vs_sink_window"] = {
-        name: summary["policies"][name]["peak_gib"] / base["peak_gib"] if base["peak_gib"] else None
-        for name in policies
-    }
+    summary = build_summary(latency, comps, policies, args.last, args.components_frames, command)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "latency_run.json").write_text(json.dumps(latency, indent=1))
     (out / "components_run.json").write_text(json.dumps(comps, indent=1))
