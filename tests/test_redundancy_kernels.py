@@ -256,22 +256,3 @@ def test_age_keys_made_in_the_first_kernel_equal_the_torch_keys():
     e = _clone(buf)
     twin = victims(e, AgeOrder(120, 6, 2), need, 30, 0.5, backend="torch")
     _assert_same_plan(a, ref, e, twin)
-
-
-@pytest.mark.parametrize(("n", "kk", "kept"), [(1, 1, 1.0), (5, 3, 0.5), (97, 97, 0.3), (1025, 64, 0.9),
-                                               (23400, 1560, 0.2), (23400, 1560, 0.0), (300, 200, 1.0)])  # fmt: skip
-def test_rank_counting_sort_is_the_top_k(n, kk, kept):
-    """The rank keys' counting sort gives torch.topk's sorted values: by bits missing, then slot; the entries
-    that do not merge (127) after every kept one, in slot order."""
-    from longroll.ops.redundancy import _smallest_ranks
-
-    g = torch.Generator().manual_seed(n + kk)
-    rows = 3
-    slot = torch.arange(n).expand(rows, n)
-    missing = torch.randint(0, 65, (rows, n), generator=g)
-    missing = torch.where(torch.rand(rows, n, generator=g) < kept, missing, 127)
-    missing[0, : min(4, n)] = 0  # ties on the bits: the slot decides
-    rank = ((missing << 24) | slot).int().to(DEV)
-    got = _smallest_ranks(rank, kk)
-    want = torch.topk(rank, kk, dim=-1, largest=False).values
-    assert torch.equal(got, want)

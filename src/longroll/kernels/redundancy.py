@@ -14,9 +14,7 @@ and three sorts):
    ``atomic_max`` (order-independent, so the same winner every run);
 3. ``claim``: the winning proposer records the survivor of its freed entry;
 4. ``rank``: each freed entry whose survivor is not itself freed gets a sort key (most bits first, lowest slot
-   on ties) for the rank order; ``rank_count``, ``rank_scan`` and ``rank_place`` put the smallest keys in order
-   (a stable counting sort over the 65 values of the bits missing: three kernels where a radix top-k takes
-   fifteen);
+   on ties) for the rank order;
 5. ``cosine`` (each rank) and ``verify`` (one program per row, ranks in order): the ranks within the frame's
    need whose two stored keys reach the cosine threshold are accepted, in rank order; both entries are marked
    out of the age order, and each survivor learns its first accepted rank and how many ranks merge into it;
@@ -178,70 +176,6 @@ def rank_kernel(
 
 
 @triton.jit
-def rank_count_kernel(
-    rank_ptr, counts_ptr,
-    n,
-    stride_rr, stride_cr, stride_cb,
-    SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-):  # fmt: skip
-    """BLOCK rank keys (int32, ``bin << SHIFT | slot``) of one row: counts (rows, blocks, NBINS) int32 = how many
-    fall in each bin."""
-    row = tl.program_id(1)
-    blk = tl.program_id(0)
-    bins = tl.arange(0, NBINS)
-    acc = tl.zeros((NBINS,), tl.int32)
-    for s in range(0, BLOCK, SUB):
-        offs = blk * BLOCK + s + tl.arange(0, SUB)
-        mask = offs < n
-        b = tl.load(rank_ptr + row * stride_rr + offs, mask=mask, other=0) >> SHIFT
-        acc += tl.sum(((b[:, None] == bins[None, :]) & mask[:, None]).to(tl.int32), axis=0)
-    tl.store(counts_ptr + row * stride_cr + blk * stride_cb + bins, acc)
-
-
-@triton.jit
-def rank_scan_kernel(
-    counts_ptr, offsets_ptr,
-    nblk,
-    stride_cr, stride_cb,
-    NBINS: tl.constexpr, BLOCKS: tl.constexpr,
-):  # fmt: skip
-    """One row: offsets (rows, blocks, NBINS) int32 = where each block's first key of each bin goes in the
-    row's sorted order (the keys of lower bins, then those of the same bin in earlier blocks)."""
-    row = tl.program_id(0)
-    blks = tl.arange(0, BLOCKS)
-    bins = tl.arange(0, NBINS)
-    addr = row * stride_cr + blks[:, None] * stride_cb + bins[None, :]
-    c = tl.load(counts_ptr + addr, mask=(blks < nblk)[:, None], other=0)
-    tot = tl.sum(c, axis=0)
-    start = tl.cumsum(tot, axis=0) - tot
-    tl.store(offsets_ptr + addr, tl.cumsum(c, axis=0) - c + start[None, :], mask=(blks < nblk)[:, None])
-
-
-@triton.jit
-def rank_place_kernel(
-    rank_ptr, offsets_ptr, out_ptr,
-    n, kk,
-    stride_rr, stride_cr, stride_cb, stride_or,
-    SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-):  # fmt: skip
-    """BLOCK rank keys of one row to their places in the row's ascending order (by bin, then slot = position):
-    out (rows, kk) = the kk smallest, a stable counting sort."""
-    row = tl.program_id(1)
-    blk = tl.program_id(0)
-    bins = tl.arange(0, NBINS)
-    base = tl.load(offsets_ptr + row * stride_cr + blk * stride_cb + bins)
-    for s in range(0, BLOCK, SUB):
-        offs = blk * BLOCK + s + tl.arange(0, SUB)
-        mask = offs < n
-        key = tl.load(rank_ptr + row * stride_rr + offs, mask=mask, other=0)
-        hot = ((key >> SHIFT)[:, None] == bins[None, :]) & mask[:, None]
-        one = hot.to(tl.int32)
-        pos = tl.sum(tl.where(hot, tl.cumsum(one, axis=0) - one + base[None, :], 0), axis=1)
-        tl.store(out_ptr + row * stride_or + pos, key, mask=mask & (pos < kk))
-        base += tl.sum(one, axis=0)
-
-
-@triton.jit
 def cosine_kernel(
     ranked_ptr, into_ptr, need_ptr, unprot_ptr, k_ptr, ok_ptr,
     kk, threshold, heads,
@@ -347,6 +281,6 @@ def apply_kernel(
 
 
 __all__ = [
-    "apply_kernel", "claim_kernel", "cosine_kernel", "invert_kernel", "pack_kernel", "propose_kernel",
-    "rank_count_kernel", "rank_kernel", "rank_place_kernel", "rank_scan_kernel", "verify_kernel",
+    "apply_kernel", "claim_kernel", "cosine_kernel", "invert_kernel", "pack_kernel", "propose_kernel", "rank_kernel",
+    "verify_kernel",
 ]

@@ -40,9 +40,6 @@ _BLOCK = 256
 _PACK_BLOCK = 64
 _COS_BLOCK = 32
 _SCAN_BLOCK = 1024
-# The rank keys' counting sort: 128 bins (the bits missing, 0..64, and 127), blocks of 256 keys taken 64 at a
-# time, at most 256 blocks a row (65,536 entries; longer rows take top-k).
-_RANK_BINS, _RANK_BLOCK, _RANK_SUB, _COUNT_BLOCKS = 128, 256, 64, 256
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -127,36 +124,6 @@ def _check(
     for name, x in (("k", k), ("v", v), ("count", count)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension, got strides {x.stride()}")
-
-
-def _smallest_ranks(rank: torch.Tensor, kk: int) -> torch.Tensor:
-    """The kk smallest int32 rank keys ``(bits missing << 24) | slot`` of each row, ascending: rank (rows, N) ->
-    (rows, kk) int32, ``torch.topk(rank, kk, largest=False).values`` (the keys are distinct).
-
-    A stable counting sort by the bits missing (0..64, 127 for entries that do not merge) in three kernels
-    (bins per block, their offsets, the placement); rows longer than ``_COUNT_BLOCKS`` blocks take top-k."""
-    from longroll.kernels import redundancy as kern
-
-    rows, n = rank.shape
-    nblk = _cdiv(n, _RANK_BLOCK)
-    if nblk > _COUNT_BLOCKS:
-        return torch.topk(rank, kk, dim=-1, largest=False).values
-    counts = torch.empty(rows, nblk, _RANK_BINS, dtype=torch.int32, device=rank.device)
-    kern.rank_count_kernel[(nblk, rows)](
-        rank, counts, n, rank.stride(0), counts.stride(0), counts.stride(1),
-        SHIFT=24, NBINS=_RANK_BINS, BLOCK=_RANK_BLOCK, SUB=_RANK_SUB,
-    )  # fmt: skip
-    offsets = torch.empty_like(counts)
-    kern.rank_scan_kernel[(rows,)](
-        counts, offsets, nblk, counts.stride(0), counts.stride(1),
-        NBINS=_RANK_BINS, BLOCKS=max(16, 1 << (nblk - 1).bit_length()),
-    )  # fmt: skip
-    out = torch.empty(rows, kk, dtype=rank.dtype, device=rank.device)
-    kern.rank_place_kernel[(nblk, rows)](
-        rank, offsets, out, n, kk, rank.stride(0), offsets.stride(0), offsets.stride(1), out.stride(0),
-        SHIFT=24, NBINS=_RANK_BINS, BLOCK=_RANK_BLOCK, SUB=_RANK_SUB,
-    )  # fmt: skip
-    return out
 
 
 def fused_victims(
@@ -262,7 +229,7 @@ def fused_victims(
         best, into, rank, n, best.stride(0), into.stride(0), rank.stride(0),
         NBITS=SIGNATURE_BITS, KEPT_SHIFT=shift, NOT_KEPT=not_kept, BLOCK=_BLOCK,
     )  # fmt: skip
-    ranked = _smallest_ranks(rank, kk) if rank32 else torch.topk(rank, kk, dim=-1, largest=False).values
+    ranked = torch.topk(rank, kk, dim=-1, largest=False).values
     ok = torch.empty(rows, kk, dtype=torch.int8, device=dev)
     nd = need.reshape(rows).contiguous()
     kern.cosine_kernel[(_cdiv(kk, _COS_BLOCK), rows)](
