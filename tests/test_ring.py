@@ -77,7 +77,7 @@ def test_bad_arguments_raise_before_anything_changes():
     with pytest.raises(ValueError, match="sink_frames"):
         _swap(bufs, new, "torch", sink_frames=9, **kw)
     bad = dict(new, idx_new=new["idx_new"].int())
-    with pytest.raises(ValueError, match="idx_new must be torch.int64"):
+    with pytest.raises(ValueError, match=r"idx_new must be torch\.int64"):
         _swap(bufs, bad, "triton", sink_frames=1, **kw)
     bad = dict(new, k_new=new["k_new"][:, :, :5])
     with pytest.raises(ValueError, match="k_new and v_new"):
