@@ -19,6 +19,12 @@ own bf16 error on the same rows):
     vaug{W}           value augmentation: v -> [m v, m, 0..] of width W, qk unchanged at 128;
                       out = o[:, :, :, :128] / o[:, :, :, 128] (exact: the weights are m e^s / sum m e^s)
     triton            longroll's block-sparse kernel with every block (the portable path)
+    aug_route         ``attention(backend="sdpa_augmented")``: the build and cuDNN, as TempCache runs it
+    lse_triton        the Triton kernel returning the log-sum-exp (the host tier's route before)
+    lse_cudnn         cuDNN over the augmented inputs returning the log-sum-exp (``sdpa_augmented`` with
+                      ``return_lse``, what "auto" now picks for it on CUDA); both also report the lse's error
+    tier_triton       the host tier's attention: cache (Lk keys) and slot region (``--slots`` keys) each with
+    tier_cudnn        its log-sum-exp, merged; on the Triton kernel or cuDNN; checked against the union
     flex              compiled FlexAttention (Triton backend), score_mod adding the bias
     flex_flash        compiled FlexAttention with kernel_options BACKEND=FLASH (flash-attn-4's CuTe DSL
                       kernels), same score_mod; only where ``flash_attn.cute`` imports
@@ -48,6 +54,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from longroll.ops.attention import attention, augment_qk
+from longroll.ops.merge import merge_attention
 from longroll.ops.reference import attention_ref
 from longroll.pipeline.record import run_record
 
@@ -118,6 +125,7 @@ def main() -> None:
     p.add_argument("--lq", type=int, default=4680)
     p.add_argument("--lk", type=int, nargs="+", default=[28080])
     p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--slots", type=int, default=1920, help="keys of the host tier's slot region (tier_* routes)")
     p.add_argument("--merged", type=float, default=0.4, help="share of keys in merged groups (counts 2-8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="comma-separated route names to run (default: every route)")
@@ -125,7 +133,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.smoke:
-        args.lq, args.lk, args.heads = 97, [300], 2
+        args.lq, args.lk, args.heads, args.slots = 97, [300], 2, 40
     d = 128
     record = run_record(device)
     record["args"] = vars(args)
@@ -174,6 +182,26 @@ def run_case(lk: int, args: argparse.Namespace, device: str, dtype: torch.dtype,
         routes[f"vaug{w}"] = lambda va=va: _vsplit(cudnn(q, k, va), d)
     routes["vaug_build"] = lambda: _vsplit(cudnn(q, k, vaugment(v, count, 144)), d)
     routes["triton"] = lambda: attention(q, k, v, bias, scale=scale, backend="triton").out
+    routes["aug_route"] = lambda: attention(q, k, v, bias, scale=scale, backend="sdpa_augmented").out
+    # With the log-sum-exp, as the host tier's merge needs it: the Triton kernel and cuDNN over augmented inputs.
+    lse_fns = {
+        "lse_triton": lambda: attention(q, k, v, bias, scale=scale, backend="triton", return_lse=True),
+        "lse_cudnn": lambda: attention(q, k, v, bias, scale=scale, backend="sdpa_augmented", return_lse=True),
+    }
+    for name, lse_fn in lse_fns.items():
+        routes[name] = lambda lse_fn=lse_fn: lse_fn().out
+    # The host tier's attention: the cache and the retrieved slot region (its own keys), merged by log-sum-exp.
+    slots = args.slots
+    sq, sk, sv, _, sbias = make_inputs(1, args.heads, args.lq, slots, d, args.merged, device, dtype, args.seed + 1)
+    sq = q
+    for route in ("triton", "sdpa_augmented"):
+        def tier(route=route):
+            near = attention(q, k, v, bias, scale=scale, backend=route, return_lse=True)
+            back = attention(sq, sk, sv, sbias, scale=scale, backend=route, return_lse=True)
+            return merge_attention(near.out, near.lse, back.out, back.lse)[0]
+
+        routes["tier_" + ("cudnn" if route == "sdpa_augmented" else route)] = tier
+    tier_ref = None
     try:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -213,7 +241,18 @@ def run_case(lk: int, args: argparse.Namespace, device: str, dtype: torch.dtype,
         res: dict[str, Any] = {}
         try:
             out = fn()
-            if name not in ("cudnn_nobias", "fa4_nobias"):
+            if name.startswith("tier_"):
+                if tier_ref is None:
+                    uk, uv, ub = (torch.cat([a[:, hs], b[:, hs]], 2) for a, b in ((k, sk), (v, sv), (bias, sbias)))
+                    tier_ref = attention_ref(q[:, hs], uk, uv, ub, scale=scale, upcast=True)[0].double()
+                    tier_own = attention_ref(q[:, hs], uk, uv, ub, scale=scale, upcast=False)[0].double()
+                    case["tier_torch_bf16_max_err"] = (tier_own - tier_ref).abs().max().item()
+                res["max_err"] = (out[:, hs].double() - tier_ref).abs().max().item()
+                res["within_rule"] = bool(
+                    res["max_err"] <= 2 * case["tier_torch_bf16_max_err"] + torch.finfo(dtype).eps
+                )
+                res["finite"] = bool(torch.isfinite(out).all().item())
+            elif name not in ("cudnn_nobias", "fa4_nobias"):
                 res["max_err"] = (out[:, hs].double() - ref).abs().max().item()
                 res["within_rule"] = bool(res["max_err"] <= 2 * torch_err + torch.finfo(dtype).eps)
                 res["finite"] = bool(torch.isfinite(out).all().item())
@@ -222,6 +261,12 @@ def run_case(lk: int, args: argparse.Namespace, device: str, dtype: torch.dtype,
         except Exception as exc:  # record and go on
             res["error"] = repr(exc)[:500]
             res["trace"] = traceback.format_exc()[-800:]
+        if name in lse_fns and "error" not in res:
+            # The log-sum-exp against the float64 one of the same rows.
+            lse = lse_fns[name]().lse
+            assert lse is not None
+            lse_ref = attention_ref(q[:, hs], k[:, hs], v[:, hs], bias[:, hs], scale=scale, upcast=True)[1]
+            res["lse_max_err"] = (lse[:, hs].double() - lse_ref.double()).abs().max().item()
         case["routes"][name] = res
         if "ms" in res:
             line = f"{res['ms']:.3f} ms  {res['tflops']:.0f} TFLOP/s  err {res.get('max_err', 0):.2e}"

@@ -377,3 +377,40 @@ def test_world_model_rollout_with_a_host_tier_attends_what_the_cache_evicted():
     same = 2 * fpc
     torch.testing.assert_close(runs["host"][:, :, :same], runs["plain"][:, :, :same], rtol=0, atol=0)
     assert not torch.equal(runs["host"][:, :, same : same + fpc], runs["plain"][:, :, same : same + fpc])
+
+
+def _processor_rollout(policy, device, chunks=12, layers=3, steps=2):
+    """Every pass's self-attention outputs of a small processor fed the same random chunks, on ``device``."""
+    from longroll.policies.cached import CachedProcessor, PassInfo
+
+    proc = CachedProcessor(policy, num_layers=layers, batch=B, heads=H, head_dim=D, tokens_per_frame=P,
+                           frames_per_chunk=FPC, dtype=torch.float32, device=device)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    outs = []
+    for c in range(chunks):
+        kv = [torch.randn(2, B, H, FPC * P, D, generator=g) for _ in range(layers)]
+        for step in range(steps + 1):
+            proc.begin_pass(PassInfo(c * FPC, step, steps, commit=step == steps))
+            for layer in range(layers):
+                q = torch.randn(B, H, FPC * P, D, generator=g).to(device)
+                k, v = kv[layer].to(device)
+                outs.append(proc.self_attention(layer, q, k, v, k).cpu())
+    return torch.stack(outs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned memory, copy streams, gather thread")
+@pytest.mark.parametrize("kind", ["tempcache", "sink_window"])
+def test_processor_with_a_host_tier_on_cuda_computes_what_the_cpu_does(kind):
+    # On CUDA each layer prefetches the next one's retrieved blocks, records travel to host memory on their own
+    # stream and a thread gathers the selections: the rollout must be the CPU's synchronous one.
+    tier = HostTierConfig(host_budget_tokens=16 * FPC * P, block_tokens=4, top_blocks=2)
+    cache = (TempCachePolicy(max_entries=5 * P, sink_frames=1, ann=Int8Config()) if kind == "tempcache"
+             else SinkWindowPolicy(1, 4))  # fmt: skip
+    policy = AttentionPolicy("h", cache, attention_backend="chunked", host_tier=tier)
+    cpu = _processor_rollout(policy, "cpu")
+    cuda = _processor_rollout(policy, "cuda")
+    torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_processor_rollout(policy, "cuda"), cuda, rtol=0, atol=0)
+    # The tier took part: without it the later chunks differ.
+    plain = _processor_rollout(dataclasses.replace(policy, host_tier=None), "cpu")
+    assert not torch.allclose(plain, cpu, rtol=1e-3, atol=1e-3)

@@ -185,3 +185,60 @@ def test_fa4_route_masked_rows_and_nan_like_the_others():
     q[0, 1, 2, 3] = float("nan")
     out = attention(q, k, v, bias, backend="fa4").out
     assert torch.isnan(out[0, 1, 2]).all() and not torch.isnan(out[0, 0]).any()
+
+
+def test_cudnn_lse_route_refuses_where_it_cannot_run_and_changes_nothing():
+    q, k, v, bias = _inputs(3, 5, torch.float32)
+    before = [t.clone() for t in (q, k, v, bias)]
+    with pytest.raises(ValueError, match=r"sdpa_augmented.*cuDNN.*float32 on cpu"):
+        attention(q, k, v, bias, backend="sdpa_augmented", return_lse=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v, bias), strict=True))
+    # Off CUDA "auto" keeps its exact torch route for the log-sum-exp.
+    res = attention(q, k, v, bias, return_lse=True)
+    ref = attention(q, k, v, bias, backend="chunked", return_lse=True)
+    assert torch.equal(res.out, ref.out) and torch.equal(res.lse, ref.lse)
+
+
+_CUDNN = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0), reason="needs an Ampere+ GPU"
+)
+
+
+@_CUDNN
+@pytest.mark.parametrize(("lq", "lk"), [(97, 1025), (1, 97), (200, 128), (4680, 3000)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize(("d", "hk"), [(64, 2), (128, 4), (20, 4)])
+def test_cudnn_lse_route_matches_the_reference(lq, lk, dtype, with_bias, d, hk):
+    q, k, v, bias = (t.cuda() for t in _inputs(lq, lk, dtype, hk=hk, d=d, dv=64))
+    bias = bias if with_bias else None
+    ref, lse_ref = attention_ref(q, k, v, bias)
+    pt, _ = attention_ref(q, k, v, bias, upcast=False)
+    res = attention(q, k, v, bias, backend="sdpa_augmented", return_lse=True)
+    assert res.out.dtype == dtype and res.out.shape == (1, 4, lq, 64)
+    assert_within_rule("sdpa_augmented", res.out, ref, pt)
+    assert res.lse is not None and res.lse.dtype == torch.float32 and res.lse.shape == (1, 4, lq)
+    assert torch.allclose(res.lse, lse_ref.float(), atol=1e-3, rtol=1e-3), (res.lse - lse_ref).abs().max()
+    # The same output as the route without the log-sum-exp, and what "auto" picks for it on CUDA.
+    auto = attention(q, k, v, bias, return_lse=True)
+    assert torch.equal(auto.out, res.out) and torch.equal(auto.lse, res.lse)
+
+
+@_CUDNN
+def test_cudnn_lse_route_masked_rows_nan_and_merge_like_the_others():
+    q, k, v, bias = (t.cuda() for t in _inputs(5, 7, torch.bfloat16, masked=7))
+    res = attention(q, k, v, bias, backend="sdpa_augmented", return_lse=True)
+    assert torch.all(res.out == 0) and torch.all(torch.isneginf(res.lse))
+    q, k, v, bias = (t.cuda() for t in _inputs(97, 1025, torch.bfloat16))
+    q[0, 1, 2, 3] = float("nan")
+    res = attention(q, k, v, bias, backend="sdpa_augmented", return_lse=True)
+    assert torch.isnan(res.out[0, 1, 2]).all() and torch.isnan(res.lse[0, 1, 2])
+    assert not torch.isnan(res.out[0, 0]).any() and not torch.isnan(res.lse[0, 0]).any()
+    # Two disjoint parts merged by their log-sum-exps are attention over the union (the host tier's use).
+    q[0, 1, 2, 3] = 0.0
+    ref, _ = attention_ref(q, k, v, bias)
+    pt, _ = attention_ref(q, k, v, bias, upcast=False)
+    a = attention(q, k[:, :, :600], v[:, :, :600], bias[:, :, :600], backend="sdpa_augmented", return_lse=True)
+    b = attention(q, k[:, :, 600:], v[:, :, 600:], bias[:, :, 600:], backend="sdpa_augmented", return_lse=True)
+    merged = merge_attention(a.out, a.lse, b.out, b.lse)[0]
+    assert_within_rule("sdpa_augmented", merged, ref, pt)

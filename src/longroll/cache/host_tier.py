@@ -11,8 +11,9 @@ Life cycle, per layer (driven by :class:`~longroll.cache.kv_cache.LayerKVCache`)
     commit:  select(q) scores every host block against the chunk's query blocks (max over query blocks of the
              mean query . mean key) per head, keeps the top ``top_blocks`` and starts a non-blocking readback of
              their ids.
-    next chunk, first stage: fetch() gathers the selected blocks on the host (waiting on the readback event,
-             recorded a whole chunk earlier) and copies them non-blocking into the device slot region;
+    next chunk, first stage (of the layer before, through LayerKVCache.prefetch, or of this layer): fetch()
+             gathers the selected blocks on the host (waiting on the readback event, recorded a whole chunk
+             earlier) and copies them non-blocking into the device slot region;
              retrieved() is what attention merges with the cache (by log-sum-exp).
 
 The selection of chunk c is made from chunk c's committing queries and serves chunk c + 1: this keeps the host
@@ -227,7 +228,10 @@ class HostTier:
         #: The last selection: block ids (B, H, T) int64 and whether each names a non-empty block.
         self.selected: torch.Tensor | None = None
         self.selected_ok: torch.Tensor | None = None
-        self._readback: tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None] | None = None
+        #: The selection's ids on the host side, the event of their readback and of the record copies before it.
+        self._readback: (
+            tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None, torch.cuda.Event | None] | None
+        ) = None
         # Device slot region (static): the retrieved blocks, their log-count bias (-inf on empty slots).
         self.slot_k = torch.zeros(b, h, t * bt, d, dtype=dtype, device=dev)
         self.slot_v = torch.zeros(b, h, t * bt, dv, dtype=dtype, device=dev)
@@ -239,6 +243,9 @@ class HostTier:
         )
         self._copy_stream = torch.cuda.Stream(dev) if pin else None
         self._fetched: torch.cuda.Event | None = None
+        # CUDA only: the stream of the records' copies to host memory, and the event of the last one.
+        self._d2h_stream = torch.cuda.Stream(dev) if pin else None
+        self._absorbed: torch.cuda.Event | None = None
         # CUDA only: the worker thread that gathers a selection while the chunk runs, and its pending gather.
         self._pool: ThreadPoolExecutor | None = None
         self._job: Future[None] | None = None
@@ -281,12 +288,32 @@ class HostTier:
         blocks = slice(r * bpr, (r + 1) * bpr)
         self.index_keys[:, :, blocks] = mean.to(torch.float16)
         self.index_valid[:, :, blocks] = n > 0
+        if self._d2h_stream is None:
+            self._store(r, k, v, count, frame)
+        else:
+            # The copy to host memory runs on its own stream, so that the commit stream goes on with the next
+            # layer's commit while the copy engine moves the record; the compacted tensors stay allocated
+            # until it is done, and the gather of a selection waits for it (``_absorbed``).
+            self._d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._d2h_stream):
+                self._store(r, k, v, count, frame)
+                self._absorbed = torch.cuda.Event()
+                self._absorbed.record()
+            for t in (k, v, count, frame):
+                t.record_stream(self._d2h_stream)
+        self.written += 1
+
+    def _store(self, r: int, k: torch.Tensor, v: torch.Tensor, count: torch.Tensor, frame: torch.Tensor) -> None:
         nb = self.device.type == "cuda"
         self.host_k[r].copy_(k, non_blocking=nb)
         self.host_v[r].copy_(v, non_blocking=nb)
         self.host_count[r].copy_(count, non_blocking=nb)
         self.host_frame[r].copy_(frame, non_blocking=nb)
-        self.written += 1
+
+    def _wait_absorbed(self) -> None:
+        """Block the host until every record copy issued so far has reached host memory."""
+        if self._absorbed is not None:
+            self._absorbed.synchronize()
 
     # ------------------------------------------------------------------ selection and retrieval
     def select(self, queries: torch.Tensor) -> None:
@@ -323,12 +350,12 @@ class HostTier:
             ev = torch.cuda.Event()
             ev.record()
             self._wait_gather()
-            self._readback = (ids, ok, ev)
+            self._readback = (ids, ok, ev, self._absorbed)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longroll-host-tier")
             self._job = self._pool.submit(self._gather)
         else:
-            self._readback = (self.selected, self.selected_ok, None)
+            self._readback = (self.selected, self.selected_ok, None, None)
 
     def fetch(self) -> None:
         """Bring the last selection's blocks into the device slot region (call once per chunk, before its first
@@ -359,9 +386,12 @@ class HostTier:
     def _gather(self) -> None:
         """Gather the selected blocks of the host store into the gather buffers (host memory)."""
         assert self._readback is not None
-        ids, ok, ev = self._readback
+        ids, ok, ev, absorbed = self._readback
         if ev is not None:
             ev.synchronize()
+        if absorbed is not None:
+            # The selection may name blocks of the record copied just before it.
+            absorbed.synchronize()
         if self._fetched is not None:
             # The previous upload read the gather buffers (a chunk ago): let it finish before refilling them.
             self._fetched.synchronize()
@@ -407,6 +437,7 @@ class HostTier:
         (B, H, T) bool. The slot region is not saved: it is fetched again from the selection."""
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+        self._wait_absorbed()
         state = {
             "meta": torch.tensor([self.written, int(self.selected is not None)], dtype=torch.int64),
             "k": self.host_k.clone(),
@@ -498,6 +529,7 @@ class HostTier:
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         """Apply a :meth:`check_state` result."""
         self._wait_gather()
+        self._wait_absorbed()
         self.host_k.copy_(state["k"])
         self.host_v.copy_(state["v"])
         self.host_count.copy_(state["count"])
@@ -505,6 +537,8 @@ class HostTier:
         self.index_keys.copy_(state["index_keys"])
         self.index_valid.copy_(state["index_valid"])
         self.written = int(state["meta"][0])
+        self._has_slots, self._fetched = False, None
+        self.slot_bias.fill_(_NEG)
         if "selected" in state:
             self.selected = state["selected"].to(self.device, copy=True)
             self.selected_ok = state["selected_ok"].to(self.device, copy=True)
@@ -512,8 +546,6 @@ class HostTier:
         else:
             self.selected = self.selected_ok = None
             self._readback = None
-        self._has_slots, self._fetched = False, None
-        self.slot_bias.fill_(_NEG)
 
     def __repr__(self) -> str:
         return (

@@ -14,15 +14,16 @@ Backends (``backend=``):
   split in a high and a low part (so a bf16 bias keeps ~fp32 precision), and the qk head dim is zero-padded
   to a multiple of 64: ``scale * [q, 1/scale, 1/scale] . [k, b_hi, b_lo] = scale * q.k + b``. Any dense
   kernel then applies the bias; on an H100 at 131k keys cuDNN runs it at 410 TFLOP/s against 363 for the
-  mask route (``results/gpu/kernels_h100.json``). No log-sum-exp.
+  mask route (``results/gpu/kernels_h100.json``). With ``return_lse`` on CUDA (fp16/bf16, where cuDNN runs
+  attention) it calls cuDNN's attention directly, which also returns the log-sum-exp at no extra cost.
 - ``"triton"``: the block-sparse Triton kernel of :mod:`longroll.ops.block_sparse` with every block selected;
   returns the log-sum-exp at dense-kernel speed on a GPU.
 - ``"fa4"``: flash-attn-4's CuTe DSL kernel (an optional dependency, :mod:`longroll.ops.fa4`; fp16/bf16 on
   Hopper or Blackwell), the bias folded into q and k as in ``sdpa_augmented`` but with the qk width rounded up
   to 16 only; returns the log-sum-exp. Never chosen by ``"auto"``.
-- ``"auto"``: when the log-sum-exp is asked for, ``triton`` on CUDA (head dims the kernel supports) and
-  ``chunked`` elsewhere; otherwise ``sdpa`` without a bias, and with a bias ``sdpa_augmented`` on CUDA and
-  ``sdpa`` elsewhere.
+- ``"auto"``: when the log-sum-exp is asked for, ``sdpa_augmented`` through cuDNN on CUDA where it runs,
+  else ``triton`` on CUDA (head dims the kernel supports) and ``chunked`` elsewhere; otherwise ``sdpa``
+  without a bias, and with a bias ``sdpa_augmented`` on CUDA and ``sdpa`` elsewhere.
 
 Masked keys carry a bias of ``-inf`` (or anything <= ``MASKED_BIAS``); every route gives them zero weight, and a
 row whose keys are all masked (or a query with no key) is zero with a log-sum-exp of ``-inf`` on every route.
@@ -77,8 +78,8 @@ def attention(
         bias: (batch, heads_kv, seqlen_k), added to the scaled logit of each key for every query.
         scale: logit scale, default 1/sqrt(head_dim).
         backend: see the module docstring.
-        return_lse: also return the float32 log-sum-exp (batch, heads, seqlen_q); needs ``chunked`` or
-            ``triton``.
+        return_lse: also return the float32 log-sum-exp (batch, heads, seqlen_q); needs ``chunked``,
+            ``triton``, ``fa4``, or ``sdpa_augmented`` on CUDA in fp16/bf16.
         max_elements: cap on the scores the ``chunked`` route holds at once.
 
     Returns:
@@ -94,15 +95,23 @@ def attention(
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if backend == "auto":
-        if return_lse or lk == 0:
+        if return_lse and lk > 0 and cudnn_lse_supported(q, v):
+            backend = "sdpa_augmented"
+        elif return_lse or lk == 0:
             backend = "triton" if q.is_cuda and lk > 0 and d in TRITON_HEAD_DIMS and v.shape[-1] == d else "chunked"
         elif bias is None:
             backend = "sdpa"
         else:
             backend = "sdpa_augmented" if q.is_cuda else "sdpa"
-    if return_lse and backend not in ("chunked", "triton", "fa4"):
+    if return_lse and backend == "sdpa_augmented" and not cudnn_lse_supported(q, v):
         raise ValueError(
-            f"backend={backend!r} cannot return the log-sum-exp; use backend='chunked', 'triton' or 'fa4'"
+            "backend='sdpa_augmented' returns the log-sum-exp only through cuDNN (CUDA, float16/bfloat16, qk and v "
+            f"widths <= 256), got q {tuple(q.shape)} {q.dtype} on {q.device}, v width {v.shape[-1]}"
+        )
+    if return_lse and backend not in ("chunked", "triton", "fa4", "sdpa_augmented"):
+        raise ValueError(
+            f"backend={backend!r} cannot return the log-sum-exp; use backend='chunked', 'triton', 'fa4' or "
+            "'sdpa_augmented' (CUDA)"
         )
     if backend == "chunked":
         out, lse = _chunked(q, k, v, bias, scale, max_elements)
@@ -124,6 +133,9 @@ def attention(
         return AttentionOutput(_dense_semantics(raw, q, bias, h), raw_lse)
     if backend == "sdpa":
         return AttentionOutput(_dense_semantics(_sdpa_mask(q, k, v, bias, scale, h, hk), q, bias, h), None)
+    if return_lse:
+        raw, raw_lse = _cudnn_augmented(q, k, v, bias, scale, h, hk)
+        return AttentionOutput(_dense_semantics(raw, q, bias, h), _lse_semantics(raw_lse, q, bias, h))
     return AttentionOutput(_dense_semantics(_sdpa_augmented(q, k, v, bias, scale, h, hk), q, bias, h), None)
 
 
@@ -141,6 +153,51 @@ def _dense_semantics(out: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | No
         live = expand_kv_heads(~(bias <= MASKED_BIAS).all(dim=-1), h)  # (B, H); NaN counts as not masked
         out = out * live[:, :, None, None].to(out.dtype)
     return torch.where(torch.isnan(q).any(dim=-1, keepdim=True), float("nan"), out)
+
+
+def _lse_semantics(lse: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None, h: int) -> torch.Tensor:
+    """The log-sum-exp of a route that sees masked keys at ``MASKED_BIAS``: ``-inf`` on rows whose keys are all
+    masked, NaN on NaN queries, as on the other routes. lse: (B, H, Lq) float32."""
+    if bias is not None:
+        live = expand_kv_heads(~(bias <= MASKED_BIAS).all(dim=-1), h)
+        lse = lse.masked_fill(~live[:, :, None], float("-inf"))
+    return torch.where(torch.isnan(q).any(dim=-1), float("nan"), lse)
+
+
+def cudnn_lse_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether cuDNN's attention can return the log-sum-exp for q (B, H, Lq, D) and v (B, Hk, Lk, Dv): CUDA,
+    float16/bfloat16, an Ampere or later GPU, cuDNN's attention not switched off
+    (``torch.backends.cuda.enable_cudnn_sdp(False)``), the augmented qk width and Dv at most 256, Dv a multiple
+    of 8."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not (torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled()):
+        return False
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return False
+    width = -(-(q.shape[-1] + 2) // 64) * 64
+    return width <= 256 and v.shape[-1] <= 256 and v.shape[-1] % 8 == 0
+
+
+def _cudnn_augmented(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float, h: int, hk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's attention over the augmented q and k with its log-sum-exp: out (B, H, Lq, Dv), lse (B, H, Lq)
+    float32 (natural log of the sum of the scaled, biased exponentials).
+
+    ``F.scaled_dot_product_attention`` returns no log-sum-exp, so this calls the op it dispatches to on these
+    shapes, which computes it anyway (the statistics of its online softmax)."""
+    if bias is None and q.shape[-1] % 8 == 0:
+        qa, ka = q, k
+    else:
+        # cuDNN takes qk widths that are multiples of 8: a zero bias pads the others.
+        qa, ka = augment_qk(q, k, k.new_zeros(k.shape[:-1], dtype=torch.float32) if bias is None else bias, scale)
+    if hk != h:
+        # The op takes equal head counts: each kv head serves its group of query heads.
+        ka, v = ka.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(qa, ka, v, None, True, 0.0, False, False, scale=scale)
+    b, _, lq, _ = q.shape
+    return res[0], res[1].reshape(b, h, lq).float()
 
 
 def _sdpa_mask(
