@@ -25,6 +25,8 @@ own bf16 error on the same rows):
                       ``return_lse``, what "auto" now picks for it on CUDA); both also report the lse's error
     tier_triton       the host tier's attention: cache (Lk keys) and slot region (``--slots`` keys) each with
     tier_cudnn        its log-sum-exp, merged; on the Triton kernel or cuDNN; checked against the union
+    tier_union        the same union as one cuDNN call (``attention_union``: both parts' augmented keys built into
+                      one buffer, the values concatenated), the host tier's route on CUDA
     flex              compiled FlexAttention (Triton backend), score_mod adding the bias
     flex_flash        compiled FlexAttention with kernel_options BACKEND=FLASH (flash-attn-4's CuTe DSL
                       kernels), same score_mod; only where ``flash_attn.cute`` imports
@@ -53,7 +55,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from longroll.ops.attention import attention, augment_qk
+from longroll.ops.attention import attention, attention_union, augment_qk
 from longroll.ops.merge import merge_attention
 from longroll.ops.reference import attention_ref
 from longroll.pipeline.record import run_record
@@ -201,6 +203,7 @@ def run_case(lk: int, args: argparse.Namespace, device: str, dtype: torch.dtype,
             return merge_attention(near.out, near.lse, back.out, back.lse)[0]
 
         routes["tier_" + ("cudnn" if route == "sdpa_augmented" else route)] = tier
+    routes["tier_union"] = lambda: attention_union(q, ((k, v, bias), (sk, sv, sbias)), scale=scale)
     tier_ref = None
     try:
         from torch.nn.attention.flex_attention import flex_attention

@@ -242,3 +242,71 @@ def test_cudnn_lse_route_masked_rows_nan_and_merge_like_the_others():
     b = attention(q, k[:, :, 600:], v[:, :, 600:], bias[:, :, 600:], backend="sdpa_augmented", return_lse=True)
     merged = merge_attention(a.out, a.lse, b.out, b.lse)[0]
     assert_within_rule("sdpa_augmented", merged, ref, pt)
+
+
+def _union_parts(lq, lens, dtype, device="cpu", masked_all=False, seed=0):
+    q, k, v, bias = _inputs(lq, sum(lens), dtype, seed=seed, masked=sum(lens) if masked_all else 5)
+    q, k, v, bias = (t.to(device) for t in (q, k, v, bias))
+    parts, off = [], 0
+    for n in lens:
+        parts.append((k[:, :, off : off + n], v[:, :, off : off + n], bias[:, :, off : off + n]))
+        off += n
+    return q, k, v, bias, parts
+
+
+@pytest.mark.parametrize("lens", [(1025, 97), (5, 1), (200, 40, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_union_of_parts_is_attention_over_their_concatenation(lens, dtype):
+    from longroll.ops.attention import attention_union
+
+    q, k, v, bias, parts = _union_parts(97, lens, dtype)
+    ref, _ = attention_ref(q, k, v, bias)
+    pt, _ = attention_ref(q, k, v, bias, upcast=False)
+    out = attention_union(q, parts)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_within_rule("union", out, ref, pt)
+    # A part without a bias counts as one with a zero bias.
+    nob = [(pk, pv, None) for pk, pv, _ in parts]
+    zero = [(pk, pv, torch.zeros_like(pb)) for pk, pv, pb in parts]
+    assert torch.equal(attention_union(q, nob), attention_union(q, zero))
+
+
+def test_union_refuses_bad_parts():
+    from longroll.ops.attention import attention_union
+
+    q, _, _, _, parts = _union_parts(5, (7, 3), torch.float32)
+    with pytest.raises(ValueError, match="at least one"):
+        attention_union(q, [])
+    k, v, b = parts[1]
+    with pytest.raises(ValueError, match=r"parts\[1\] must have the batch, kv heads and value width"):
+        attention_union(q, [parts[0], (k, v[..., :8], b)])
+    with pytest.raises(ValueError, match="scale must be finite"):
+        attention_union(q, parts, scale=float("inf"))
+
+
+@_CUDNN
+@pytest.mark.parametrize("lens", [(28080, 1920), (1025, 97), (5, 1), (200, 40, 7)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_union_on_cuda_is_one_cudnn_call_within_the_rule(lens, dtype):
+    from longroll.ops.attention import attention_union
+
+    lq = 4680 if lens[0] > 10_000 else 97
+    q, k, v, bias, parts = _union_parts(lq, lens, dtype, device="cuda")
+    ref, _ = attention_ref(q, k, v, bias)
+    pt, _ = attention_ref(q, k, v, bias, upcast=False)
+    out = attention_union(q, parts)
+    assert_within_rule("union", out, ref, pt)
+    merged = attention_union(q, parts, backend="triton")
+    assert_within_rule("union_merged", merged, ref, pt)
+
+
+@_CUDNN
+def test_union_on_cuda_masked_rows_and_nan_like_the_others():
+    from longroll.ops.attention import attention_union
+
+    q, _, _, _, parts = _union_parts(5, (7, 3), torch.bfloat16, device="cuda", masked_all=True)
+    assert torch.all(attention_union(q, parts) == 0)
+    q, _, _, _, parts = _union_parts(97, (300, 40), torch.bfloat16, device="cuda")
+    q[0, 1, 2, 3] = float("nan")
+    out = attention_union(q, parts)
+    assert torch.isnan(out[0, 1, 2]).all() and not torch.isnan(out[0, 0]).any()

@@ -9,16 +9,15 @@ Life cycle, per layer (driven by :class:`~longroll.cache.kv_cache.LayerKVCache`)
              the stage to host memory (pinned on CUDA, non-blocking): one record per commit that may evict, in a
              ring of records (the host budget; the oldest record goes first).
     commit:  select(q) scores every host block against the chunk's query blocks (max over query blocks of the
-             mean query . mean key) per head, keeps the top ``top_blocks`` and starts a non-blocking readback of
-             their ids.
-    next chunk, first stage (of the layer before, through LayerKVCache.prefetch, or of this layer): fetch()
-             gathers the selected blocks on the host (waiting on the readback event, recorded a whole chunk
-             earlier) and copies them non-blocking into the device slot region;
-             retrieved() is what attention merges with the cache (by log-sum-exp).
+             mean query . mean key) per head, keeps the top ``top_blocks`` and copies them into the device slot
+             region (:func:`~longroll.ops.host_gather.gather_blocks`: on CUDA a kernel that reads the pinned
+             store itself, on the stream of the commit, after the record's copy).
+    next chunk: retrieved() is what attention merges with the cache (by log-sum-exp).
 
-The selection of chunk c is made from chunk c's committing queries and serves chunk c + 1: this keeps the host
-gather, which needs the block ids on the host, off the critical path (no host wait on work issued in the same
-chunk). Heads are independent throughout: each head evicts, indexes, selects and retrieves its own entries.
+The selection of chunk c is made from chunk c's committing queries and serves chunk c + 1. The block ids never
+leave the device, so nothing on the host waits for them: no readback, no host gather, no synchronisation in the
+per-layer path. Heads are independent throughout: each head evicts, indexes, selects and retrieves its own
+entries.
 """
 
 from __future__ import annotations
@@ -26,10 +25,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+from longroll.ops.host_gather import gather_blocks
 
 _NEG = float("-inf")
 
@@ -228,33 +228,16 @@ class HostTier:
         #: The last selection: block ids (B, H, T) int64 and whether each names a non-empty block.
         self.selected: torch.Tensor | None = None
         self.selected_ok: torch.Tensor | None = None
-        #: The selection's ids on the host side, the event of their readback and of the record copies before it.
-        self._readback: (
-            tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None, torch.cuda.Event | None] | None
-        ) = None
         # Device slot region (static): the retrieved blocks, their log-count bias (-inf on empty slots).
         self.slot_k = torch.zeros(b, h, t * bt, d, dtype=dtype, device=dev)
         self.slot_v = torch.zeros(b, h, t * bt, dv, dtype=dtype, device=dev)
         self.slot_bias = torch.full((b, h, t * bt), _NEG, dtype=torch.float32, device=dev)
-        self._gathered = (
-            host(b, h, t, bt, d, dt=dtype),
-            host(b, h, t, bt, dv, dt=dtype),
-            host(b, h, t, bt, dt=torch.float32),
-        )
-        self._copy_stream = torch.cuda.Stream(dev) if pin else None
-        self._fetched: torch.cuda.Event | None = None
-        # CUDA only: the stream of the records' copies to host memory, and the event of the last one.
-        self._d2h_stream = torch.cuda.Stream(dev) if pin else None
-        self._absorbed: torch.cuda.Event | None = None
-        # CUDA only: the worker thread that gathers a selection while the chunk runs, and its pending gather.
-        self._pool: ThreadPoolExecutor | None = None
-        self._job: Future[None] | None = None
         self._has_slots = False
 
     # ------------------------------------------------------------------ sizes
     def host_nbytes(self) -> int:
-        """Bytes of host memory held (store and gather buffers)."""
-        ts = (self.host_k, self.host_v, self.host_count, self.host_frame, *self._gathered)
+        """Bytes of host memory held (the store)."""
+        ts = (self.host_k, self.host_v, self.host_count, self.host_frame)
         return sum(x.numel() * x.element_size() for x in ts)
 
     def device_nbytes(self) -> int:
@@ -288,32 +271,13 @@ class HostTier:
         blocks = slice(r * bpr, (r + 1) * bpr)
         self.index_keys[:, :, blocks] = mean.to(torch.float16)
         self.index_valid[:, :, blocks] = n > 0
-        if self._d2h_stream is None:
-            self._store(r, k, v, count, frame)
-        else:
-            # The copy to host memory runs on its own stream, so that the commit stream goes on with the next
-            # layer's commit while the copy engine moves the record; the compacted tensors stay allocated
-            # until it is done, and the gather of a selection waits for it (``_absorbed``).
-            self._d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._d2h_stream):
-                self._store(r, k, v, count, frame)
-                self._absorbed = torch.cuda.Event()
-                self._absorbed.record()
-            for t in (k, v, count, frame):
-                t.record_stream(self._d2h_stream)
-        self.written += 1
-
-    def _store(self, r: int, k: torch.Tensor, v: torch.Tensor, count: torch.Tensor, frame: torch.Tensor) -> None:
+        # On the commit's stream: the selection's gather, later on the same stream, reads the record after it.
         nb = self.device.type == "cuda"
         self.host_k[r].copy_(k, non_blocking=nb)
         self.host_v[r].copy_(v, non_blocking=nb)
         self.host_count[r].copy_(count, non_blocking=nb)
         self.host_frame[r].copy_(frame, non_blocking=nb)
-
-    def _wait_absorbed(self) -> None:
-        """Block the host until every record copy issued so far has reached host memory."""
-        if self._absorbed is not None:
-            self._absorbed.synchronize()
+        self.written += 1
 
     # ------------------------------------------------------------------ selection and retrieval
     def select(self, queries: torch.Tensor) -> None:
@@ -338,94 +302,20 @@ class HostTier:
         scores = scores.masked_fill(~self.index_valid, _NEG)
         top = scores.topk(self.config.top_blocks, dim=-1)
         self.selected, self.selected_ok = top.indices, torch.isfinite(top.values)
-        self._start_readback()
-
-    def _start_readback(self) -> None:
-        assert self.selected is not None and self.selected_ok is not None
-        if self.device.type == "cuda":
-            ids = torch.empty(self.selected.shape, dtype=torch.int64, pin_memory=True)
-            ok = torch.empty(self.selected_ok.shape, dtype=torch.bool, pin_memory=True)
-            ids.copy_(self.selected, non_blocking=True)
-            ok.copy_(self.selected_ok, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            self._wait_gather()
-            self._readback = (ids, ok, ev, self._absorbed)
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longroll-host-tier")
-            self._job = self._pool.submit(self._gather)
-        else:
-            self._readback = (self.selected, self.selected_ok, None, None)
-
-    def fetch(self) -> None:
-        """Bring the last selection's blocks into the device slot region (call once per chunk, before its first
-        attention). The host gathers the blocks once the ids' readback (issued a chunk earlier) is done: on CUDA
-        in a worker thread started at the selection, so that the gather overlaps the rest of the chunk; the
-        copy to the device is non-blocking on a side stream, which :meth:`retrieved` makes the reader wait for."""
-        if self._readback is None:
-            return
-        if self._job is not None:
-            self._job.result()
-            self._job = None
-        else:
-            self._gather()
-        gk, gv, gc = self._gathered
-        b, h, t = self._readback[0].shape
-        n = t * self.config.block_tokens
-        if self._copy_stream is not None:
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._copy_stream):
-                self._upload(gk, gv, gc, b, h, n)
-                self._fetched = torch.cuda.Event()
-                self._fetched.record()
-        else:
-            self._upload(gk, gv, gc, b, h, n)
-        self._readback = None
-        self._has_slots = True
+        self._gather()
 
     def _gather(self) -> None:
-        """Gather the selected blocks of the host store into the gather buffers (host memory)."""
-        assert self._readback is not None
-        ids, ok, ev, absorbed = self._readback
-        if ev is not None:
-            ev.synchronize()
-        if absorbed is not None:
-            # The selection may name blocks of the record copied just before it.
-            absorbed.synchronize()
-        if self._fetched is not None:
-            # The previous upload read the gather buffers (a chunk ago): let it finish before refilling them.
-            self._fetched.synchronize()
-        bt, bpr = self.config.block_tokens, self.blocks_per_record
-        rec, blk = ids // bpr, ids % bpr
-        bi = torch.arange(self.batch)[:, None, None]
-        hi = torch.arange(self.heads)[None, :, None]
-        shape = (self.records, self.batch, self.heads, bpr, bt)
-        gk, gv, gc = self._gathered
-        gk.copy_(self.host_k.view(*shape, self.head_dim)[rec, bi, hi, blk])
-        gv.copy_(self.host_v.view(*shape, self.v_dim)[rec, bi, hi, blk])
-        gc.copy_(self.host_count.view(*shape)[rec, bi, hi, blk] * ok[..., None])
-
-    def _wait_gather(self) -> None:
-        if self._job is not None:
-            self._job.result()
-            self._job = None
-
-    def _upload(self, gk: torch.Tensor, gv: torch.Tensor, gc: torch.Tensor, b: int, h: int, n: int) -> None:
-        nb = self.device.type == "cuda"
-        self.slot_k.copy_(gk.view(b, h, n, self.head_dim), non_blocking=nb)
-        self.slot_v.copy_(gv.view(b, h, n, self.v_dim), non_blocking=nb)
-        c = self.slot_bias
-        c.copy_(gc.view(b, h, n), non_blocking=nb)
-        # log(0) = -inf: empty slots get no weight.
-        torch.log(c, out=c)
+        """Copy the selected blocks into the slot region, on the current stream (no host synchronisation)."""
+        assert self.selected is not None and self.selected_ok is not None
+        gather_blocks(self.host_k, self.host_v, self.host_count, self.selected, self.selected_ok, self.slot_k,
+                      self.slot_v, self.slot_bias, block_tokens=self.config.block_tokens)  # fmt: skip
+        self._has_slots = True
 
     def retrieved(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The slot region once a selection was fetched: k (B, H, S, D), v (B, H, S, Dv), bias (B, H, S)
-        float32 log-count (-inf on empty slots), S = ``slot_tokens``; None before the first fetch."""
+        """The slot region once a selection was gathered: k (B, H, S, D), v (B, H, S, Dv), bias (B, H, S)
+        float32 log-count (-inf on empty slots), S = ``slot_tokens``; None before the first selection."""
         if not self._has_slots:
             return None
-        if self._fetched is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._fetched)
         return self.slot_k, self.slot_v, self.slot_bias
 
     # ------------------------------------------------------------------ state
@@ -434,10 +324,9 @@ class HostTier:
         [records written, whether a selection is held]; ``k`` (R, B, H, E, D), ``v`` (R, B, H, E, Dv),
         ``count`` (R, B, H, E) float32, ``frame`` (R, B, H, E) int32; ``index_keys`` (B, H, NB, D) float16;
         ``index_valid`` (B, H, NB) bool; with a selection, ``selected`` (B, H, T) int64 and ``selected_ok``
-        (B, H, T) bool. The slot region is not saved: it is fetched again from the selection."""
+        (B, H, T) bool. The slot region is not saved: it is gathered again from the selection."""
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        self._wait_absorbed()
         state = {
             "meta": torch.tensor([self.written, int(self.selected is not None)], dtype=torch.int64),
             "k": self.host_k.clone(),
@@ -528,8 +417,9 @@ class HostTier:
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         """Apply a :meth:`check_state` result."""
-        self._wait_gather()
-        self._wait_absorbed()
+        if self.device.type == "cuda":
+            # Copies to the store still in flight must land before it is overwritten.
+            torch.cuda.current_stream(self.device).synchronize()
         self.host_k.copy_(state["k"])
         self.host_v.copy_(state["v"])
         self.host_count.copy_(state["count"])
@@ -537,15 +427,14 @@ class HostTier:
         self.index_keys.copy_(state["index_keys"])
         self.index_valid.copy_(state["index_valid"])
         self.written = int(state["meta"][0])
-        self._has_slots, self._fetched = False, None
+        self._has_slots = False
         self.slot_bias.fill_(_NEG)
         if "selected" in state:
             self.selected = state["selected"].to(self.device, copy=True)
             self.selected_ok = state["selected_ok"].to(self.device, copy=True)
-            self._start_readback()
+            self._gather()
         else:
             self.selected = self.selected_ok = None
-            self._readback = None
 
     def __repr__(self) -> str:
         return (

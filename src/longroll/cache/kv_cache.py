@@ -250,8 +250,6 @@ class LayerKVCache:
         self._check_stage(k, v, frame_start, k_match)
         n = k.shape[2]
         if self.staged_tokens == 0:
-            if self.host is not None:
-                self.host.fetch()
             self._refresh_bound()
             self._ensure_slots(self.bound + n)
             self._bias = None
@@ -281,13 +279,6 @@ class LayerKVCache:
                 self._bias = torch.log(buf.count[:, :, :n])
             bias = self._bias
         return CacheView(buf.k[:, :, :n], buf.v[:, :, :n], bias)
-
-    def prefetch(self) -> None:
-        """Start bringing the host tier's last selection into its slot region before this layer stages its next
-        chunk (no-op without a tier, while a chunk is staged, or when nothing is pending): an earlier layer
-        calls it, so that the copy runs beside that layer's attention instead of in front of this one's."""
-        if self.host is not None and self.staged_tokens == 0:
-            self.host.fetch()
 
     def retrieved(self) -> CacheView | None:
         """The host tier's retrieved blocks for this chunk (attended besides :meth:`view`): k (B, H, S, D),

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -51,6 +52,7 @@ from longroll.ops._checks import check_bias, check_qkv
 from longroll.ops.block_index import BlockSparseIndex
 from longroll.ops.block_sparse import TRITON_HEAD_DIMS, block_sparse_attention
 from longroll.ops.fa4 import AUG_MULTIPLE, fa4_forward
+from longroll.ops.merge import merge_attentions
 from longroll.ops.reference import expand_kv_heads
 from longroll.ops.types import MASKED_BIAS, AttentionOutput
 
@@ -256,14 +258,18 @@ def augment_qk(
     return qa, ka
 
 
-def _augment_rows(x: torch.Tensor, bias: torch.Tensor | None, width: int, fill: float) -> torch.Tensor:
-    """x (B, H, N, D) -> (B, H, N, width): [x, b_hi, b_lo, 0...] from bias (B, H, N), or [x, fill, fill, 0...]."""
+def _augment_rows(
+    x: torch.Tensor, bias: torch.Tensor | None, width: int, fill: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (B, H, N, D) -> (B, H, N, width): [x, b_hi, b_lo, 0...] from bias (B, H, N), or [x, fill, fill, 0...];
+    written into ``out`` (B, H, N, width, last dim contiguous) when given, e.g. a slice of a larger buffer."""
     from longroll.kernels.augment import augment_rows_kernel
 
     b, h, n, d = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = torch.empty(b, h, n, width, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(b, h, n, width, dtype=x.dtype, device=x.device)
     if n == 0:
         return out
     if bias is not None and bias.stride(-1) != 1:
@@ -279,6 +285,71 @@ def _augment_rows(x: torch.Tensor, bias: torch.Tensor | None, width: int, fill: 
         HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_W=block_w,
     )  # fmt: skip
     return out
+
+
+def attention_union(
+    q: torch.Tensor,
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    *,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Attention of q over the union of disjoint key sets, each with its per-key bias (a cache and the blocks a
+    host tier brought back), without concatenating them first.
+
+    Args:
+        q: (B, H, Lq, D); parts: non-empty sequence of (k (B, Hk, Lk_i, D), v (B, Hk, Lk_i, Dv), bias
+            (B, Hk, Lk_i) or None for no bias), the same batch, Hk, D and Dv in every part.
+        backend: ``"auto"`` on CUDA where cuDNN runs the augmented route (fp16/bf16): the augmented keys of
+            every part built into one buffer, the values concatenated, one cuDNN call (no log-sum-exp, no
+            merge); otherwise, and for any other backend, each part's attention with its log-sum-exp
+            (``attention(..., backend, return_lse=True)``), merged: the same maths, the reference.
+
+    Returns:
+        (B, H, Lq, Dv) in q.dtype.
+    """
+    if not parts:
+        raise ValueError("parts must hold at least one (k, v, bias) triple, got none")
+    for i, (k, v, bias) in enumerate(parts):
+        check_qkv(q, k, v)
+        check_bias(bias, k)
+        if k.shape[:2] != parts[0][0].shape[:2] or v.shape[-1] != parts[0][1].shape[-1]:
+            raise ValueError(f"parts[{i}] must have the batch, kv heads and value width of parts[0], got k "
+                             f"{tuple(k.shape)}, v {tuple(v.shape)} against k {tuple(parts[0][0].shape)}, v "
+                             f"{tuple(parts[0][1].shape)}")  # fmt: skip
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    lengths = [k.shape[2] for k, _, _ in parts]
+    if backend == "auto" and q.is_cuda and cudnn_lse_supported(q, parts[0][1]) and min(lengths) > 0:
+        b, h = q.shape[:2]
+        hk = parts[0][0].shape[1]
+        width = -(-(d + 2) // 64) * 64
+        fill = float(torch.tensor(1.0 / scale, dtype=q.dtype))
+        qa = _augment_rows(q, None, width, fill)
+        ka = torch.empty(b, hk, sum(lengths), width, dtype=q.dtype, device=q.device)
+        off = 0
+        live = torch.zeros(b, hk, dtype=torch.bool, device=q.device)
+        for (k, _, bias), n in zip(parts, lengths, strict=True):
+            if bias is None:
+                bias = torch.zeros(k.shape[:-1], dtype=torch.float32, device=k.device)
+            _augment_rows(k, bias, width, 0.0, out=ka[:, :, off : off + n])
+            live |= ~(bias <= MASKED_BIAS).all(dim=-1)  # a row whose keys are all masked, in every part
+            off += n
+        v = torch.cat([v for _, v, _ in parts], dim=2)
+        raw = F.scaled_dot_product_attention(qa, ka, v, scale=scale, enable_gqa=hk != h)
+        raw = raw * expand_kv_heads(live, h)[:, :, None, None].to(raw.dtype)
+        return torch.where(torch.isnan(q).any(dim=-1, keepdim=True), float("nan"), raw)
+    route = "auto" if backend in ("sdpa", "sdpa_augmented") else backend
+    pairs = []
+    for k, v, bias in parts:
+        r = attention(q, k, v, bias, scale=scale, backend=route, return_lse=True)
+        assert r.lse is not None
+        pairs.append((r.out, r.lse))
+    return merge_attentions(pairs)[0]
 
 
 def _next_power_of_2(n: int) -> int:

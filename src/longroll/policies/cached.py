@@ -302,11 +302,7 @@ class CachedProcessor:
         # The schedule is asked only by policies with a sparse path (a dense pass may declare no steps).
         pol = self.policy
         sparse = (pol.annsa is not None or pol.radial is not None) and self._sparse(layer)
-        first = lay.cache.staged_tokens == 0
         lay.stage(k, v, frame_start=info.frame_start, k_pre_rope=k_pre_rope)
-        if first and pol.host_tier is not None and layer + 1 < len(self.layers):
-            # The next layer's retrieved blocks travel to the device while this layer attends.
-            self.layers[layer + 1].cache.prefetch()
         radial = self._radial_for(lay.cache) if sparse and self.policy.radial is not None else None
         out = lay.attend(q, sparse=sparse, radial=radial)
         if info.commit and self.groups:

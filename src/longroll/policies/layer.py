@@ -29,10 +29,9 @@ from longroll.ann.buckets import Int8Codes
 from longroll.cache.config import CacheConfig
 from longroll.cache.graphs import StaticInputs
 from longroll.cache.kv_cache import LayerKVCache, LoadedState
-from longroll.ops.attention import attention
+from longroll.ops.attention import attention, attention_union
 from longroll.ops.block_index import BlockSparseIndex
 from longroll.ops.block_sparse import block_sparse_attention
-from longroll.ops.merge import merge_attention
 from longroll.policies.config import AttentionPolicy
 from longroll.policies.timing import ComponentTimer
 from longroll.sparse.annca import AnnCA, CollapsedPrompt, collapse_duplicates
@@ -246,13 +245,9 @@ class LayerAttention:
         with self._span("attention"):
             if far is None:
                 return attention(q, *view, backend=self.policy.attention_backend).out
-            # The host tier's blocks are disjoint from the cache: attend both and merge by log-sum-exp.
-            backend = self.policy.attention_backend
-            backend = backend if backend in ("chunked", "triton", "fa4") else "auto"
-            near = attention(q, *view, backend=backend, return_lse=True)
-            back = attention(q, *far, backend=backend, return_lse=True)
-            assert near.lse is not None and back.lse is not None
-            return merge_attention(near.out, near.lse, back.out, back.lse)[0]
+            # The host tier's blocks are disjoint from the cache: attention over the union of the two.
+            parts = ((view.k, view.v, view.bias), (far.k, far.v, far.bias))
+            return attention_union(q, parts, backend=self.policy.attention_backend)
 
     def commit(self, q: torch.Tensor, inputs: tuple[torch.Tensor, ...] = ()) -> None:
         """Commit the staged chunk (the cache policy decides what stays; ``q`` (B, H, n, D) scores importance
