@@ -135,7 +135,9 @@ def _gather_torch(
     gc = store_count.view(*shape)[rec, bi, hi, blk] * ok.to(sdev)[..., None]
     out_k.copy_(gk)
     out_v.copy_(gv)
-    out_bias.copy_(torch.log(gc.reshape(b, h, n)))
+    # The log on the outputs' device, as the kernel path takes it (a CPU and a CUDA log may differ by an ulp).
+    out_bias.copy_(gc.reshape(b, h, n))
+    torch.log(out_bias, out=out_bias)
 
 
 __all__ = ["gather_blocks"]
