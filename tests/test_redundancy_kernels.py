@@ -256,3 +256,41 @@ def test_age_keys_made_in_the_first_kernel_equal_the_torch_keys():
     e = _clone(buf)
     twin = victims(e, AgeOrder(120, 6, 2), need, 30, 0.5, backend="torch")
     _assert_same_plan(a, ref, e, twin)
+
+
+@pytest.mark.parametrize("evict_by", ["redundancy", "age"])
+def test_a_host_tier_under_the_fused_commit_keeps_what_the_torch_twin_keeps(evict_by):
+    # The fused placement captures each frame's victims before it overwrites them (victim j of a head is lost
+    # exactly when the merges freed fewer than j + 1 slots and the frame's new tokens reach it): the host records
+    # must be the torch path's.
+    from longroll.cache.host_tier import HostTierConfig
+
+    def cache(backend, mode="off"):
+        policy = TempCachePolicy(threshold=0.9, max_entries=7 * P, sink_frames=1, recent_frames=2, evict_by=evict_by,
+                                 compress_threshold=0.5, plan_backend=backend)  # fmt: skip
+        tier = HostTierConfig(host_budget_tokens=16 * FPC * P, block_tokens=8, top_blocks=3)
+        cfg = CacheConfig(tokens_per_frame=P, frames_per_chunk=FPC, policy=policy, commit_graphs=mode,
+                          host_tier=tier)  # fmt: skip
+        return LayerKVCache(cfg, batch=B, heads=H, head_dim=D, device=DEV)
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(B, H, P, D, generator=g)
+    mode = "auto" if DEV.type == "cuda" else "emulate"
+    caches = [cache("torch"), cache("triton"), cache("triton", mode=mode)]
+    for c in range(12):
+        k = torch.cat([base + 0.5 * torch.randn(B, H, P, D, generator=g) for _ in range(FPC)], 2).to(DEV)
+        v = torch.randn(B, H, FPC * P, D, generator=g).to(DEV)
+        q = torch.randn(B, H, FPC * P, D, generator=g).to(DEV)
+        for cc in caches:
+            cc.stage(k, v, frame_start=c * FPC, k_match=k)
+            cc.commit(queries=q)
+    ref = caches[0].host
+    assert ref is not None and ref.written > 3 and int((ref.host_count > 0).sum()) > 0, "entries were evicted"
+    for cc in caches[1:]:
+        tier = cc.host
+        assert tier is not None and tier.written == ref.written
+        for name in ("host_count", "host_frame", "host_k", "index_valid"):
+            assert torch.equal(getattr(tier, name), getattr(ref, name)), name
+        torch.testing.assert_close(tier.host_v, ref.host_v, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+        assert torch.equal(tier.selected, ref.selected)
+    assert caches[2].commit_capture.captured

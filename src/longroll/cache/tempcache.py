@@ -190,6 +190,28 @@ def _capture_victims(
     stage.put(offset, k, v, count, frame)
 
 
+def _capture_ranked_victims(
+    buf: CacheBuffers, victims: torch.Tensor, new: torch.Tensor, free: torch.Tensor, freed: torch.Tensor | None,
+    stage: EvictionStage, offset: int,
+) -> None:  # fmt: skip
+    """:func:`_capture_victims` before a fused placement: the r-th new token of a head takes its free slots
+    first, then ``victims[r - free]``, so victim ``j`` is evicted exactly when ``freed <= j < new - free``
+    (the first ``freed`` ones were emptied by redundancy merges). Written in victim order, which is the order of
+    the tokens that evict them, so a record compacts to what :func:`_capture_victims` gives.
+
+    victims: (B, H, K) int64; new: (B, H, P) bool; free: (B, H) int64 slots left below the cap before the frame;
+    freed: (B, H) int64 or None."""
+    p, kk = new.shape[-1], victims.shape[-1]
+    j = torch.arange(kk, device=victims.device)
+    evict = j < (new.sum(-1) - free)[..., None]
+    if freed is not None:
+        evict = evict & (j >= freed[..., None])
+    if kk < p:
+        pad = (0, p - kk)
+        victims, evict = F.pad(victims, pad), F.pad(evict, pad)
+    _capture_victims(buf, victims[..., :p], evict[..., :p], stage, offset)
+
+
 def match_frame(searcher: Searcher, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-1 correspondence of a frame's tokens with the frame before it.
 
@@ -293,11 +315,14 @@ def merge_frame(
             target = torch.zeros_like(idx)
     new = ~merged
     compress = policy.compress_threshold if policy.evict_by == "redundancy" else None
-    if fused and stage is None:
+    if fused:
         assert isinstance(now, torch.Tensor)
         victims = None
         if may_overflow:
-            victims, _ = _victims(buf, new, cap, frame, policy.sink_frames, compress, consts, policy.plan_backend)
+            free = cap - buf.lengths
+            victims, freed = _victims(buf, new, cap, frame, policy.sink_frames, compress, consts, policy.plan_backend)
+            if stage is not None:
+                _capture_ranked_victims(buf, victims, new, free, freed, stage, offset)
         slots = fused_place(
             buf.k, buf.v, buf.count, buf.frame, buf.lengths, merged, target, victims, k, v, frame_now=now, cap=cap
         )
