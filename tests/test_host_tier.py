@@ -14,6 +14,7 @@ from longroll.ops.reference import attention_ref
 from longroll.policies.config import AttentionPolicy
 from longroll.policies.layer import LayerAttention
 from tests.device import KERNEL_DEVICE as DEV  # CUDA in the GPU suite: pinned memory, streams, gather thread
+from tests.tolerance import assert_within_rule
 
 P, FPC, H, D, B = 8, 2, 2, 16, 2
 
@@ -288,14 +289,19 @@ def test_memory_layout_runs_a_host_tier_and_a_processor_resumes_it():
 
     cand = parse_layout("tc_host=tempcache:host=48,top=4,block=8")
     assert (cand.host_frames, cand.host_top_blocks, cand.host_block_tokens) == (48, 4, 8)
-    with pytest.raises(ValueError, match="host_frames applies"):
-        parse_layout("x=all:host=48")
-    cfg = MemoryEvalConfig(policies=("tempcache",), layouts=(cand, parse_layout("sw_host=sink_window:host=48")))
+    with pytest.raises(ValueError, match="host_top_blocks"):
+        parse_layout("x=all:host=48,top=0")
+    layouts = (cand, parse_layout("sw_host=sink_window:host=48"), parse_layout("all_host=all:host=48,topk=2"))
+    cfg = MemoryEvalConfig(policies=("tempcache", "all"), layouts=layouts)
     pols = {p.name: p for p in cfg.policy_configs(WorldWanModel(TINY, WorldModelSpec(train_frames=9)))}
     assert pols["tempcache"].host_tier is None
     assert pols["tc_host"].host_tier == HostTierConfig(48 * 64, block_tokens=8, top_blocks=4)
     assert pols["tc_host"].cache == pols["tempcache"].cache
     assert isinstance(pols["sw_host"].cache, SinkWindowPolicy) and pols["sw_host"].host_tier.block_tokens == 16
+    # AnnSA and AnnCA compose with the tier: the preset's, with the layout's AnnSA budget.
+    assert pols["all_host"].host_tier == HostTierConfig(48 * 64, block_tokens=16, top_blocks=8)
+    assert pols["all_host"].annsa == dataclasses.replace(pols["all"].annsa, top_k_blocks=2)
+    assert pols["all_host"].annca == pols["all"].annca is not None
     # A processor over the policy: state round trip through the processor, keys under layer{i}.host.
     tier = HostTierConfig(host_budget_tokens=8 * FPC * P, block_tokens=4, top_blocks=2)
     policy = AttentionPolicy("h", SinkWindowPolicy(1, 4), attention_backend="chunked", host_tier=tier)
@@ -415,3 +421,107 @@ def test_processor_with_a_host_tier_on_cuda_computes_what_the_cpu_does(kind):
     # The tier took part: without it the later chunks differ.
     plain = _processor_rollout(dataclasses.replace(policy, host_tier=None), "cpu")
     assert not torch.allclose(plain, cpu, rtol=1e-3, atol=1e-3)
+
+
+def _annsa_tier_layer(top_k_blocks, mode="off"):
+    from longroll.sparse.annsa import AnnSAConfig
+
+    tier = HostTierConfig(host_budget_tokens=16 * FPC * P, block_tokens=4, top_blocks=3)
+    cfg = _tempcache(cap_frames=5, tier=tier, mode=mode)
+    sa = AnnSAConfig(ann=Int8Config(), q_block_size=8, kv_block_size=8, top_k_blocks=top_k_blocks, backend="torch")
+    pol = AttentionPolicy("t", cfg.policy, attention_backend="chunked", annsa=sa, host_tier=tier)
+    return LayerAttention(pol, cfg, layer=0, batch=B, heads=H, head_dim=D, dtype=torch.float32, device=DEV)
+
+
+def _annsa_chunks(lay, chunks, check):
+    frames = _frames(2 * chunks)
+    g = torch.Generator().manual_seed(3)
+    outs = []
+    for c in range(chunks):
+        k = torch.cat([frames[c * FPC + i][0] for i in range(FPC)], 2).to(DEV)
+        v = torch.cat([frames[c * FPC + i][1] for i in range(FPC)], 2).to(DEV)
+        q = torch.randn(B, H, FPC * P, D, generator=g).to(DEV)
+        lay.stage(k, v, frame_start=c * FPC, k_pre_rope=k)
+        out = lay.attend(q, sparse=True)
+        check(c, q, out)
+        outs.append(out)
+        lay.commit(q)
+    return outs
+
+
+def test_annsa_selecting_every_block_with_a_host_tier_attends_the_union():
+    # Every key block selected: the sparse pass must be attention over [cache ; retrieved blocks] exactly.
+    lay = _annsa_tier_layer(top_k_blocks=64)
+    seen = []
+
+    def check(c, q, out):
+        far, view = lay.cache.retrieved(), lay.cache.view()
+        if c >= 6:
+            assert far is not None and lay.annsa_plan is not None
+        if far is None:
+            return
+        seen.append(c)
+        bias = view.bias if view.bias is not None else torch.zeros(view.k.shape[:3], device=DEV)
+        k, v = torch.cat([view.k, far.k], 2).double(), torch.cat([view.v, far.v], 2).double()
+        ref64, _ = attention_ref(q.double(), k, v, torch.cat([bias, far.bias], 2).double())
+        same, _ = attention_ref(q, torch.cat([view.k, far.k], 2), torch.cat([view.v, far.v], 2),
+                                torch.cat([bias, far.bias], 2), upcast=False)  # fmt: skip
+        assert_within_rule(f"chunk {c}", out, ref64, same)
+
+    _annsa_chunks(lay, 12, check)
+    assert seen
+
+
+def test_annsa_selecting_few_blocks_with_a_host_tier_adds_every_retrieved_block():
+    # One key block per query block besides the sinks and the chunk: the cache part is the selection's, the
+    # retrieved blocks are attended by every query.
+    from longroll.ops.block_sparse import block_sparse_attention_ref
+
+    lay = _annsa_tier_layer(top_k_blocks=1)
+    seen = []
+
+    def check(c, q, out):
+        far, view = lay.cache.retrieved(), lay.cache.view()
+        if far is None or lay.annsa_plan is None:
+            return
+        sel = lay.selection(q)
+        assert sel is not None and view.bias is not None
+        seen.append(c)
+        part_out, part_lse = block_sparse_attention_ref(sel.permute_queries(q).double(), view.k.double(),
+                                                        view.v.double(), sel.index, view.bias.double())  # fmt: skip
+        near_out, near_lse = attention_ref(q.double(), far.k.double(), far.v.double(), far.bias.double())
+        w_part = torch.exp(sel.unpermute(part_lse))
+        w_near = torch.exp(near_lse)
+        ref = (sel.unpermute(part_out) * w_part[..., None] + near_out * w_near[..., None]) / (w_part + w_near)[
+            ..., None
+        ]
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        dense = lay.attend(q, sparse=False)
+        assert not torch.allclose(dense, out, rtol=1e-3, atol=1e-3)  # the cache part really was sparse
+
+    _annsa_chunks(lay, 12, check)
+    assert seen
+
+
+@pytest.mark.parametrize("mode", ["off", "emulate"])
+def test_annsa_with_a_host_tier_resumes_bit_exactly(mode):
+    full = _annsa_chunks(_annsa_tier_layer(2, mode), 12, lambda *a: None)
+    first = _annsa_tier_layer(2, mode)
+    frames = _frames(24)
+    g = torch.Generator().manual_seed(3)
+    for c in range(6):
+        k = torch.cat([frames[c * FPC + i][0] for i in range(FPC)], 2).to(DEV)
+        v = torch.cat([frames[c * FPC + i][1] for i in range(FPC)], 2).to(DEV)
+        q = torch.randn(B, H, FPC * P, D, generator=g).to(DEV)
+        first.stage(k, v, frame_start=c * FPC, k_pre_rope=k)
+        first.attend(q, sparse=True)
+        first.commit(q)
+    resumed = _annsa_tier_layer(2, mode)
+    resumed.load_state(resumed.check_state(first.state_dict()))
+    for c in range(6, 12):
+        k = torch.cat([frames[c * FPC + i][0] for i in range(FPC)], 2).to(DEV)
+        v = torch.cat([frames[c * FPC + i][1] for i in range(FPC)], 2).to(DEV)
+        q = torch.randn(B, H, FPC * P, D, generator=g).to(DEV)
+        resumed.stage(k, v, frame_start=c * FPC, k_pre_rope=k)
+        torch.testing.assert_close(resumed.attend(q, sparse=True), full[c], rtol=0, atol=0, msg=f"chunk {c}")
+        resumed.commit(q)

@@ -78,8 +78,8 @@ class LayoutCandidate:
             unchanged).
         annca: False drops the preset's AnnCA (prompt-token selection), to tell its share of a change apart.
         host_frames: a host tier under the cache holding this many latent frames of evicted entries per head
-            (:class:`~longroll.cache.host_tier.HostTierConfig`; bases ``tempcache``, ``tempcache_lsh`` and
-            ``sink_window``); None: no host tier.
+            (:class:`~longroll.cache.host_tier.HostTierConfig`; any base, ``all`` and ``all_int8`` with their
+            AnnSA and AnnCA); None: no host tier.
         host_top_blocks: blocks the host tier retrieves per head and chunk.
         host_block_tokens: entries per host block (None: a quarter of a frame).
         host_equal: the host tier's device slot region counts against the memory: the cache gets
@@ -110,8 +110,6 @@ class LayoutCandidate:
             raise ValueError(f"top_k_blocks, max_density and annca apply to 'all' and 'all_int8', not {self.base!r}")
         if self.top_k_blocks is not None and self.top_k_blocks < 1:
             raise ValueError(f"top_k_blocks must be >= 1 or None, got {self.top_k_blocks!r}")
-        if self.host_frames is not None and self.base not in ("tempcache", "tempcache_lsh", "sink_window"):
-            raise ValueError(f"host_frames applies to tempcache, tempcache_lsh and sink_window, not {self.base!r}")
         for name in ("host_frames", "host_block_tokens"):
             val = getattr(self, name)
             if val is not None and (not isinstance(val, int) or val < 1):
@@ -437,12 +435,13 @@ def split_report(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def memory_table(report: dict[str, Any]) -> str:
-    """A Markdown table of the report: pooled PSNRs, the paired difference to sink-window on revisited tiles
-    with its interval, the gap recovered and mean self-attention recall/density."""
+    """A Markdown table of the report: pooled PSNRs, the paired differences to sink-window and to dense on
+    revisited tiles with their intervals, the gap recovered and mean self-attention recall/density."""
     fam = report["families"]["revisit"]
     det = report["details"]
     head = ["policy", "revisited tiles vs GT", "recent tiles vs GT", "all vs GT", "vs dense",
-            "revisited: minus sink-window [95% CI]", "gap recovered", "self recall", "self density"]  # fmt: skip
+            "revisited: minus sink-window [95% CI]", "revisited: minus dense [95% CI]", "gap recovered",
+            "self recall", "self density"]  # fmt: skip
 
     def f(x: Any, spec: str = ".2f") -> str:
         return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
@@ -451,12 +450,15 @@ def memory_table(report: dict[str, Any]) -> str:
         vals = [x for x in v or [] if x is not None and math.isfinite(x)]
         return sum(vals) / len(vals) if vals else None
 
+    def paired(name: str) -> str:
+        d = det["paired"].get(name)
+        return "-" if d is None else f"{f(d['mean'], '+.2f')} [{f(d['ci95'][0], '+.2f')}, {f(d['ci95'][1], '+.2f')}]"
+
     rows = []
     for p, s in fam.items():
-        d = det["paired"].get(f"{p}_minus_sink_window_revisited")
-        diff = "-" if d is None else f"{f(d['mean'], '+.2f')} [{f(d['ci95'][0], '+.2f')}, {f(d['ci95'][1], '+.2f')}]"
         lay = det["layers"].get(p, {}).get("self", {})
-        rows.append([p, f(s["psnr_revisited"]), f(s["psnr_recent"]), f(s["psnr_vs_gt"]), f(s["psnr_vs_dense"]), diff,
+        rows.append([p, f(s["psnr_revisited"]), f(s["psnr_recent"]), f(s["psnr_vs_gt"]), f(s["psnr_vs_dense"]),
+                     paired(f"{p}_minus_sink_window_revisited"), paired(f"{p}_minus_dense_revisited"),
                      f(report["gap_recovered"].get(p), ".0%"), f(mean(lay.get("recall")), ".3f"),
                      f(mean(lay.get("density")), ".3f")])  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -36,7 +36,9 @@ class AttentionPolicy:
         radial: a static Radial-Attention-style mask over the time-ordered full cache (peer baseline), or None.
         host_tier: entries the cache evicts move to host memory and the most relevant blocks of them are
             attended again each chunk (:class:`~longroll.cache.host_tier.HostTierConfig`); needs a TempCache or
-            sink-window cache and dense self-attention (no AnnSA or radial mask yet). None: evicted is gone.
+            sink-window cache. With AnnSA, sparse passes attend the cache block-sparse and the retrieved blocks
+            densely (they are few, and already selected for the chunk), merged by log-sum-exp. None: evicted is
+            gone.
     """
 
     name: str = "dense"
@@ -60,8 +62,6 @@ class AttentionPolicy:
                 raise ValueError(f"host_tier must be a HostTierConfig or None, got {type(self.host_tier).__name__}")
             if not isinstance(self.cache, TempCachePolicy | SinkWindowPolicy):
                 raise ValueError(f"host_tier needs a TempCache or sink-window cache, got {type(self.cache).__name__}")
-            if self.annsa is not None or self.radial is not None:
-                raise ValueError("host_tier runs with dense self-attention only (annsa and radial must be None)")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
 

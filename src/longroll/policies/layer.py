@@ -32,6 +32,7 @@ from longroll.cache.kv_cache import LayerKVCache, LoadedState
 from longroll.ops.attention import attention, attention_union
 from longroll.ops.block_index import BlockSparseIndex
 from longroll.ops.block_sparse import block_sparse_attention
+from longroll.ops.merge import merge_attention
 from longroll.policies.config import AttentionPolicy
 from longroll.policies.timing import ComponentTimer
 from longroll.sparse.annca import AnnCA, CollapsedPrompt, collapse_duplicates
@@ -232,16 +233,23 @@ class LayerAttention:
             radial: the static mask of the chunk (policies with a radial config), shared by the layers.
         """
         view = self.cache.view()
+        far = self.cache.retrieved()
         if sparse and self.planner is not None and self._plan is not None:
             with self._span("ann_select"):
                 sel = self.planner.select(q, view, self._plan, staged_tokens=self.cache.staged_tokens)
             with self._span("attention"):
-                return self.planner.run(q, view, self._plan, staged_tokens=self.cache.staged_tokens,
-                                        selection=sel).out  # fmt: skip
+                res = self.planner.run(q, view, self._plan, staged_tokens=self.cache.staged_tokens, selection=sel)
+                if far is None:
+                    return res.out
+                # The retrieved blocks were selected for this chunk already: all of them, densely, merged with
+                # the sparse part by log-sum-exp (the two key sets are disjoint).
+                assert res.lse is not None
+                near = attention(q, far.k, far.v, far.bias, backend=self.policy.attention_backend, return_lse=True)
+                assert near.lse is not None
+                return merge_attention(res.out, res.lse, near.out, near.lse)[0]
         if sparse and radial is not None:
             with self._span("attention"):
                 return block_sparse_attention(q, view.k, view.v, radial, view.bias).out
-        far = self.cache.retrieved()
         with self._span("attention"):
             if far is None:
                 return attention(q, *view, backend=self.policy.attention_backend).out
