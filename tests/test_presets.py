@@ -63,3 +63,33 @@ def test_tempcache_layout_validation():
             TempCacheLayout(**kwargs)
     with pytest.raises(ValueError, match="layout"):
         preset("tempcache", tokens_per_frame=64, frames_per_chunk=3, layout="wide")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("tpf", "fpc", "memory"), [(64, 3, 15), (1560, 3, 15), (16, 2, 4)])
+def test_retrieval_preset_keeps_the_equal_cache_and_adds_its_slot_region_and_host_store(tpf, fpc, memory):
+    from longroll.cache.host_tier import HostTierConfig
+    from longroll.policies.config import RETRIEVAL_HOST_MEMORIES, RETRIEVAL_LAYOUT, RETRIEVAL_SLOT_MEMORIES
+
+    ret = preset("retrieval", tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=memory)
+    tc = preset("tempcache", tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=memory)
+    exact = preset("tempcache", tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=memory,
+                   layout=RETRIEVAL_LAYOUT)  # fmt: skip
+    assert ret.cache == exact.cache and ret.cache != tc.cache
+    assert (ret.cache.threshold, ret.cache.overflow_threshold, ret.cache.evict_by) == (1.0, 1.0, "age")
+    assert ret.host_tier == HostTierConfig(
+        RETRIEVAL_HOST_MEMORIES * memory * tpf, block_tokens=tpf, top_blocks=RETRIEVAL_SLOT_MEMORIES * memory
+    )
+    # The device cache is the other presets'; the slot region, the stage and the index come on top of it.
+    caches = {}
+    for name, p in (("retrieval", ret), ("tempcache", exact)):
+        cfg = CacheConfig(tpf, fpc, p.cache, host_tier=p.host_tier)
+        caches[name] = LayerKVCache(cfg, batch=1, heads=2, head_dim=8, dtype=torch.float16)
+    assert caches["retrieval"].capacity == caches["tempcache"].capacity == memory * tpf
+    slots = caches["retrieval"].host.device_nbytes()
+    assert caches["retrieval"].nbytes() == caches["tempcache"].nbytes() + slots
+    assert slots >= memory * tpf * 2 * 8 * 2 * 2  # K and V of the slot region alone: entries x heads x D x 2 B
+    assert caches["retrieval"].host_nbytes() >= RETRIEVAL_HOST_MEMORIES * memory * tpf * 2 * 8 * 2 * 2
+    # A layout replaces retrieval's cache layout too.
+    layout = TempCacheLayout(sink_frames=1, threshold=0.95, overflow_threshold=0.95, evict_by="age")
+    other = preset("retrieval", tokens_per_frame=tpf, frames_per_chunk=fpc, memory_frames=memory, layout=layout)
+    assert (other.cache.sink_frames, other.cache.threshold) == (1, 0.95) and other.host_tier == ret.host_tier

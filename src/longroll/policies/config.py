@@ -88,7 +88,13 @@ PRESET_NAMES: tuple[str, ...] = (
     "radial",
     "all",
     "all_int8",
+    "retrieval",
 )
+
+#: The ``retrieval`` preset's host tier, in multiples of its device memory: evicted history held on the host,
+#: and the device slot region the retrieved blocks fill each chunk (one latent frame per block).
+RETRIEVAL_HOST_MEMORIES = 4
+RETRIEVAL_SLOT_MEMORIES = 1
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,11 @@ class TempCacheLayout:
         )  # fmt: skip
 
 
+#: ``retrieval``'s cache: merges only identical keys (cosine 1 for a match, at the cap and for a redundancy
+#: merge), and evicts by age, so that what leaves the device is exact and the host tier can bring it back.
+RETRIEVAL_LAYOUT = TempCacheLayout(threshold=1.0, overflow_threshold=1.0, evict_by="age", compress_threshold=1.0)
+
+
 def preset(
     name: str,
     *,
@@ -173,22 +184,34 @@ def preset(
     ``tempcache`` and ``tempcache_lsh`` (temporal-correspondence merging, int8 or LSH matching), ``annsa`` and
     ``annsa_int8`` (ANN block-sparse self-attention over the unbounded cache), ``annca`` (ANN prompt-token
     selection), ``radial`` (static Radial-Attention-style mask, peer baseline), ``all`` and ``all_int8``
-    (TempCache + AnnSA + AnnCA).
+    (TempCache + AnnSA + AnnCA), ``retrieval`` (TempCache merging only identical keys, :data:`RETRIEVAL_LAYOUT`,
+    over a host tier of ``RETRIEVAL_HOST_MEMORIES`` times the memory, retrieving ``RETRIEVAL_SLOT_MEMORIES``
+    times the memory per chunk in blocks of one frame: device memory is the cache's plus as much again for
+    the slot region, and host memory holds that many more frames of keys and values).
     ``memory_frames`` sets the budget/cap of the bounded policies, in latent frames; every bounded policy holds
     exactly that many frames of tokens and the same ``SINK_FRAMES`` sinks (fewer when the memory is too small to
-    hold them and a chunk). ``layout`` replaces the TempCache presets' default :class:`TempCacheLayout`.
+    hold them and a chunk). ``layout`` replaces the TempCache presets' default :class:`TempCacheLayout`
+    (``retrieval``'s too).
     """
     if name not in PRESET_NAMES:
         raise ValueError(f"policy must be one of {sorted(PRESET_NAMES)}, got {name!r}")
     if memory_frames < frames_per_chunk + 1:
         raise ValueError(f"memory_frames must exceed frames_per_chunk={frames_per_chunk}, got {memory_frames}")
-    layout = TempCacheLayout() if layout is None else layout
-    if not isinstance(layout, TempCacheLayout):
+    if layout is not None and not isinstance(layout, TempCacheLayout):
         raise ValueError(f"layout must be a TempCacheLayout or None, got {type(layout).__name__}")
+    retrieval = RETRIEVAL_LAYOUT if layout is None else layout
+    layout = TempCacheLayout() if layout is None else layout
     budget = memory_frames * tokens_per_frame
     sink = min(SINK_FRAMES, memory_frames - frames_per_chunk)
     tc_sink = min(layout.sink_frames, memory_frames - frames_per_chunk)
     tc_recent = min(layout.recent_frames, memory_frames - frames_per_chunk - tc_sink)
+    r_sink = min(retrieval.sink_frames, memory_frames - frames_per_chunk)
+    r_recent = min(retrieval.recent_frames, memory_frames - frames_per_chunk - r_sink)
+    r_tier = HostTierConfig(
+        RETRIEVAL_HOST_MEMORIES * budget,
+        block_tokens=tokens_per_frame,
+        top_blocks=RETRIEVAL_SLOT_MEMORIES * memory_frames,
+    )
     table: dict[str, AttentionPolicy] = {
         "dense": AttentionPolicy("dense", FullPolicy()),
         "sink_window": AttentionPolicy("sink_window", SinkWindowPolicy(sink, memory_frames - sink)),
@@ -217,6 +240,12 @@ def preset(
         # nothing (35.00 in `all`), at the same commit time on the GPU with the fused top-1 kernel.
         "all": AttentionPolicy("all", tc_int8, annsa=sa_lsh, annca=ca_lsh),
         "all_int8": AttentionPolicy("all_int8", tc_int8, annsa=sa_int8, annca=ca_lsh),
+        # Redundancy merging averages what it keeps, and a host tier under it brings back nothing better; a
+        # cache that merges only identical keys evicts everything else exactly, and retrieval brings it back
+        # (the world model's revisits, 32 CPU episodes: README, "Memory past the cap").
+        "retrieval": AttentionPolicy(
+            "retrieval", retrieval.policy(budget, r_sink, Int8Config(), r_recent), host_tier=r_tier
+        ),
     }
     if tuple(table) != PRESET_NAMES:  # one list of names: the table may not drift from it
         raise RuntimeError(f"preset table {tuple(table)} differs from PRESET_NAMES {PRESET_NAMES}")
@@ -239,4 +268,13 @@ def sparse_block_size(tokens_per_frame: int) -> int:
     return max(16, 1 << ((tokens_per_frame // 2).bit_length() - 1)) if tokens_per_frame >= 2 else 16
 
 
-__all__ = ["EQUAL_MEMORY_FRAMES", "PRESET_NAMES", "AttentionPolicy", "TempCacheLayout", "preset"]
+__all__ = [
+    "EQUAL_MEMORY_FRAMES",
+    "PRESET_NAMES",
+    "RETRIEVAL_HOST_MEMORIES",
+    "RETRIEVAL_LAYOUT",
+    "RETRIEVAL_SLOT_MEMORIES",
+    "AttentionPolicy",
+    "TempCacheLayout",
+    "preset",
+]
