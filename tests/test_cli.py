@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from longroll.cli.main import main
-from longroll.policies.config import PRESET_NAMES
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,11 +111,12 @@ def test_generate_end_to_end_and_mismatched_checkpoint(tmp_path: Path, capsys: p
     folder = build_tiny_folder(tmp_path / "model", shard_size=None)
     common = ["--model", str(folder), "--frames", "3", "--height", "64", "--width", "64", "--text-len", "16"]
     out = tmp_path / "run"
-    argv = ["generate", "a cat runs", *common, "--policy", PRESET_NAMES[-1], "--timesteps", "1000,500"]
+    argv = ["generate", "a cat runs", *common, "--policy", "retrieval", "--timesteps", "1000,500"]
     assert main([*argv, "--memory-frames", "4", "--out", str(out)]) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert (out / "video.mp4").stat().st_size > 0
-    assert stats["video_frames"] == 9 and stats["policy"] == PRESET_NAMES[-1]
+    assert stats["video_frames"] == 9 and stats["policy"] == "retrieval"
+    assert stats["memory"]["host_bytes"] > 0 and stats["policy_config"]["host_tier"]["top_blocks"] == 4
     assert stats["load_seconds"] > 0 and stats["command"].startswith("longroll generate 'a cat runs'")
     assert "DiT only" in capsys.readouterr().out
 

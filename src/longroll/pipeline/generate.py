@@ -214,8 +214,10 @@ def _record(
     text_s: float,
     e2e_s: float,
     command: str | None,
+    host_bytes: int = 0,
 ) -> dict[str, Any]:
-    """The content of ``stats.json``: command, settings, model, environment, timings, memory, chunks."""
+    """The content of ``stats.json``: command, settings, model, environment, timings, memory (``host_bytes``: a
+    host tier's store), chunks."""
     record = run_record(pipe.device, command)
     return {
         "command": record["command"],
@@ -235,7 +237,8 @@ def _record(
             "dit_peak_bytes_max": max(r["dit_peak_bytes"] for r in records),
             "decode_peak_bytes_max": max(r["decode_peak_bytes"] for r in records),
             "cache_bytes_final": records[-1]["cache_bytes"],
-            "note": "peaks are torch.cuda.max_memory_allocated per chunk; 0 on CPU",
+            "host_bytes": host_bytes,
+            "note": "peaks are torch.cuda.max_memory_allocated per chunk; 0 on CPU; host_bytes: a host tier's store",
         },
         "chunks": records,
     }
@@ -391,7 +394,8 @@ def generate(
     e2e_s = time.perf_counter() - t_start
     pipe.decoder.reset()
     settings["video_frames"] = writer.frames_written
-    stats = {**_record(pipe, settings, sink.records, text_s, e2e_s, command), "partial": False, **(extra or {})}
+    record = _record(pipe, settings, sink.records, text_s, e2e_s, command, processor.host_bytes())
+    stats = {**record, "partial": False, **(extra or {})}
     stats_path.write_text(json.dumps(stats, indent=2, allow_nan=False) + "\n")
     log.info(
         "%s: %d frames, DiT %.2f s, end to end %.2f s",

@@ -373,7 +373,12 @@ class CachedProcessor:
 
     # ------------------------------------------------------------------ reports and state
     def cache_bytes(self) -> int:
+        """Device bytes of every layer's cache (a host tier's stage, index and slot region included)."""
         return sum(lay.cache.nbytes() for lay in self.layers)
+
+    def host_bytes(self) -> int:
+        """Host bytes of every layer's host tier (0 without one): allocated up front, fixed."""
+        return sum(lay.cache.host_nbytes() for lay in self.layers)
 
     def mean_entries(self) -> float:
         """Committed entries per head, averaged over layers (host sync)."""
