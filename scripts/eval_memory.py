@@ -41,6 +41,7 @@ import torch
 from longroll.eval.memory import (
     MEMORY_PRESETS,
     MemoryEvalConfig,
+    compare_runs,
     evaluate_memory,
     memory_table,
     parse_layout,
@@ -106,7 +107,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="FP8 linears in the blocks (torch._scaled_mm, row or tensor scales): the quality change is the "
         "difference of this run's scores against an --fp8 off run of the same episodes",
     )
+    p.add_argument(
+        "--against",
+        type=Path,
+        help="an earlier run's folder (its details.json) of the same episodes: writes against.json/.md, the "
+        "paired per-episode differences of this run against it (e.g. --fp8 row against --fp8 off)",
+    )
     return p.parse_args(argv)
+
+
+def _against_table(diff: dict) -> str:
+    def f(x: float | None, spec: str = "+.2f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    head = "| policy | score | this run | base | pooled difference | paired mean [95% CI] |"
+    rows = [head, "|---|---|---|---|---|---|"]
+    for p, scores in diff["policies"].items():
+        for k, d in scores.items():
+            ci = d["paired"]["ci95"]
+            rows.append(f"| {p} | {k.removeprefix('psnr_')} | {f(d['run'], '.2f')} | {f(d['base'], '.2f')} | "
+                        f"{f(d['pooled_difference'])} | {f(d['paired']['mean'])} [{f(ci[0])}, {f(ci[1])}] |")
+    return "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         probe_every=args.probe_every,
         resamples=1000 if args.smoke else 10_000,
     )
+    base = None
+    if args.against is not None:  # refused before the run, not after it
+        path = args.against / "details.json"
+        if not path.is_file():
+            raise SystemExit(f"--against {args.against}: no details.json there")
+        base = json.loads(path.read_text())
+        for key in ("episodes", "frames", "context_frames", "memory_frames"):
+            if base.get("config", {}).get(key) != getattr(cfg, key):
+                raise SystemExit(f"--against {args.against}: its {key} is {base.get('config', {}).get(key)!r}, "
+                                 f"this run's {getattr(cfg, key)!r}")  # fmt: skip
     dtype = getattr(torch, args.dtype)
     model = load_world_model(args.checkpoint, device=device, dtype=dtype)
     if args.fp8 != "off":
@@ -155,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "details.json").write_text(json.dumps(details, indent=1) + "\n")
     (args.out / "table.md").write_text(memory_table(json_safe(report)))
+    if base is not None:
+        diff = compare_runs(details, base)
+        diff["base"] = str(args.against)
+        (args.out / "against.json").write_text(json.dumps(diff, indent=1) + "\n")
+        (args.out / "against.md").write_text(_against_table(diff))
+        log.info("against %s:\n%s", args.against, _against_table(diff))
     log.info("summary: %s", json.dumps(summary))
     log.info("total %.1f s", time.perf_counter() - START)
     return 0

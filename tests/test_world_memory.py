@@ -154,6 +154,45 @@ def test_memory_report_has_exactly_the_keys_and_the_gap():
         memory_report(MemoryEvalConfig(), {"dense": scores["dense"]}, {}, {}, eps, device="cpu")
 
 
+def test_two_runs_of_the_same_episodes_compare_paired():
+    from longroll.eval.memory import compare_runs
+
+    base_scores = {"dense": _scores((30.0, [30.0, 31.0, 29.0])), "sink_window": _scores((20.0, [20.0, 19.0, 21.0])),
+                   "tempcache": _scores((26.0, [26.0, 27.0, 25.0]))}  # fmt: skip
+    run_scores = {p: {k: (v[0] - 1.0, [x - 1.0 for x in v[1]]) for k, v in s.items()} for p, s in base_scores.items()}
+    run_scores["tempcache"]["psnr_revisited"] = (26.0, [26.5, math.inf, 25.5])  # an episode identical to dense
+    eps = sample_episodes(3, 0)
+    cfg = MemoryEvalConfig(resamples=200)
+
+    def details(scores):
+        return split_report(json_safe(memory_report(cfg, scores, {}, {}, eps, device="cpu")))[1]
+
+    run, base = details(run_scores), details(base_scores)
+    diff = compare_runs(run, base, resamples=200)
+    assert set(diff["policies"]) == {"dense", "sink_window", "tempcache"}
+    d = diff["policies"]["sink_window"]["psnr_recent"]
+    assert d["run"] == d["base"] - 1.0 and d["pooled_difference"] == -1.0
+    assert d["paired"]["mean"] == pytest.approx(-1.0) and d["paired"]["ci95"] == pytest.approx([-1.0, -1.0])
+    t = diff["policies"]["tempcache"]["psnr_revisited"]["paired"]
+    assert t["episodes"] == 2 and t["mean"] == pytest.approx(0.5)  # the infinite episode is left out
+    json.dumps(diff, allow_nan=False)
+    # Other episodes, another geometry, or no shared policy: refused, naming what differs.
+    other = json.loads(json.dumps(base))
+    other["protocol"]["world_ids"] = other["protocol"]["world_ids"][::-1] + [99]
+    with pytest.raises(ValueError, match="world_ids"):
+        compare_runs(run, other)
+    other = json.loads(json.dumps(base))
+    other["config"]["memory_frames"] = 7
+    with pytest.raises(ValueError, match="memory_frames"):
+        compare_runs(run, other)
+    other = json.loads(json.dumps(base))
+    other["pooled"] = {"x": {}}
+    with pytest.raises(ValueError, match="share no policy"):
+        compare_runs(run, other)
+    with pytest.raises(ValueError, match="lacks"):
+        compare_runs(run, {"pooled": {}})
+
+
 def test_evaluate_memory_end_to_end_on_a_tiny_model():
     torch.manual_seed(0)
     model = init_world_model(WorldWanModel(TINY, WorldModelSpec(train_frames=9))).eval()

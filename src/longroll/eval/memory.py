@@ -31,6 +31,7 @@ from longroll.cache.config import SinkWindowPolicy
 from longroll.cache.host_tier import HostTierConfig
 from longroll.eval.stats import paired_difference
 from longroll.eval.world import ProbedProcessor, run_record
+from longroll.pipeline.generate import json_safe
 from longroll.policies.cached import CachedProcessor
 from longroll.policies.config import (
     EQUAL_MEMORY_FRAMES,
@@ -465,11 +466,62 @@ def memory_table(report: dict[str, Any]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
+#: Scores two runs of the memory test are compared on.
+COMPARED_SCORES: tuple[str, ...] = ("psnr_revisited", "psnr_recent", "psnr_vs_gt")
+
+
+def compare_runs(run: dict[str, Any], base: dict[str, Any], *, resamples: int = 10_000) -> dict[str, Any]:
+    """Paired per-episode differences ``run - base`` of two memory-test runs of the same episodes (e.g. FP8
+    linears against the same model without them), for every policy both ran.
+
+    Args:
+        run, base: ``details.json`` of each run (``protocol``, ``config``, ``pooled``, ``per_episode``).
+
+    Returns:
+        ``{"policies": {policy: {score: {"run", "base", "pooled_difference", "paired": {mean, ci95, episodes,
+        wins, level, excludes_zero}}}}}`` (pooled PSNRs in dB; null where infinite).
+
+    Raises:
+        ValueError naming the first difference when the runs do not score the same episodes and frames, or
+        share no policy.
+    """
+    for name, d in (("run", run), ("base", base)):
+        missing = [k for k in ("protocol", "config", "pooled", "per_episode") if k not in d]
+        if missing:
+            raise ValueError(f"{name} must be a details.json of the memory test; it lacks {missing}")
+    for key in ("world_ids", "episode_seeds", "seed", "family"):
+        if run["protocol"].get(key) != base["protocol"].get(key):
+            raise ValueError(f"run and base score other episodes: protocol {key!r} differs")
+    for key in ("episodes", "frames", "context_frames", "memory_frames"):
+        if run["config"].get(key) != base["config"].get(key):
+            raise ValueError(f"run and base differ in config {key!r}: {run['config'].get(key)!r} against "
+                             f"{base['config'].get(key)!r}")  # fmt: skip
+    shared = [p for p in run["pooled"] if p in base["pooled"]]
+    if not shared:
+        raise ValueError(f"run ({sorted(run['pooled'])}) and base ({sorted(base['pooled'])}) share no policy")
+
+    def num(x: float | None) -> float:
+        return math.inf if x is None else float(x)  # null marks an infinite PSNR (identical to dense)
+
+    out: dict[str, dict[str, Any]] = {}
+    for p in shared:
+        out[p] = {}
+        for k in COMPARED_SCORES:
+            a, b = run["pooled"][p].get(k), base["pooled"][p].get(k)
+            d = paired_difference([num(x) for x in run["per_episode"][p][k]],
+                                  [num(x) for x in base["per_episode"][p][k]], resamples=resamples)  # fmt: skip
+            diff = None if a is None or b is None else a - b
+            out[p][k] = {"run": a, "base": b, "pooled_difference": diff, "paired": json_safe(d.to_json())}
+    return {"policies": out}
+
+
 __all__ = [
+    "COMPARED_SCORES",
     "LAYOUT_BASES",
     "MEMORY_PRESETS",
     "LayoutCandidate",
     "MemoryEvalConfig",
+    "compare_runs",
     "episode_scores",
     "evaluate_memory",
     "memory_episodes",
