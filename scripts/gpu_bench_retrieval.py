@@ -38,6 +38,7 @@ from longroll.bench.needle import NeedleConfig, needle_sweep
 from longroll.bench.rollout import RolloutBenchConfig, run_rollout_bench
 from longroll.cache.host_tier import HostTierConfig, host_tier_bytes
 from longroll.models.wan import WanConfig
+from longroll.policies.config import preset as preset_policy
 
 
 def _chunks(report: dict[str, Any], policy: str) -> list[dict[str, Any]]:
@@ -47,7 +48,13 @@ def _chunks(report: dict[str, Any], policy: str) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--policy", default="tempcache", choices=("tempcache", "tempcache_lsh", "sink_window"))
+    p.add_argument(
+        "--policy",
+        default="tempcache",
+        choices=("tempcache", "tempcache_lsh", "sink_window", "retrieval"),
+        help="retrieval: the preset with its own tier (--host-frames, --block-tokens, --top-blocks unused) "
+        "against its cache alone",
+    )
     p.add_argument("--frames", type=int, default=750, help="latent frames per rollout (750 = 3,000 video frames)")
     p.add_argument("--memory-frames", type=int, default=15)
     p.add_argument("--host-frames", type=int, default=60, help="latent frames of evicted entries held on the host")
@@ -69,10 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     wan = WanConfig.from_preset(preset)
     tpf = wan.tokens_per_frame(*probe.latent_hw)
     chunk = tpf * probe.frames_per_chunk
-    block = math.gcd(args.block_tokens, chunk)
-    tier = HostTierConfig(args.host_frames * tpf, block_tokens=block, top_blocks=args.top_blocks)
-    plain = run_rollout_bench(RolloutBenchConfig(**base), command=command)
-    tiered = run_rollout_bench(RolloutBenchConfig(**base, host_tier=tier), command=command)
+    if args.policy == "retrieval":
+        own = preset_policy("retrieval", tokens_per_frame=tpf, frames_per_chunk=probe.frames_per_chunk,
+                            memory_frames=args.memory_frames).host_tier  # fmt: skip
+        assert own is not None
+        tier, block = own, own.block_tokens
+        plain = run_rollout_bench(RolloutBenchConfig(**base, drop_host_tier=True), command=command)
+        tiered = run_rollout_bench(RolloutBenchConfig(**base), command=command)
+    else:
+        block = math.gcd(args.block_tokens, chunk)
+        tier = HostTierConfig(args.host_frames * tpf, block_tokens=block, top_blocks=args.top_blocks)
+        plain = run_rollout_bench(RolloutBenchConfig(**base), command=command)
+        tiered = run_rollout_bench(RolloutBenchConfig(**base, host_tier=tier), command=command)
     a, b = _chunks(plain, args.policy), _chunks(tiered, args.policy)
     ms_plain = statistics.median(c["seconds"] for c in a[-args.last :]) * 1e3
     ms_tier = statistics.median(c["seconds"] for c in b[-args.last :]) * 1e3

@@ -525,3 +525,19 @@ def test_annsa_with_a_host_tier_resumes_bit_exactly(mode):
         resumed.stage(k, v, frame_start=c * FPC, k_pre_rope=k)
         torch.testing.assert_close(resumed.attend(q, sparse=True), full[c], rtol=0, atol=0, msg=f"chunk {c}")
         resumed.commit(q)
+
+
+def test_rollout_bench_runs_the_retrieval_preset_with_and_without_its_tier():
+    from longroll.bench.rollout import RolloutBenchConfig, run_rollout_bench
+
+    base = dict(preset="tiny", policies=("retrieval",), include_dense=False, num_frames=6, memory_frames=4,
+                warmup=False, device="cpu")  # fmt: skip
+    with pytest.raises(ValueError, match="drop_host_tier"):
+        RolloutBenchConfig(**base, drop_host_tier=True, host_tier=HostTierConfig(4096, block_tokens=16))
+    last = {}
+    for drop in (False, True):
+        report = run_rollout_bench(RolloutBenchConfig(**base, drop_host_tier=drop))
+        chunks = [c for c in report["chunks"] if c["policy"] == "retrieval"]
+        assert len(chunks) == 2 and all(c["seconds"] for c in chunks)
+        last[drop] = chunks[-1]["cache_bytes"]
+    assert last[False] > last[True]  # the tier's stage, index and slot region are device memory too

@@ -178,7 +178,7 @@ def test_two_runs_of_the_same_episodes_compare_paired():
     json.dumps(diff, allow_nan=False)
     # Other episodes, another geometry, or no shared policy: refused, naming what differs.
     other = json.loads(json.dumps(base))
-    other["protocol"]["world_ids"] = other["protocol"]["world_ids"][::-1] + [99]
+    other["protocol"]["world_ids"] = [*other["protocol"]["world_ids"][::-1], 99]
     with pytest.raises(ValueError, match="world_ids"):
         compare_runs(run, other)
     other = json.loads(json.dumps(base))

@@ -103,7 +103,10 @@ class RolloutBenchConfig:
             (:meth:`~longroll.models.wan.CausalWanModel.quantize_fp8`).
         compile_dit: the DiT under ``torch.compile`` with the attention policy outside the graphs
             (:class:`~longroll.pipeline.compiled.CompiledChunkDenoiser`), backend ``compile_backend``.
-        host_tier: a host tier under every policy's cache (TempCache and sink-window policies only); None: none.
+        host_tier: a host tier under every policy's cache (TempCache and sink-window policies only); None: each
+            preset's own (``retrieval`` has one, the others none).
+        drop_host_tier: run every preset without a host tier (``retrieval``'s cache alone: the baseline of its
+            tier); excludes ``host_tier``.
         attention_backend: every policy's dense attention route (:func:`longroll.ops.attention.attention`),
             e.g. ``fa4`` for flash-attn-4 on both sides of a comparison; ``auto``: each preset's own.
     """
@@ -138,11 +141,14 @@ class RolloutBenchConfig:
     compile_dit: bool = False
     compile_backend: str = "inductor"
     host_tier: HostTierConfig | None = None
+    drop_host_tier: bool = False
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+        if self.drop_host_tier and self.host_tier is not None:
+            raise ValueError(f"drop_host_tier=True excludes host_tier={self.host_tier!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         pols = tuple(self.policies)
@@ -340,12 +346,14 @@ class _Bench:
             if c.attention_backend != "auto":
                 raise ValueError("attention_backend applies to single-device runs; leave it 'auto' with a group")
             return HeadParallelProcessor.for_model(policy, w, group=self.group, **options)
-        if c.host_tier is not None or c.attention_backend != "auto":
+        if c.host_tier is not None or c.drop_host_tier or c.attention_backend != "auto":
             pol: AttentionPolicy = preset(
                 policy, tokens_per_frame=self.tokens_per_frame, frames_per_chunk=c.frames_per_chunk,
                 memory_frames=c.memory_frames,
             )  # fmt: skip
-            changes: dict[str, Any] = {"host_tier": c.host_tier} if c.host_tier is not None else {}
+            changes: dict[str, Any] = {}
+            if c.host_tier is not None or c.drop_host_tier:
+                changes["host_tier"] = c.host_tier
             if c.attention_backend != "auto":
                 changes["attention_backend"] = c.attention_backend
             return CachedProcessor.for_model(dataclasses.replace(pol, **changes), w, **options)

@@ -485,8 +485,8 @@ def compare_runs(run: dict[str, Any], base: dict[str, Any], *, resamples: int = 
         ValueError naming the first difference when the runs do not score the same episodes and frames, or
         share no policy.
     """
-    for name, d in (("run", run), ("base", base)):
-        missing = [k for k in ("protocol", "config", "pooled", "per_episode") if k not in d]
+    for name, given in (("run", run), ("base", base)):
+        missing = [k for k in ("protocol", "config", "pooled", "per_episode") if k not in given]
         if missing:
             raise ValueError(f"{name} must be a details.json of the memory test; it lacks {missing}")
     for key in ("world_ids", "episode_seeds", "seed", "family"):
