@@ -423,13 +423,13 @@ def test_processor_with_a_host_tier_on_cuda_computes_what_the_cpu_does(kind):
     assert not torch.allclose(plain, cpu, rtol=1e-3, atol=1e-3)
 
 
-def _annsa_tier_layer(top_k_blocks, mode="off"):
+def _annsa_tier_layer(top_k_blocks, mode="off", backend="chunked"):
     from longroll.sparse.annsa import AnnSAConfig
 
     tier = HostTierConfig(host_budget_tokens=16 * FPC * P, block_tokens=4, top_blocks=3)
     cfg = _tempcache(cap_frames=5, tier=tier, mode=mode)
     sa = AnnSAConfig(ann=Int8Config(), q_block_size=8, kv_block_size=8, top_k_blocks=top_k_blocks, backend="torch")
-    pol = AttentionPolicy("t", cfg.policy, attention_backend="chunked", annsa=sa, host_tier=tier)
+    pol = AttentionPolicy("t", cfg.policy, attention_backend=backend, annsa=sa, host_tier=tier)
     return LayerAttention(pol, cfg, layer=0, batch=B, heads=H, head_dim=D, dtype=torch.float32, device=DEV)
 
 
@@ -449,9 +449,11 @@ def _annsa_chunks(lay, chunks, check):
     return outs
 
 
-def test_annsa_selecting_every_block_with_a_host_tier_attends_the_union():
-    # Every key block selected: the sparse pass must be attention over [cache ; retrieved blocks] exactly.
-    lay = _annsa_tier_layer(top_k_blocks=64)
+@pytest.mark.parametrize("backend", ["chunked", "sdpa", "auto"])
+def test_annsa_selecting_every_block_with_a_host_tier_attends_the_union(backend):
+    # Every key block selected: the sparse pass must be attention over [cache ; retrieved blocks] exactly,
+    # whichever dense route the policy names (the sdpa routes have no log-sum-exp of their own).
+    lay = _annsa_tier_layer(top_k_blocks=64, backend=backend)
     seen = []
 
     def check(c, q, out):

@@ -242,11 +242,14 @@ class LayerAttention:
                 if far is None:
                     return res.out
                 # The retrieved blocks were selected for this chunk already: all of them, densely, merged with
-                # the sparse part by log-sum-exp (the two key sets are disjoint).
+                # the sparse part by log-sum-exp (the two key sets are disjoint). The sdpa routes return no
+                # log-sum-exp of their own; "auto" picks one that does.
                 assert res.lse is not None
-                near = attention(q, far.k, far.v, far.bias, backend=self.policy.attention_backend, return_lse=True)
-                assert near.lse is not None
-                return merge_attention(res.out, res.lse, near.out, near.lse)[0]
+                route = self.policy.attention_backend
+                route = "auto" if route in ("sdpa", "sdpa_augmented") else route
+                back = attention(q, far.k, far.v, far.bias, backend=route, return_lse=True)
+                assert back.lse is not None
+                return merge_attention(res.out, res.lse, back.out, back.lse)[0]
         if sparse and radial is not None:
             with self._span("attention"):
                 return block_sparse_attention(q, view.k, view.v, radial, view.bias).out
