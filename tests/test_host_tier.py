@@ -289,6 +289,9 @@ def test_memory_layout_runs_a_host_tier_and_a_processor_resumes_it():
 
     cand = parse_layout("tc_host=tempcache:host=48,top=4,block=8")
     assert (cand.host_frames, cand.host_top_blocks, cand.host_block_tokens) == (48, 4, 8)
+    assert parse_layout("q=tempcache:host=48,qblock=16").host_query_block_tokens == 16
+    with pytest.raises(ValueError, match="host_query_block_tokens"):
+        parse_layout("q=tempcache:host=48,qblock=0")
     with pytest.raises(ValueError, match="host_top_blocks"):
         parse_layout("x=all:host=48,top=0")
     layouts = (cand, parse_layout("sw_host=sink_window:host=48"), parse_layout("all_host=all:host=48,topk=2"))

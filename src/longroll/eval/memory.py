@@ -83,6 +83,8 @@ class LayoutCandidate:
             AnnSA and AnnCA); None: no host tier.
         host_top_blocks: blocks the host tier retrieves per head and chunk.
         host_block_tokens: entries per host block (None: a quarter of a frame).
+        host_query_block_tokens: queries averaged into one query block of the tier's selection score (None: the
+            host block's size).
         host_equal: the host tier's device slot region counts against the memory: the cache gets
             ``memory_frames`` minus the frames the slots would fill (rounded up), so that cache plus slots hold
             no more entries than the other policies' caches.
@@ -97,6 +99,7 @@ class LayoutCandidate:
     host_frames: int | None = None
     host_top_blocks: int = 8
     host_block_tokens: int | None = None
+    host_query_block_tokens: int | None = None
     host_equal: bool = False
 
     def __post_init__(self) -> None:
@@ -111,7 +114,7 @@ class LayoutCandidate:
             raise ValueError(f"top_k_blocks, max_density and annca apply to 'all' and 'all_int8', not {self.base!r}")
         if self.top_k_blocks is not None and self.top_k_blocks < 1:
             raise ValueError(f"top_k_blocks must be >= 1 or None, got {self.top_k_blocks!r}")
-        for name in ("host_frames", "host_block_tokens"):
+        for name in ("host_frames", "host_block_tokens", "host_query_block_tokens"):
             val = getattr(self, name)
             if val is not None and (not isinstance(val, int) or val < 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {val!r}")
@@ -128,8 +131,8 @@ def parse_layout(text: str) -> LayoutCandidate:
     (``sinks`` for sink_frames, ``recent`` for recent_frames, ``threshold``, ``overflow``, ``group``;
     ``group=none`` for unbounded, ``evict=age|redundancy``, ``compress`` for compress_threshold), and for
     ``all``/``all_int8`` AnnSA's ``topk`` and ``density`` and ``annca=off``, and a host tier's ``host``
-    (frames), ``top`` (blocks per chunk), ``block`` (tokens) and ``equal=on`` (its slot region taken from the
-    cache's memory).
+    (frames), ``top`` (blocks per chunk), ``block`` (tokens), ``qblock`` (queries per query block of the
+    selection) and ``equal=on`` (its slot region taken from the cache's memory).
 
     E.g. ``tc_g4=tempcache:group=4``, ``tc_s1=tempcache:sinks=1``, ``tc_host=tempcache:host=48,top=8`` or
     ``tc_red=tempcache:evict=redundancy,compress=0.5``.
@@ -148,10 +151,10 @@ def parse_layout(text: str) -> LayoutCandidate:
                 if value not in ("on", "off"):
                     raise ValueError(f"equal must be on or off, got {value!r}")
                 sparse["host_equal"] = value == "on"
-            elif key in ("host", "top", "block"):
-                sparse[{"host": "host_frames", "top": "host_top_blocks", "block": "host_block_tokens"}[key]] = int(
-                    value
-                )
+            elif key in ("host", "top", "block", "qblock"):
+                names = {"host": "host_frames", "top": "host_top_blocks", "block": "host_block_tokens",
+                         "qblock": "host_query_block_tokens"}  # fmt: skip
+                sparse[names[key]] = int(value)
             elif key == "topk":
                 sparse["top_k_blocks"] = int(value)
             elif key == "density":
@@ -161,7 +164,7 @@ def parse_layout(text: str) -> LayoutCandidate:
                     raise ValueError(f"annca must be on or off, got {value!r}")
                 sparse["annca"] = value == "on"
             elif key not in keys:
-                extra = ["annca", "block", "density", "equal", "host", "top", "topk"]
+                extra = ["annca", "block", "density", "equal", "host", "qblock", "top", "topk"]
                 raise ValueError(f"unknown layout key {key!r}; use {[*sorted(keys), *extra]}")
             elif key == "evict":
                 if value not in ("age", "redundancy"):
@@ -235,7 +238,8 @@ class MemoryEvalConfig:
             tier, mem = None, self.memory_frames
             if cand.host_frames is not None:
                 block = cand.host_block_tokens or max(1, tpf // 4)
-                tier = HostTierConfig(cand.host_frames * tpf, block_tokens=block, top_blocks=cand.host_top_blocks)
+                tier = HostTierConfig(cand.host_frames * tpf, block_tokens=block, top_blocks=cand.host_top_blocks,
+                                      query_block_tokens=cand.host_query_block_tokens)  # fmt: skip
                 if cand.host_equal:
                     mem -= -(-tier.slot_tokens // tpf)
                     if mem < fpc + 1:
