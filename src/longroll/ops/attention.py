@@ -343,13 +343,19 @@ def attention_union(
         raw = F.scaled_dot_product_attention(qa, ka, v, scale=scale, enable_gqa=hk != h)
         raw = raw * expand_kv_heads(live, h)[:, :, None, None].to(raw.dtype)
         return torch.where(torch.isnan(q).any(dim=-1, keepdim=True), float("nan"), raw)
-    route = "auto" if backend in ("sdpa", "sdpa_augmented") else backend
+    route = lse_backend(backend)
     pairs = []
     for k, v, bias in parts:
         r = attention(q, k, v, bias, scale=scale, backend=route, return_lse=True)
         assert r.lse is not None
         pairs.append((r.out, r.lse))
     return merge_attentions(pairs)[0]
+
+
+def lse_backend(backend: Backend) -> Backend:
+    """The route to ask for when the log-sum-exp is needed: the sdpa routes return none of their own off CUDA,
+    so they become ``"auto"`` (which picks one that does); the others are kept."""
+    return "auto" if backend in ("sdpa", "sdpa_augmented") else backend
 
 
 def _next_power_of_2(n: int) -> int:

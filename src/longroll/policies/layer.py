@@ -29,7 +29,7 @@ from longroll.ann.buckets import Int8Codes
 from longroll.cache.config import CacheConfig
 from longroll.cache.graphs import StaticInputs
 from longroll.cache.kv_cache import LayerKVCache, LoadedState
-from longroll.ops.attention import attention, attention_union
+from longroll.ops.attention import attention, attention_union, lse_backend
 from longroll.ops.block_index import BlockSparseIndex
 from longroll.ops.block_sparse import block_sparse_attention
 from longroll.ops.merge import merge_attention
@@ -242,11 +242,9 @@ class LayerAttention:
                 if far is None:
                     return res.out
                 # The retrieved blocks were selected for this chunk already: all of them, densely, merged with
-                # the sparse part by log-sum-exp (the two key sets are disjoint). The sdpa routes return no
-                # log-sum-exp of their own; "auto" picks one that does.
+                # the sparse part by log-sum-exp (the two key sets are disjoint).
                 assert res.lse is not None
-                route = self.policy.attention_backend
-                route = "auto" if route in ("sdpa", "sdpa_augmented") else route
+                route = lse_backend(self.policy.attention_backend)
                 back = attention(q, far.k, far.v, far.bias, backend=route, return_lse=True)
                 assert back.lse is not None
                 return merge_attention(res.out, res.lse, back.out, back.lse)[0]
