@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from longroll.eval.memory import (
+    COMPARED_CONFIG,
     MEMORY_PRESETS,
     MemoryEvalConfig,
     compare_runs,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise SystemExit(f"--against {args.against}: no details.json there")
         base = json.loads(path.read_text())
-        for key in ("episodes", "frames", "context_frames", "memory_frames"):
+        for key in COMPARED_CONFIG:
             if base.get("config", {}).get(key) != getattr(cfg, key):
                 raise SystemExit(f"--against {args.against}: its {key} is {base.get('config', {}).get(key)!r}, "
                                  f"this run's {getattr(cfg, key)!r}")  # fmt: skip

@@ -472,6 +472,8 @@ def memory_table(report: dict[str, Any]) -> str:
 
 #: Scores two runs of the memory test are compared on.
 COMPARED_SCORES: tuple[str, ...] = ("psnr_revisited", "psnr_recent", "psnr_vs_gt")
+#: Config entries two compared runs must share (the episodes and what each policy holds of them).
+COMPARED_CONFIG: tuple[str, ...] = ("episodes", "frames", "context_frames", "memory_frames")
 
 
 def compare_runs(run: dict[str, Any], base: dict[str, Any], *, resamples: int = 10_000) -> dict[str, Any]:
@@ -496,7 +498,7 @@ def compare_runs(run: dict[str, Any], base: dict[str, Any], *, resamples: int = 
     for key in ("world_ids", "episode_seeds", "seed", "family"):
         if run["protocol"].get(key) != base["protocol"].get(key):
             raise ValueError(f"run and base score other episodes: protocol {key!r} differs")
-    for key in ("episodes", "frames", "context_frames", "memory_frames"):
+    for key in COMPARED_CONFIG:
         if run["config"].get(key) != base["config"].get(key):
             raise ValueError(f"run and base differ in config {key!r}: {run['config'].get(key)!r} against "
                              f"{base['config'].get(key)!r}")  # fmt: skip
@@ -520,6 +522,7 @@ def compare_runs(run: dict[str, Any], base: dict[str, Any], *, resamples: int = 
 
 
 __all__ = [
+    "COMPARED_CONFIG",
     "COMPARED_SCORES",
     "LAYOUT_BASES",
     "MEMORY_PRESETS",
